@@ -1,0 +1,26 @@
+"""detcompile: bitwise batch-invariant inference for Hugging Face models.
+
+    model = torch.compile(model, backend="deterministic")
+
+The backend rewrites every batch-variant op (matmuls, norms, softmax and other reductions,
+attention, index_add/scatter_add) into the batch-invariant ops of ``detcompile.kernels``.
+"""
+from . import kernels  # noqa: F401  (registers torch.ops.detcompile.*)
+from .kernels._common import UnsupportedError
+
+__version__ = "0.1.0"
+
+__all__ = ["UnsupportedError", "__version__", "deterministic_backend", "explain"]
+
+
+def __getattr__(name):
+    # Lazy: the backend pulls in torch._dynamo, which plain kernel users need not pay for.
+    if name == "deterministic_backend":
+        from .backend import deterministic_backend
+
+        return deterministic_backend
+    if name == "explain":
+        from .explainer import explain
+
+        return explain
+    raise AttributeError(name)

@@ -1,0 +1,168 @@
+"""The ``deterministic`` torch.compile backend.
+
+    torch.compile(model, backend="deterministic", options={"strict": True})
+
+Pipeline for each graph Dynamo captures:
+1. torch-level passes on the Dynamo graph (SDPA -> ``detcompile.attention``);
+2. AOTAutograd traces it to an aten graph (training-style forwards get a forward/backward split;
+   the passes rewrite the forward graph either way);
+3. the aten passes rewrite every batch-variant op into a ``detcompile`` op; the audit reports the rest;
+4. the rewritten graph runs through Inductor with settings that keep it batch-invariant (CUDA default),
+   or as a plain FX graph (CPU default, and ``options={"inductor": False}`` for debugging).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+import detcompile.kernels  # noqa: F401  (registers torch.ops.detcompile.*)
+
+from .passes import ATEN_PASSES, TORCH_PASSES, NondeterminismError, PassContext, PassManager, Report
+
+#: Inductor settings that keep the pointwise code it generates batch-invariant: no split reductions,
+#: no shape-keyed autotuning, and eager-like rounding of fused intermediates (``emulate_precision_casts``),
+#: so whether an intermediate is fused or stored cannot change its bits.
+INDUCTOR_PATCHES = {
+    "split_reductions": False,
+    "max_autotune": False,
+    "max_autotune_gemm": False,
+    "max_autotune_pointwise": False,
+    "coordinate_descent_tuning": False,
+    "emulate_precision_casts": True,
+    "force_disable_caches": False,
+}
+
+_MODES = {None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+_graph_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class Options:
+    """Backend options (``torch.compile(..., options={...})``)."""
+
+    strict: bool = False  #: an op that cannot be made batch-invariant raises NondeterminismError
+    inductor: bool | None = None  #: None: Inductor on CUDA, plain FX graph on CPU
+    cudagraphs: bool = False  #: set by mode="reduce-overhead" (Inductor only)
+    disable_passes: tuple[str, ...] = ()  #: pass names to skip, for debugging (never the audit)
+    report_sink: Callable[[Report], None] | None = None  #: receives each graph's Report (explain uses it)
+
+    @classmethod
+    def from_user(cls, mode: str | None, options: dict | None) -> "Options":
+        if mode not in _MODES:
+            raise ValueError(f"detcompile: unknown mode {mode!r}; expected one of {sorted(m for m in _MODES if m)}")
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"detcompile: unknown option(s) {unknown}; valid options: {sorted(known)}")
+        if "disable_passes" in options:
+            bad = set(options["disable_passes"]) - {n for n, _ in ATEN_PASSES + TORCH_PASSES if n != "audit"}
+            if bad:
+                raise ValueError(f"detcompile: cannot disable unknown pass(es) {sorted(bad)}")
+            options["disable_passes"] = tuple(options["disable_passes"])
+        opts = cls(**options)
+        if mode == "reduce-overhead":
+            opts.cudagraphs = True
+        elif mode and mode.startswith("max-autotune"):
+            warnings.warn(
+                f"detcompile: mode={mode!r} ignored: autotuning picks kernels by shape, which would make "
+                "results depend on the batch; detcompile's kernels use fixed configurations.",
+                stacklevel=3,
+            )
+        return opts
+
+
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def rewrite_aten_graph(gm: fx.GraphModule, opts: Options, before: Report | None = None) -> Report:
+    """Run the aten passes (and the audit) on ``gm`` in place; enforce strict mode.
+
+    ``before`` holds what the torch-level passes did to the same graph, so one report covers both.
+    """
+    report = Report(graph_id=next(_graph_ids))
+    if before is not None:
+        report.rewrites.extend(before.rewrites)
+        report.leftovers.extend(before.leftovers)
+    passes = [(n, fn) for n, fn in ATEN_PASSES if n not in opts.disable_passes]
+    PassManager(passes).run(gm, PassContext(opts, report))
+    if opts.report_sink is not None:
+        opts.report_sink(report)
+    if report.leftovers:
+        listing = "\n".join(
+            f"  - {lo.op}: {lo.reason}" + (f"\n      at {lo.source}" if lo.source else "") for lo in report.leftovers
+        )
+        if opts.strict:
+            raise NondeterminismError(
+                f"detcompile (strict): {len(report.leftovers)} op(s) cannot be made batch-invariant:\n{listing}"
+            )
+        warnings.warn(
+            f"detcompile: {len(report.leftovers)} op(s) were not rewritten and run with their stock kernels, "
+            f"so outputs may depend on the batch (use options={{'strict': True}} to make this an error):\n{listing}",
+            stacklevel=2,
+        )
+    return report
+
+
+def _inductor_compile(gm: fx.GraphModule, example_inputs, opts: Options):
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    from torch._guards import detect_fake_mode
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # The passes ran on a lightly decomposed graph (so softmax, norms... were still whole); Inductor
+    # lowers only its own decomposed op set, so decompose what is left. detcompile ops stay opaque.
+    fake_mode = detect_fake_mode(example_inputs)
+    with fake_mode:
+        gm = make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
+    patches = {k: v for k, v in INDUCTOR_PATCHES.items() if hasattr(inductor_config, k)}
+    patches["triton.cudagraphs"] = opts.cudagraphs
+    with inductor_config.patch(patches):
+        return compile_fx_inner(gm, example_inputs, cudagraphs=opts.cudagraphs)
+
+
+def deterministic_backend(gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None):
+    """torch.compile backend: rewrite into batch-invariant detcompile ops, then compile."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    opts = Options.from_user(mode, options)
+    use_inductor = opts.inductor if opts.inductor is not None else _on_cuda(example_inputs)
+    if opts.cudagraphs and not use_inductor:
+        warnings.warn("detcompile: mode='reduce-overhead' needs Inductor; running without CUDA graphs", stacklevel=2)
+
+    pre_report = Report()
+    ctx = PassContext(opts, pre_report)
+    for name, fn in TORCH_PASSES:
+        if name not in opts.disable_passes:
+            fn(gm, ctx)
+    gm.recompile()
+
+    def fw_compiler(fx_gm: fx.GraphModule, fx_inputs):
+        rewrite_aten_graph(fx_gm, opts, before=pre_report)
+        if use_inductor:
+            return _inductor_compile(fx_gm, fx_inputs, opts)
+        return make_boxed_func(fx_gm.forward)
+
+    def bw_compiler(fx_gm: fx.GraphModule, fx_inputs):
+        # Gradients are not promised bitwise (the stock backward kernels run); the forward is.
+        if use_inductor:
+            return _inductor_compile(fx_gm, fx_inputs, opts)
+        return make_boxed_func(fx_gm.forward)
+
+    return aot_module_simplified(
+        gm,
+        example_inputs,
+        fw_compiler=fw_compiler,
+        bw_compiler=bw_compiler,
+        inference_compiler=fw_compiler,
+        keep_inference_input_mutations=True,
+    )

@@ -1,0 +1,95 @@
+"""The ``detcompile`` command line: ``detcompile demo`` and ``detcompile explain``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _cmd_demo(args) -> int:
+    from .demo import format_demo, run_demo
+
+    res = run_demo(
+        device=args.device,
+        dtype=args.dtype,
+        batch_sizes=args.batch_sizes,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        ways=tuple(args.ways.split(",")),
+        progress=not args.no_progress,
+    )
+    print(format_demo(res))
+    det = res["results"].get("deterministic")
+    return 0 if det is None or (det["logits"] == 1 and det["tokens"] == 1) else 1
+
+
+def _cmd_explain(args) -> int:
+    import torch
+
+    from .explainer import explain
+    from .models import tiny_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    else:
+        model = tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    result = explain(model, ids, options={"strict": False})
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detcompile", description="Bitwise batch-invariant inference for Hugging Face models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run one prompt alone and in batches through eager, torch.compile and detcompile")
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    d.add_argument("--batch-sizes", type=_ints, default=[1, 2, 3, 4, 8, 16], help="comma-separated, e.g. 1,3,8")
+    d.add_argument("--prompt-len", type=int, default=24)
+    d.add_argument("--new-tokens", type=int, default=8)
+    d.add_argument("--ways", default="eager,torch.compile,deterministic",
+                   help="comma-separated subset of eager,torch.compile,deterministic")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser("explain", help="print what the backend rewrites in a model, what it leaves and why")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--arch", default="llama", help="a transformers model type, built tiny with random weights")
+    src.add_argument("--model", help="path to a local Hugging Face checkpoint directory")
+    e.add_argument("--attn", default=None, help="attn_implementation for --arch (sdpa, eager)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--batch", type=int, default=2)
+    e.add_argument("--seq-len", type=int, default=16)
+    e.set_defaults(func=_cmd_explain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"detcompile: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Batch-invariant kernels, one per file, each a ``torch.library`` custom op in the ``detcompile``
+namespace with a fake (meta) implementation, a Triton implementation for CUDA and a CPU one.
+
+Importing this package registers every op under ``torch.ops.detcompile``.
+"""
+from . import _common  # noqa: F401
+from . import matmul  # noqa: F401
+from . import rms_norm  # noqa: F401
+from . import layer_norm  # noqa: F401
+from . import group_norm  # noqa: F401
+from . import softmax  # noqa: F401
+from . import reduce  # noqa: F401
+from . import cumsum  # noqa: F401
+from . import index_add  # noqa: F401
+from . import scatter_add  # noqa: F401
+from . import attention  # noqa: F401
+from . import grouped_mm  # noqa: F401

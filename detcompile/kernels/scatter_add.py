@@ -1,0 +1,123 @@
+"""Batch-invariant, deterministic ``detcompile::scatter_add`` (functional aten.scatter_add).
+
+``out[..., index[i, ...], ...] += src[i, ...]`` along ``dim``. Order rule (same as
+``detcompile::index_add``): each destination element starts from ``self`` in the accumulation dtype
+(fp32, fp64 for fp64), adds its contributions one at a time in ascending position along ``dim``,
+and is rounded to the tensor dtype once at the end. A destination's bits depend only on its own
+``self`` value and contributions.
+
+Algorithm (device-agnostic torch ops, no atomics): each element of ``index`` gets the linear offset
+of its destination in the contiguous output. Elements sharing a destination differ only in their
+coordinate along ``dim``, so in row-major order they appear by ascending position along ``dim``;
+``index_add.occurrence_rank`` of the offsets then splits the updates into rounds with unique
+destinations, each applied with an exact ``gather -> add -> index_copy_``. There is no Triton
+kernel: the CUDA implementation runs this same algorithm with torch ops.
+
+Integer/bool tensors are exact in any order and use aten.scatter_add.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _common
+from ._common import UnsupportedError
+from .index_add import rounds
+
+
+def _check(self: Tensor, dim: int, index: Tensor, src: Tensor) -> int:
+    _common.check_inputs("scatter_add", self, src)
+    if index.dtype != torch.int64:
+        raise UnsupportedError(f"detcompile.scatter_add: index must be int64, got {index.dtype}")
+    if self.dtype != src.dtype:
+        raise RuntimeError(
+            f"detcompile.scatter_add: self ({self.dtype}) and src ({src.dtype}) must have the "
+            "same dtype"
+        )
+    if self.device != src.device or self.device != index.device:
+        raise RuntimeError("detcompile.scatter_add: self, index and src must be on one device")
+    n = max(self.dim(), 1)
+    if not -n <= dim < n:
+        raise IndexError(
+            f"detcompile.scatter_add: dim {dim} is out of range for {self.dim()} dims"
+        )
+    dim = dim % n
+    if index.numel() > 0:
+        if not (index.dim() == self.dim() == src.dim()):
+            raise RuntimeError(
+                "detcompile.scatter_add: index, self and src must have the same number of dims"
+            )
+        for d in range(index.dim()):
+            if index.shape[d] > src.shape[d] or (d != dim and index.shape[d] > self.shape[d]):
+                raise RuntimeError(
+                    f"detcompile.scatter_add: index {tuple(index.shape)} is larger than src "
+                    f"{tuple(src.shape)} or self {tuple(self.shape)} in dim {d}"
+                )
+    return dim
+
+
+def scatter_add_rounds(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """The round algorithm (CPU and CUDA); inputs already checked, ``dim`` wrapped."""
+    if not self.is_floating_point():
+        return torch.scatter_add(self, dim, index, src)
+    out_shape = self.shape
+    if self.dim() == 0:
+        self, index, src = self.reshape(1), index.reshape(1), src.reshape(1)
+    acc_dt = _common.acc_dtype(self.dtype)
+    acc = torch.empty(self.shape, dtype=acc_dt, device=self.device)
+    acc.copy_(self)  # fresh contiguous buffer: the output never aliases self
+    if index.numel() > 0:
+        size = self.shape[dim]
+        bad = (index < 0) | (index >= size)
+        if bool(bad.any()):
+            raise IndexError(
+                f"detcompile.scatter_add: index out of bounds for dimension {dim} with size {size}"
+            )
+        flat = acc.view(-1)
+        strides = acc.stride()
+        # Linear destination offset of every index element (integer arithmetic: exact).
+        key = index * strides[dim]
+        for d in range(index.dim()):
+            if d != dim:
+                view = [1] * index.dim()
+                view[d] = index.shape[d]
+                coord = torch.arange(index.shape[d], device=index.device).view(view)
+                key = key + coord * strides[d]
+        key = key.reshape(-1)
+        vals = src[tuple(slice(0, s) for s in index.shape)].reshape(-1).to(acc_dt)
+        for pos in rounds(key):
+            k = key if pos is None else key[pos]
+            v = vals if pos is None else vals[pos]
+            flat.index_copy_(0, k, flat.index_select(0, k) + v)
+    return acc.to(self.dtype).reshape(out_shape)
+
+
+@torch.library.custom_op(
+    "detcompile::scatter_add",
+    mutates_args=(),
+    schema="(Tensor self, int dim, Tensor index, Tensor src) -> Tensor",
+)
+def scatter_add(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """Deterministic, batch-invariant out-of-place ``aten.scatter_add`` (see the module doc)."""
+    _common.check_inputs("scatter_add", self, src)
+    raise UnsupportedError(
+        f"detcompile.scatter_add: device {self.device.type!r} is not supported"
+    )
+
+
+@scatter_add.register_fake
+def _(self, dim, index, src):
+    return self.new_empty(self.shape)
+
+
+@scatter_add.register_kernel("cpu")
+def _(self, dim, index, src):
+    dim = _check(self, dim, index, src)
+    return scatter_add_rounds(self, dim, index, src)
+
+
+@scatter_add.register_kernel("cuda")
+def _(self, dim, index, src):
+    # No Triton kernel: the same round algorithm in torch ops (gather/add/index_copy, no atomics).
+    dim = _check(self, dim, index, src)
+    return scatter_add_rounds(self, dim, index, src)

@@ -1,0 +1,121 @@
+"""The last pass: classify every op left in the graph and report what is not batch-invariant.
+
+Safe: detcompile ops, pointwise ops (``torch.Tag.pointwise``), views and data movement, and order-free
+ops (max/argmax/topk/sort are exact; integer and bool reductions are exact). Flagged: floating-point
+reductions, matmuls, convolutions, norms and attention kernels no pass rewrote; random ops; and any op
+this list does not know. Strict mode turns flags into a ``NondeterminismError``; the default is a warning
+and the flagged ops run with their stock kernels (the documented fallback).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .manager import Leftover, PassContext, source_line
+
+# Reduce floating-point values across elements in an order the stock kernel chooses.
+VARIANT = {
+    "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmv", "addr", "mv", "dot", "vdot", "matmul", "linear",
+    "einsum", "tensordot", "_grouped_mm", "_scaled_mm", "_int_mm", "convolution", "_convolution",
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "cudnn_convolution",
+    "sum", "mean", "var", "std", "var_mean", "std_mean", "prod", "nansum", "nanmean", "norm",
+    "linalg_vector_norm", "frobenius_norm", "logsumexp", "cumsum", "cumprod", "logcumsumexp",
+    "_softmax", "_log_softmax", "softmax", "log_softmax", "native_layer_norm", "layer_norm",
+    "native_group_norm", "group_norm", "native_batch_norm", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "batch_norm",
+    "rms_norm", "_fused_rms_norm", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math", "_flash_attention_forward",
+    "_efficient_attention_forward", "index_add", "scatter_add", "scatter_reduce", "index_reduce",
+    "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only", "trace", "cdist",
+    "_cdist_forward", "upsample_bilinear2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "_weight_norm_interface",
+}
+# Draw from a global generator: different on every call whatever the batch.
+RANDOM = {
+    "native_dropout", "dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "randint",
+    "randint_like", "multinomial", "normal", "uniform", "exponential", "randperm", "rrelu_with_noise",
+}
+# Data movement, factories, comparisons and order-free selections.
+SAFE = {
+    "embedding", "index", "index_select", "gather", "cat", "stack", "slice", "select", "expand", "clone",
+    "_to_copy", "copy", "copy_", "arange", "full", "zeros", "ones", "empty", "empty_strided", "scalar_tensor",
+    "where", "masked_fill", "new_ones", "new_zeros", "new_full", "new_empty", "new_empty_strided",
+    "lift_fresh_copy", "alias", "topk", "sort", "argsort", "max", "min", "amax", "amin", "argmax", "argmin",
+    "aminmax", "triu", "tril", "constant_pad_nd", "pad", "repeat", "repeat_interleave", "roll", "flip",
+    "split", "split_with_sizes", "unbind", "chunk", "squeeze", "unsqueeze", "view", "reshape", "permute",
+    "transpose", "t", "_unsafe_view", "detach", "index_put", "scatter", "zeros_like", "ones_like", "full_like",
+    "empty_like", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "nonzero", "unique",
+    "_unique2", "unique_consecutive", "unique_dim", "searchsorted", "bucketize", "one_hot", "any", "all",
+    "isin", "masked_scatter", "index_copy", "diagonal", "narrow", "slice_scatter", "select_scatter",
+    "diagonal_scatter", "as_strided", "as_strided_scatter", "_local_scalar_dense", "item", "contiguous",
+    "clamp", "view_as_real", "view_as_complex", "_assert_async", "_assert_scalar", "sym_constrain_range",
+    "sym_constrain_range_for_size", "_functional_sym_constrain_range", "_functional_assert_async",
+    "_make_dep_token", "resize_", "fill", "fill_", "zero", "zero_", "masked_select", "take", "meshgrid",
+    "unfold", "expand_as", "view_as", "flatten", "unflatten", "movedim", "swapaxes", "_to_dtype", "to",
+    "block_diag", "diag_embed", "tile", "broadcast_to", "index_fill", "count_nonzero", "_unsafe_index",
+    "_unsafe_index_put", "full_like", "linspace", "logspace", "eye", "tensor", "empty_permuted",
+    "unfold_copy", "alias_copy", "view_copy", "permute_copy", "t_copy", "transpose_copy", "unsqueeze_copy",
+    "squeeze_copy", "expand_copy", "slice_copy", "select_copy", "split_copy", "unbind_copy",
+    "_reshape_alias", "_reshape_copy", "lift", "lift_fresh", "set_", "_foreach_copy",
+    "_assert_tensor_metadata", "_print", "sym_is_contiguous",
+    # Integer arithmetic, and histc, whose bins count whole numbers: exact in any order.
+    "floor_divide", "remainder", "histc",
+}
+EXACT_FOR_INTEGERS = VARIANT  # every reduction is exact on integers and bools
+
+
+class NondeterminismError(RuntimeError):
+    """Strict mode found an op it cannot make batch-invariant."""
+
+
+def _has_float_tensor_input(node: fx.Node) -> bool:
+    from .manager import meta_val
+
+    for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+        v = meta_val(a) if isinstance(a, fx.Node) else None
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            return True
+    return False
+
+
+def classify(node: fx.Node) -> str | None:
+    """None if the op is batch-invariant, else the reason it is not."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        if isinstance(t, torch._ops.HigherOrderOperator):
+            return f"higher-order op {t.name()} (e.g. flex attention) is not rewritten"
+        return None  # Python builtins on SymInts (getitem, operator.mul, ...)
+    if t.namespace == "detcompile":
+        return None
+    name = t.overloadpacket.__name__
+    # In-place variants (index_add_) classify like their functional op.
+    base = name[:-1] if name.endswith("_") and not name.endswith("__") and name not in SAFE else name
+    if base in RANDOM:
+        return "draws from the global random generator"
+    if base in VARIANT:
+        if not _has_float_tensor_input(node):
+            return None  # integer/bool arithmetic is exact in any order
+        return "floating-point reduction left to the stock kernel (its order can depend on the batch)"
+    if base == "bincount":
+        weights = node.args[1] if len(node.args) > 1 else node.kwargs.get("weights")
+        return None if weights is None else "bincount with weights sums floats with atomics"
+    if base == "index_put":
+        acc = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+        if acc and _has_float_tensor_input(node):
+            return "index_put with accumulate=True on floats (atomics on CUDA)"
+        return None
+    if torch.Tag.pointwise in t.tags or base in SAFE or t.overloadpacket.__name__ in SAFE:
+        return None
+    if t.is_view:
+        return None
+    return "unknown op: not known to be batch-invariant"
+
+
+def audit_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        reason = classify(node)
+        if reason is not None:
+            ctx.report.leftovers.append(Leftover(str(node.target), reason, source_line(node)))

@@ -1,0 +1,43 @@
+"""Dynamo-level pass: ``F.scaled_dot_product_attention`` -> ``detcompile.attention``.
+
+It runs on the Dynamo graph, before AOTAutograd, because AOT lowers SDPA to a device-specific kernel
+(flash / efficient / cuDNN / math) with different signatures; at this level it is one call with the
+user's arguments. ``detcompile.attention`` has an autograd formula, so a training-style forward works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .manager import PassContext, Leftover, replace_with, source_line
+
+_SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _bind(node: fx.Node) -> dict:
+    bound = dict(zip(_PARAMS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def sdpa_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+            continue
+        a = _bind(node)
+        dropout = a.get("dropout_p", 0.0)
+        if isinstance(dropout, fx.Node) or (dropout or 0.0) != 0.0:
+            # Dropout draws from the global generator: nothing to make invariant. Leave it to the audit.
+            ctx.report.leftovers.append(
+                Leftover(str(node.target), "attention dropout_p != 0 (training dropout) is not supported", source_line(node))
+            )
+            continue
+        args = (a["query"], a["key"], a["value"])
+        kwargs = {
+            "attn_mask": a.get("attn_mask"),
+            "is_causal": bool(a.get("is_causal", False)),
+            "scale": a.get("scale"),
+            "enable_gqa": bool(a.get("enable_gqa", False)),
+        }
+        replace_with(gm, node, torch.ops.detcompile.attention.default, args, kwargs, ctx, "sdpa", meta_key="example_value")

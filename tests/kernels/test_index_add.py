@@ -1,0 +1,205 @@
+"""detcompile::index_add: documented order rule (bitwise), duplicates, batch invariance of a
+destination (Mixtral-like expert loop), accuracy, opcheck, errors."""
+import pytest
+import torch
+
+from detcompile.kernels import _common
+from detcompile.kernels import index_add as ia
+
+OP = torch.ops.detcompile.index_add
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tol(dtype):
+    return 1e-2 if dtype in _common.HALF_DTYPES else 1e-5
+
+
+def sequential_ref(self, dim, index, source, alpha=1):
+    """The documented rule, one contribution at a time in ascending source position:
+    acc = self (fp32 / fp64); acc[index[i]] += alpha * source[i]; round once at the end."""
+    acc_dt = _common.acc_dtype(self.dtype)
+    acc = self.to(acc_dt).movedim(dim, 0).clone()
+    src = source.to(acc_dt).movedim(dim, 0)
+    if alpha != 1:
+        src = src * alpha
+    for i, d in enumerate(index.tolist()):
+        acc[d] = acc[d] + src[i]
+    return acc.movedim(0, dim).to(self.dtype)
+
+
+def test_occurrence_rank(gen):
+    keys = torch.randint(0, 6, (200,), generator=gen)
+    rank = ia.occurrence_rank(keys)
+    seen = {}
+    for i, k in enumerate(keys.tolist()):
+        assert rank[i].item() == seen.get(k, 0)
+        seen[k] = seen.get(k, 0) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@pytest.mark.parametrize("alpha", [1, 0.5, -3])
+def test_cpu_order_rule_and_accuracy(gen, dtype, dim, alpha):
+    self_ = torch.randn(7, 9, 5, generator=gen).to(dtype)
+    n = 40
+    index = torch.randint(0, self_.shape[dim], (n,), generator=gen)  # many duplicates
+    shape = list(self_.shape)
+    shape[dim] = n
+    source = torch.randn(shape, generator=gen).to(dtype)
+    out = OP(self_, dim, index, source, alpha)
+    assert out.dtype == dtype and out.shape == self_.shape
+    assert torch.equal(out, sequential_ref(self_, dim % 3, index, source, alpha))
+    ref = torch.index_add(self_.double(), dim, index, source.double(), alpha=alpha)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+def test_cpu_destination_invariant(gen):
+    # A destination's bits depend only on its own contributions (in order), not on how many
+    # other destinations / sources exist or where they sit.
+    H = 33
+    mine = torch.randn(5, H, generator=gen)  # 5 contributions to destination 0
+    base = torch.randn(H, generator=gen)
+    ref = None
+    for n_other in range(0, 30, 3):
+        n_dest = 1 + n_other // 2 + 1
+        others = torch.randn(n_other, H, generator=gen)
+        other_idx = torch.randint(1, n_dest, (n_other,), generator=gen)
+        # interleave: my contributions keep their relative order at random positions
+        perm = torch.randperm(5 + n_other, generator=gen)
+        mine_pos = perm[:5].sort().values
+        index = torch.empty(5 + n_other, dtype=torch.int64)
+        source = torch.empty(5 + n_other, H)
+        mask = torch.zeros(5 + n_other, dtype=torch.bool)
+        mask[mine_pos] = True
+        index[mask], source[mask] = 0, mine
+        index[~mask], source[~mask] = other_idx, others
+        self_ = torch.randn(n_dest, H, generator=gen)
+        self_[0] = base
+        out = OP(self_, 0, index, source)[0]
+        ref = out if ref is None else ref
+        assert torch.equal(out, ref), n_other
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_mixtral_like_expert_loop(gen, dtype):
+    # For each expert: final = index_add(final, 0, token_idx, expert_out). A target token's row
+    # must not change with the number of other tokens in the batch.
+    H, E = 48, 4
+    target_out = {e: torch.randn(H, generator=gen).to(dtype) for e in (1, 3)}  # its 2 experts
+    ref = None
+    for T in range(1, 10):
+        pos = (3 * T) // 4
+        final = torch.zeros(T, H, dtype=dtype)
+        for e in range(E):
+            toks = [t for t in range(T) if t != pos and torch.rand(1, generator=gen) < 0.5]
+            if e in target_out:
+                toks = sorted(toks + [pos])
+            if not toks:
+                continue
+            idx = torch.tensor(toks, dtype=torch.int64)
+            outs = torch.randn(len(toks), H, generator=gen).to(dtype)
+            if e in target_out:
+                outs[toks.index(pos)] = target_out[e]
+            final = OP(final, 0, idx, outs)
+        ref = final[pos] if ref is None else ref
+        assert torch.equal(final[pos], ref), T
+
+
+def test_cpu_integer_and_special(gen):
+    x = torch.randint(0, 10, (5, 3), generator=gen)
+    idx = torch.tensor([0, 4, 0, 2])
+    src = torch.randint(0, 10, (4, 3), generator=gen)
+    assert torch.equal(OP(x, 0, idx, src, 2), torch.index_add(x, 0, idx, src, alpha=2))
+    # empty index: a copy of self, never self itself
+    s = torch.randn(3, 2, generator=gen)
+    out = OP(s, 0, torch.empty(0, dtype=torch.int64), torch.empty(0, 2))
+    assert torch.equal(out, s) and out.data_ptr() != s.data_ptr()
+    # int32 index and 0-d self
+    out = OP(s, 1, torch.tensor([1, 1], dtype=torch.int32), torch.ones(3, 2))
+    assert torch.equal(out, torch.index_add(s, 1, torch.tensor([1, 1]), torch.ones(3, 2)))
+    z = OP(torch.tensor(1.5), 0, torch.tensor([0]), torch.tensor(2.0))
+    assert z.shape == () and z.item() == 3.5
+
+
+def test_opcheck_cpu(gen):
+    s = torch.randn(6, 4, generator=gen)
+    idx = torch.tensor([5, 0, 5, 2, 5])
+    torch.library.opcheck(OP.default, (s, 0, idx, torch.randn(5, 4, generator=gen)))
+    torch.library.opcheck(OP.default, (s.bfloat16(), 0, idx, torch.randn(5, 4).bfloat16(), 2.0))
+    torch.library.opcheck(OP.default, (s, 1, torch.tensor([3, 3]), torch.randn(6, 2)))
+
+
+def test_bad_inputs():
+    s = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        OP(s, 0, torch.tensor([0]), torch.randn(1, 3).bfloat16())
+    with pytest.raises(_common.UnsupportedError, match="int64 or int32"):
+        OP(s, 0, torch.tensor([0.0]), torch.randn(1, 3))
+    with pytest.raises(IndexError):
+        OP(s, 2, torch.tensor([0]), torch.randn(1, 3))
+    with pytest.raises(RuntimeError, match="index length"):
+        OP(s, 0, torch.tensor([0, 1]), torch.randn(3, 3))
+    with pytest.raises((IndexError, RuntimeError)):
+        OP(s, 0, torch.tensor([4]), torch.randn(1, 3))  # out of range
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (same round algorithm, torch ops on CUDA)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_cpu_bitwise_and_repeats(dtype):
+    # Every step is an exactly rounded elementwise op, so CUDA gives the CPU bits.
+    g = torch.Generator().manual_seed(7)
+    self_ = torch.randn(300, 4096, generator=g).to(dtype)
+    index = torch.randint(0, 300, (2000,), generator=g)
+    source = torch.randn(2000, 4096, generator=g).to(dtype)
+    cpu = OP(self_, 0, index, source, 0.5)
+    for _ in range(3):
+        out = OP(self_.cuda(), 0, index.cuda(), source.cuda(), 0.5)
+        assert torch.equal(out.cpu(), cpu)
+    ref = torch.index_add(self_.double(), 0, index, source.double(), alpha=0.5)
+    assert rel_err(cpu, ref) < tol(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_expert_loop_batch_invariant(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, E = 4096, 8
+    target_out = {e: torch.randn(H, device="cuda", generator=g).to(dtype) for e in (2, 5)}
+    ref = None
+    for T in range(1, 65):
+        pos = (3 * T) // 4
+        final = torch.zeros(T, H, dtype=dtype, device="cuda")
+        for e in range(E):
+            sel = (torch.rand(T, device="cuda", generator=g) < 0.25).nonzero().squeeze(1)
+            sel = sel[sel != pos]
+            if e in target_out:
+                sel = torch.cat([sel, torch.tensor([pos], device="cuda")]).sort().values
+            if sel.numel() == 0:
+                continue
+            outs = torch.randn(sel.numel(), H, device="cuda", generator=g).to(dtype)
+            if e in target_out:
+                outs[(sel == pos).nonzero()[0, 0]] = target_out[e]
+            final = OP(final, 0, sel, outs)
+        ref = final[pos].clone() if ref is None else ref
+        assert torch.equal(final[pos], ref), T
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_errors():
+    s = torch.randn(6, 4, device="cuda")
+    idx = torch.tensor([5, 0, 5, 2, 5], device="cuda")
+    torch.library.opcheck(OP.default, (s, 0, idx, torch.randn(5, 4, device="cuda")))
+    with pytest.raises(_common.UnsupportedError, match="float64"):
+        OP(s.double(), 0, idx, torch.randn(5, 4, device="cuda").double())
+    with pytest.raises(RuntimeError, match="one device"):
+        OP(s, 0, idx.cpu(), torch.randn(5, 4, device="cuda"))

@@ -1,0 +1,397 @@
+"""Tests for detcompile::matmul: bitwise batch invariance (torch.equal) and accuracy vs float64."""
+import pytest
+import torch
+
+from detcompile.kernels import _common
+from detcompile.kernels.matmul import _CONFIGS, triton_matmul
+from detcompile.kernels._common import UnsupportedError
+
+op = torch.ops.detcompile.matmul
+
+CPU = torch.device("cpu")
+CAN_INTERPRET = _common.triton_launchable(torch.empty(0))
+needs_interp = pytest.mark.skipif(
+    not CAN_INTERPRET, reason="Triton interpreter unavailable (needs triton and TRITON_INTERPRET=1)"
+)
+gpu = pytest.mark.gpu
+
+
+def rnd(gen, *shape, dtype=torch.float32, device=CPU):
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+
+def reference(a, b, bias=None, alpha=1.0, beta=1.0):
+    """float64 ground truth (torch.mm on float64 is only a reference, never the tested path)."""
+    ref = alpha * torch.matmul(a.double(), b.double())
+    if bias is not None and beta != 0:
+        ref = ref + beta * bias.double()
+    return ref
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def assert_row_invariant(fn, gen, dtype, device, K, N, batch_sizes, w=None, bias=None, **kw):
+    """The target row's output is bitwise identical whatever rows surround it and however many."""
+    x = rnd(gen, 1, K, dtype=dtype, device=device)
+    w = rnd(gen, K, N, dtype=dtype, device=device) if w is None else w
+    expected = fn(x, w, bias, **kw)
+    for bs in batch_sizes:
+        pos = bs // 2  # the target sits at different positions (and tile offsets) as bs grows
+        a = rnd(gen, bs, K, dtype=dtype, device=device)
+        a[pos] = x[0]
+        out = fn(a, w, bias, **kw)
+        assert out.shape == (bs, N) and out.dtype == dtype
+        assert torch.equal(out[pos : pos + 1], expected), f"row changed at batch size {bs}"
+    return expected
+
+
+def op_fn(a, b, bias=None, **kw):
+    return op(a, b, bias, **kw)
+
+
+def triton_fn(a, b, bias=None, **kw):
+    return triton_matmul(a, b, bias, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU op
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", [(37, 100), (100, 129), (129, 37)])
+def test_cpu_row_invariance(gen, dtype, K, N):
+    assert_row_invariant(op_fn, gen, dtype, CPU, K, N, range(1, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_invariance_addmm_transposed_weight(gen, dtype):
+    # nn.Linear: x @ W.t() + bias, W [N, K] so b is a stride-(1, K) view.
+    K, N = 100, 129
+    W = rnd(gen, N, K, dtype=dtype)
+    bias = rnd(gen, N, dtype=dtype)
+    assert_row_invariant(op_fn, gen, dtype, CPU, K, N, range(1, 10), w=W.t(), bias=bias, alpha=0.5, beta=2.0)
+
+
+def test_cpu_row0_invariant_m_1_to_70(gen):
+    K, N = 45, 33
+    b = rnd(gen, K, N)
+    a = rnd(gen, 70, K)
+    first = op(a[:1], b)
+    for m in range(1, 71):
+        assert torch.equal(op(a[:m].clone(), b)[:1], first), m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_accuracy(gen, dtype):
+    a, b, bias = rnd(gen, 37, 129, dtype=dtype), rnd(gen, 129, 100, dtype=dtype), rnd(gen, 100, dtype=dtype)
+    for args in [(a, b, None, 1.0, 1.0), (a, b, bias, 1.0, 1.0), (a, b, bias, -0.5, 3.0)]:
+        out = op(*args)
+        assert out.dtype == dtype and out.shape == (37, 100)
+        assert rel_err(out, reference(*args)) < TOL[dtype]
+
+
+def test_cpu_bmm_baddbmm(gen):
+    Bt, M, K, N = 5, 7, 37, 20
+    a, b = rnd(gen, Bt, M, K), rnd(gen, Bt, K, N)
+    bias = rnd(gen, Bt, 1, N)
+    out = op(a, b, bias, alpha=1.5, beta=0.25)
+    assert out.shape == (Bt, M, N)
+    assert rel_err(out, reference(a, b, bias, 1.5, 0.25)) < 1e-5
+    # Batch element 0 does not depend on how many other batch elements there are.
+    for nb in range(1, Bt + 1):
+        assert torch.equal(op(a[:nb], b[:nb], bias[:nb], alpha=1.5, beta=0.25)[0], out[0])
+
+
+def test_cpu_k_zero_padding(gen):
+    # Attention P@V case: zero probabilities at the end of K with arbitrary values in V.
+    M, K, N, pad = 9, 37, 24, 11
+    a, b = rnd(gen, M, K), rnd(gen, K, N)
+    ap = torch.cat([a, torch.zeros(M, pad)], dim=1)
+    bp = torch.cat([b, rnd(gen, pad, N)], dim=0)
+    assert torch.equal(op(ap, bp), op(a, b))
+
+
+@pytest.mark.parametrize("bias_shape", [(24,), (9, 24), (1, 24), (9, 1)])
+def test_cpu_bias_shapes(gen, bias_shape):
+    a, b, bias = rnd(gen, 9, 37), rnd(gen, 37, 24), rnd(gen, *bias_shape)
+    out = op(a, b, bias)
+    assert rel_err(out, reference(a, b, bias)) < 1e-5
+
+
+def test_cpu_beta_zero_ignores_nan_bias(gen):
+    a, b = rnd(gen, 5, 16), rnd(gen, 16, 8)
+    bias = torch.full((8,), float("nan"))
+    out = op(a, b, bias, beta=0.0)
+    assert torch.equal(out, op(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_empty_dims(gen, dtype):
+    b = rnd(gen, 16, 8, dtype=dtype)
+    assert op(rnd(gen, 0, 16, dtype=dtype), b).shape == (0, 8)
+    assert op(rnd(gen, 4, 16, dtype=dtype), rnd(gen, 16, 0, dtype=dtype)).shape == (4, 0)
+    a0, b0 = rnd(gen, 4, 0, dtype=dtype), rnd(gen, 0, 8, dtype=dtype)
+    assert torch.equal(op(a0, b0), torch.zeros(4, 8, dtype=dtype))
+    bias = rnd(gen, 8, dtype=dtype)
+    assert torch.equal(op(a0, b0, bias, beta=2.0), (2.0 * bias.float()).to(dtype).expand(4, 8))
+
+
+def test_cpu_output_is_fresh(gen):
+    a, b = rnd(gen, 1, 1), rnd(gen, 1, 1)
+    out = op(a, b)
+    assert out.data_ptr() not in (a.data_ptr(), b.data_ptr())
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck and bad inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases(gen, device, dtype=torch.float32):
+    r = lambda *s: rnd(gen, *s, dtype=dtype, device=device)  # noqa: E731
+    W = r(24, 37)
+    return [
+        (r(9, 37), r(37, 24)),
+        (r(9, 37), W.t(), r(24)),
+        (r(9, 37), W.t(), r(24), 0.5, 2.0),
+        (r(3, 9, 37), r(3, 37, 24), r(3, 1, 24)),
+        (r(3, 9, 37), r(3, 37, 24)),
+    ]
+
+
+def test_opcheck_cpu(gen):
+    for args in _opcheck_cases(gen, CPU):
+        torch.library.opcheck(op.default, args)
+
+
+def test_bad_inputs():
+    f = torch.ones(4, 4)
+    with pytest.raises(UnsupportedError, match="floating"):
+        op(torch.ones(4, 4, dtype=torch.int32), torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(UnsupportedError, match="same dtype"):
+        op(f, f.half())
+    with pytest.raises(UnsupportedError, match="one device"):
+        op(f, torch.ones(4, 4, device="meta"))
+    with pytest.raises(UnsupportedError, match=r"a \[M, K\]"):
+        op(torch.ones(4), f)
+    with pytest.raises(RuntimeError, match="inner dims"):
+        op(f, torch.ones(5, 4))
+    with pytest.raises(UnsupportedError, match="broadcast"):
+        op(f, f, torch.ones(3))
+    with pytest.raises(UnsupportedError, match="bias must be floating"):
+        op(f, f, torch.ones(4, dtype=torch.int64))
+
+
+@needs_interp
+def test_interp_rejects_float64():
+    # float64 is a CPU-op-only dtype; the Triton kernel refuses it with a clear message.
+    with pytest.raises(UnsupportedError, match="float64"):
+        triton_matmul(torch.ones(4, 4, dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64))
+
+
+def test_fake_symbolic_shapes(gen):
+    # The fake impl must handle symbolic sizes (dynamic-shape tracing through torch.compile).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    a = mode.from_tensor(rnd(gen, 5, 7), static_shapes=False)
+    b = mode.from_tensor(rnd(gen, 7, 3), static_shapes=False)
+    with mode:
+        out = op(a, b)
+    assert out.dim() == 2 and isinstance(out.shape[0], torch.SymInt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton launcher under the interpreter (CPU tensors); fp32 and fp16 only (bf16 dot is broken
+# in the Triton interpreter, it is covered by the GPU tests).
+# ----------------------------------------------------------------------------------------------
+
+INTERP_DTYPES = [torch.float32, torch.float16]
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_interp_row_invariance_and_accuracy(gen, dtype):
+    K, N = 100, 37  # K spans several BLOCK_K chunks with a ragged tail
+    W = rnd(gen, N, K, dtype=dtype)
+    bias = rnd(gen, N, dtype=dtype)
+    assert_row_invariant(triton_fn, gen, dtype, CPU, K, N, [1, 2, 3, 5, 9], w=W.t(), bias=bias)
+    a = rnd(gen, 9, K, dtype=dtype)
+    for args in [(a, W.t(), None, 1.0, 1.0), (a, W.t(), bias, 0.5, 2.0)]:
+        assert rel_err(triton_matmul(*args), reference(*args)) < TOL[dtype]
+
+
+@needs_interp
+def test_interp_row0_m_1_to_70(gen):
+    K, N = 70, 20
+    b = rnd(gen, K, N)
+    a = rnd(gen, 70, K)
+    first = triton_matmul(a[:1], b)
+    for m in range(1, 71):
+        assert torch.equal(triton_matmul(a[:m].clone(), b)[:1], first), m
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("K,pad", [(37, 5), (30, 40)])
+def test_interp_k_zero_padding(gen, dtype, K, pad):
+    M, N = 9, 24
+    a, b = rnd(gen, M, K, dtype=dtype), rnd(gen, K, N, dtype=dtype)
+    ap = torch.cat([a, torch.zeros(M, pad, dtype=dtype)], dim=1)
+    bp = torch.cat([b, rnd(gen, pad, N, dtype=dtype)], dim=0)
+    assert torch.equal(triton_matmul(ap, bp), triton_matmul(a, b))
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_interp_bmm(gen, dtype):
+    Bt, M, K, N = 6, 5, 40, 24
+    a, b, bias = rnd(gen, Bt, M, K, dtype=dtype), rnd(gen, Bt, K, N, dtype=dtype), rnd(gen, Bt, 1, N, dtype=dtype)
+    out = triton_matmul(a, b, bias, alpha=0.5, beta=1.5)
+    assert out.shape == (Bt, M, N) and out.is_contiguous()
+    assert rel_err(out, reference(a, b, bias, 0.5, 1.5)) < TOL[dtype]
+    for nb in (1, 2, 5):  # batch element 0 is the same whatever the batch count
+        assert torch.equal(triton_matmul(a[:nb], b[:nb], bias[:nb], alpha=0.5, beta=1.5)[0], out[0])
+    # Transposed batched operand (K-major b, as in q @ k.transpose(-1, -2)).
+    bt = b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(triton_matmul(a, bt, bias, alpha=0.5, beta=1.5), out)
+
+
+@needs_interp
+def test_interp_gpt2_conv1d_and_bias_shapes(gen):
+    # GPT-2 Conv1D: addmm(bias, x, W) with W [in, out] contiguous (not transposed).
+    a, W = rnd(gen, 9, 48), rnd(gen, 48, 40)
+    for bias in [rnd(gen, 40), rnd(gen, 9, 40), rnd(gen, 9, 1), rnd(gen, 40)[None].expand(9, 40)]:
+        out = triton_matmul(a, W, bias)
+        assert rel_err(out, reference(a, W, bias)) < 1e-5
+    nan_bias = torch.full((40,), float("nan"))
+    assert torch.equal(triton_matmul(a, W, nan_bias, beta=0.0), triton_matmul(a, W))
+
+
+@needs_interp
+def test_interp_multi_tile_persistent(gen):
+    # More tiles than programs (num_sms is 4 in the interpreter): each program loops over tiles.
+    M, K, N = 300, 40, 260
+    a, b = rnd(gen, M, K), rnd(gen, K, N)
+    assert _common.num_sms(CPU) * 1 < (-(-M // 128)) * (-(-N // 128))
+    out = triton_matmul(a, b)
+    assert rel_err(out, reference(a, b)) < 1e-5
+    assert torch.equal(out[257:260], triton_matmul(a[257:260], b))
+
+
+@needs_interp
+def test_interp_empty_dims(gen):
+    b = rnd(gen, 16, 8)
+    assert triton_matmul(rnd(gen, 0, 16), b).shape == (0, 8)
+    assert triton_matmul(rnd(gen, 3, 0, 16), rnd(gen, 3, 16, 8)).shape == (3, 0, 8)
+    a0, b0, bias = rnd(gen, 4, 0), rnd(gen, 0, 8), rnd(gen, 8)
+    assert torch.equal(triton_matmul(a0, b0), torch.zeros(4, 8))
+    assert torch.equal(triton_matmul(a0, b0, bias, beta=2.0), (2.0 * bias).expand(4, 8))
+
+
+def test_block_k_fixed_by_dtype():
+    # The reduction chunk is a per-dtype constant (the batch-invariance contract).
+    assert _CONFIGS[torch.float16]["BLOCK_K"] == _CONFIGS[torch.bfloat16]["BLOCK_K"] == 64
+    assert _CONFIGS[torch.float32]["BLOCK_K"] == 32
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CUDA = torch.device("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 6144), (1000, 300), (64, 129)])
+def test_gpu_row_invariance_1_to_64(gen, dtype, K, N):
+    W = rnd(gen, N, K, dtype=dtype, device=CUDA)
+    bias = rnd(gen, N, dtype=dtype, device=CUDA)
+    for w, bb in [(W.t(), None), (W.t().contiguous(), bias)]:  # nn.Linear view and GPT-2 layout
+        assert_row_invariant(op_fn, gen, dtype, CUDA, K, N, range(1, 65), w=w, bias=bb)
+        x = rnd(gen, 64, K, dtype=dtype, device=CUDA)
+        outs = [op(x, w, bb) for _ in range(3)]  # run-to-run determinism
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        assert rel_err(outs[0], reference(x, w, bb)) < TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 64, 300])
+@pytest.mark.parametrize("N", [4096, 6144])
+def test_gpu_accuracy_llama_shapes(gen, dtype, M, N):
+    K = 4096
+    a, W = rnd(gen, M, K, dtype=dtype, device=CUDA), rnd(gen, N, K, dtype=dtype, device=CUDA)
+    out = op(a, W.t())
+    ref = reference(a, W.t())
+    assert rel_err(out, ref) < TOL[dtype]
+    if dtype != torch.float32:
+        assert rel_err(out, torch.mm(a, W.t()).double()) < 1e-2
+    # Row 0 of the whole batch equals the M=1 result bitwise.
+    assert torch.equal(out[:1], op(a[:1], W.t()))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_k_zero_padding_and_bmm(gen, dtype):
+    Bt, M, K, N = 8, 77, 200, 64
+    for pad in (1, 56, 300):
+        a, b = rnd(gen, Bt, M, K, dtype=dtype, device=CUDA), rnd(gen, Bt, K, N, dtype=dtype, device=CUDA)
+        ap = torch.cat([a, torch.zeros(Bt, M, pad, dtype=dtype, device=CUDA)], dim=2)
+        bp = torch.cat([b, rnd(gen, Bt, pad, N, dtype=dtype, device=CUDA)], dim=1)
+        out = op(a, b)
+        assert torch.equal(op(ap, bp), out)
+        assert rel_err(out, reference(a, b)) < TOL[dtype]
+        for nb in range(1, Bt + 1):
+            assert torch.equal(op(a[:nb], b[:nb])[0], out[0])
+    bias = rnd(gen, Bt, 1, N, dtype=dtype, device=CUDA)
+    out = op(a, b, bias, alpha=0.5, beta=2.0)
+    assert rel_err(out, reference(a, b, bias, 0.5, 2.0)) < TOL[dtype]
+    assert torch.equal(op(a[:1], b[:1], bias[:1], alpha=0.5, beta=2.0)[0], out[0])
+
+
+@gpu
+def test_gpu_fp32_tf32_mode_is_invariant(gen):
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert_row_invariant(op_fn, gen, torch.float32, CUDA, 1024, 512, [1, 2, 17, 64])
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@gpu
+def test_gpu_empty_and_misc(gen):
+    b = rnd(gen, 16, 8, device=CUDA)
+    assert op(rnd(gen, 0, 16, device=CUDA), b).shape == (0, 8)
+    a0, b0, bias = rnd(gen, 4, 0, device=CUDA), rnd(gen, 0, 8, device=CUDA), rnd(gen, 8, device=CUDA)
+    assert torch.equal(op(a0, b0, bias, beta=2.0), (2.0 * bias).expand(4, 8))
+    nan_bias = torch.full((8,), float("nan"), device=CUDA)
+    a = rnd(gen, 5, 16, device=CUDA)
+    assert torch.equal(op(a, b, nan_bias, beta=0.0), op(a, b))
+
+
+@gpu
+def test_opcheck_cuda(gen):
+    for dtype in GPU_DTYPES:
+        for args in _opcheck_cases(gen, CUDA, dtype):
+            torch.library.opcheck(op.default, args)
+
+
+@gpu
+def test_gpu_bad_dtype():
+    with pytest.raises(UnsupportedError, match="float64"):
+        op(torch.ones(4, 4, device=CUDA, dtype=torch.float64), torch.ones(4, 4, device=CUDA, dtype=torch.float64))
+    with pytest.raises(UnsupportedError):
+        op(torch.ones(4, 4, device=CUDA, dtype=torch.int32), torch.ones(4, 4, device=CUDA, dtype=torch.int32))
+    with pytest.raises(UnsupportedError, match="one device"):
+        op(torch.ones(4, 4, device=CUDA), torch.ones(4, 4))

@@ -1,0 +1,178 @@
+"""detcompile::scatter_add: documented order rule (bitwise), duplicates, index smaller than src,
+batch invariance of a destination, accuracy, opcheck, errors."""
+import itertools
+
+import pytest
+import torch
+
+from detcompile.kernels import _common
+
+OP = torch.ops.detcompile.scatter_add
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tol(dtype):
+    return 1e-2 if dtype in _common.HALF_DTYPES else 1e-5
+
+
+def sequential_ref(self, dim, index, src):
+    """The documented rule: acc = self (fp32 / fp64); for every index element in ascending
+    position along dim, acc[dest] += src[pos]; round once at the end."""
+    acc = self.to(_common.acc_dtype(self.dtype)).clone()
+    srca = src.to(acc.dtype)
+    dim = dim % self.dim()
+    others = [range(s) for d, s in enumerate(index.shape) if d != dim]
+    for rest in itertools.product(*others):
+        for i in range(index.shape[dim]):
+            pos = list(rest)
+            pos.insert(dim, i)
+            dest = list(rest)
+            dest.insert(dim, index[tuple(pos)].item())
+            acc[tuple(dest)] = acc[tuple(dest)] + srca[tuple(pos)]
+    return acc.to(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cpu_order_rule_and_accuracy(gen, dtype, dim):
+    self_ = torch.randn(5, 6, 4, generator=gen).to(dtype)
+    src = torch.randn(7, 8, 7, generator=gen).to(dtype)
+    # index smaller than src everywhere and than self outside dim; values repeat a lot
+    ishape = [4, 5, 3]
+    ishape[dim] = 6
+    index = torch.randint(0, self_.shape[dim], ishape, generator=gen)
+    out = OP(self_, dim, index, src)
+    assert out.dtype == dtype and out.shape == self_.shape
+    assert torch.equal(out, sequential_ref(self_, dim, index, src))
+    ref = torch.scatter_add(self_.double(), dim, index, src.double())
+    assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_batch_invariant(gen, dtype):
+    # scatter_add along dim 1 of [B, 37] -> [B, 11]: a batch row's result must not depend on the
+    # other rows.
+    src_t = torch.randn(37, generator=gen).to(dtype)
+    idx_t = torch.randint(0, 11, (37,), generator=gen)
+    self_t = torch.randn(11, generator=gen).to(dtype)
+    ref = OP(self_t[None], 1, idx_t[None], src_t[None])[0]
+    for b in range(1, 10):
+        pos = (3 * b) // 4
+        s = torch.randn(b, 11, generator=gen).to(dtype)
+        src = torch.randn(b, 37, generator=gen).to(dtype)
+        idx = torch.randint(0, 11, (b, 37), generator=gen)
+        s[pos], src[pos], idx[pos] = self_t, src_t, idx_t
+        assert torch.equal(OP(s, 1, idx, src)[pos], ref), b
+    assert rel_err(ref, torch.scatter_add(self_t.double(), 0, idx_t, src_t.double())) < tol(dtype)
+
+
+def test_cpu_destination_invariant_dim0(gen):
+    # scatter along dim 0 ("tokens"): destination row 0 gets 4 contributions; more tokens going
+    # elsewhere must not change its bits.
+    H = 16
+    mine = torch.randn(4, H, generator=gen)
+    ref = None
+    for n_other in range(0, 20, 4):
+        n = 4 + n_other
+        keep = torch.randperm(n, generator=gen)[:4].sort().values
+        index = torch.randint(1, 6, (n, H), generator=gen)
+        src = torch.randn(n, H, generator=gen)
+        index[keep] = 0
+        src[keep] = mine
+        self_ = torch.randn(6, H, generator=gen)
+        self_[0] = 1.0
+        out = OP(self_, 0, index, src)[0]
+        ref = out if ref is None else ref
+        assert torch.equal(out, ref), n_other
+
+
+def test_cpu_integer_and_special(gen):
+    x = torch.randint(0, 10, (4, 3), generator=gen)
+    idx = torch.randint(0, 4, (5, 3), generator=gen)
+    src = torch.randint(0, 10, (5, 3), generator=gen)
+    assert torch.equal(OP(x, 0, idx, src), torch.scatter_add(x, 0, idx, src))
+    s = torch.randn(3, 2, generator=gen)
+    out = OP(s, 0, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2))
+    assert torch.equal(out, s) and out.data_ptr() != s.data_ptr()
+    z = OP(torch.tensor(1.5), 0, torch.tensor(0), torch.tensor(2.0))
+    assert z.shape == () and z.item() == 3.5
+
+
+def test_opcheck_cpu(gen):
+    s = torch.randn(6, 4, generator=gen)
+    idx = torch.randint(0, 6, (9, 3), generator=gen)
+    torch.library.opcheck(OP.default, (s, 0, idx, torch.randn(9, 4, generator=gen)))
+    torch.library.opcheck(OP.default, (s.bfloat16(), 0, idx, torch.randn(9, 4).bfloat16()))
+    idx1 = torch.randint(0, 4, (6, 7), generator=gen)
+    torch.library.opcheck(OP.default, (s, 1, idx1, torch.randn(6, 7, generator=gen)))
+
+
+def test_bad_inputs():
+    s = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        OP(s, 0, torch.zeros(1, 3, dtype=torch.int64), torch.randn(1, 3).bfloat16())
+    with pytest.raises(_common.UnsupportedError, match="int64"):
+        OP(s, 0, torch.zeros(1, 3, dtype=torch.int32), torch.randn(1, 3))
+    with pytest.raises(IndexError, match="out of bounds"):
+        OP(s, 0, torch.full((1, 3), 4), torch.randn(1, 3))
+    with pytest.raises(IndexError, match="out of bounds"):
+        OP(s, 0, torch.full((1, 3), -1), torch.randn(1, 3))
+    with pytest.raises(RuntimeError, match="larger"):
+        OP(s, 0, torch.zeros(2, 3, dtype=torch.int64), torch.randn(1, 3))
+    with pytest.raises(RuntimeError, match="number of dims"):
+        OP(s, 0, torch.zeros(3, dtype=torch.int64), torch.randn(3))
+    with pytest.raises(IndexError):
+        OP(s, 2, torch.zeros(1, 3, dtype=torch.int64), torch.randn(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (same round algorithm, torch ops on CUDA)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gpu_matches_cpu_bitwise_and_repeats(dtype, dim):
+    g = torch.Generator().manual_seed(11)
+    self_ = torch.randn(64, 512, generator=g).to(dtype)
+    ishape = [1000, 512] if dim == 0 else [64, 3000]
+    index = torch.randint(0, self_.shape[dim], ishape, generator=g)
+    src = torch.randn(ishape, generator=g).to(dtype)
+    cpu = OP(self_, dim, index, src)
+    for _ in range(3):
+        assert torch.equal(OP(self_.cuda(), dim, index.cuda(), src.cuda()).cpu(), cpu)
+    ref = torch.scatter_add(self_.double(), dim, index, src.double())
+    assert rel_err(cpu, ref) < tol(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_batch_invariant(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R, D = 4096, 257
+    src_t = torch.randn(R, device="cuda", generator=g).to(dtype)
+    idx_t = torch.randint(0, D, (R,), device="cuda", generator=g)
+    self_t = torch.randn(D, device="cuda", generator=g).to(dtype)
+    ref = OP(self_t[None], 1, idx_t[None], src_t[None])[0]
+    for b in range(1, 65):
+        pos = (3 * b) // 4
+        s = torch.randn(b, D, device="cuda", generator=g).to(dtype)
+        src = torch.randn(b, R, device="cuda", generator=g).to(dtype)
+        idx = torch.randint(0, D, (b, R), device="cuda", generator=g)
+        s[pos], src[pos], idx[pos] = self_t, src_t, idx_t
+        assert torch.equal(OP(s, 1, idx, src)[pos], ref), b
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_errors():
+    s = torch.randn(6, 4, device="cuda")
+    idx = torch.randint(0, 6, (9, 4), device="cuda")
+    torch.library.opcheck(OP.default, (s, 0, idx, torch.randn(9, 4, device="cuda")))
+    with pytest.raises(_common.UnsupportedError, match="float64"):
+        OP(s.double(), 0, idx, torch.randn(9, 4, device="cuda").double())
