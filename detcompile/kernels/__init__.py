@@ -15,3 +15,4 @@ from . import index_add  # noqa: F401
 from . import scatter_add  # noqa: F401
 from . import attention  # noqa: F401
 from . import grouped_mm  # noqa: F401
+from . import cpu_pointwise  # noqa: F401

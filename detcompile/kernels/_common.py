@@ -110,3 +110,16 @@ def cpu_seq_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for j in range(k):
         acc = acc + a[..., :, j : j + 1] * b[..., j : j + 1, :]
     return acc
+
+
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, with a 16-byte aligned data pointer.
+
+    Triton specializes a kernel on pointer alignment; an unaligned view (a slice at an odd offset)
+    compiles a variant with other load vectorization, which can change the register layout and so
+    the order of ``tl.sum``/``tl.cumsum``. Copying (deterministic) keeps one variant.
+    """
+    t = t.contiguous()
+    if t.data_ptr() % 16 != 0:
+        t = t.clone()
+    return t

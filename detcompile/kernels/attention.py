@@ -12,13 +12,14 @@ GPU (Triton): flash attention with an online softmax over key tiles of a FIXED w
 (a constant of the head dim and dtype), visited in ascending order. Tiles are aligned at
 ``origin + t * BLOCK_N`` where ``origin`` is a per-query-row key offset (0 by default). A tile in
 which every score of a row is masked is an exact identity on that row's state ``(m, l, acc)``
-(``alpha = exp2(m - m) = 1``, ``p = 0``), and a row that has seen only masked keys keeps
-``(-inf, 0, 0)`` thanks to a "safe" max, so a row may visit any superset of the tiles it needs
-without changing a bit. Hence a query gives the same bits alone, in a batch, with right padding,
-in prefill or in decode, and in chunked prefill. With a mask and ``Lq == Lk`` the wrapper derives
-each row's origin as the start of its *segment* (packed sequences, left padding), so those cases
-line the tiles up exactly as for the sequence alone. The kernel and its config never depend on
-``Lq``, ``Lk`` or the batch size.
+(the max does not move, so ``alpha`` is exactly 1, and ``p = 0``), and a row that has seen only
+masked keys keeps ``(-inf, 0, 0)`` thanks to a "safe" max, so a row may visit any superset of the
+tiles it needs without changing a bit. Hence a query gives the same bits alone, in a batch, with
+right padding, in prefill or in decode, and in chunked prefill. With a mask and ``Lq == Lk`` the
+wrapper derives each row's origin as the start of its *segment* (packed sequences, left padding,
+also with sliding windows), so those cases line the tiles up exactly as for the sequence alone.
+The kernel, its tiles and its num_warps never depend on ``Lq``, ``Lk`` or the batch size, and FP
+contraction is off so that the kernel variants (mask or not, softcap or not) round alike.
 
 CPU: scores by a sequential loop over the head dim, softmax with a sequential sum over keys, and
 ``P @ V`` by a sequential loop over keys, all with exactly rounded elementwise ops (``exp`` too is
@@ -116,9 +117,9 @@ def _visible(mask: Tensor) -> Tensor:
     return mask > torch.finfo(mask.dtype).min
 
 
-def segment_origins(mask4: Tensor) -> Tensor:
-    """Per-(mask batch, mask head, query) int32 key origin for a square mask ``[b, h, L, L]``
-    (b, h may be 1): the start of the row's segment. Row i starts a segment iff it sees key i and
+def segment_origins(mask4: Tensor, L: int | None = None) -> Tensor:
+    """Per-(mask batch, mask head, query) int32 key origin ``[b, h, L]`` for a mask broadcastable
+    to ``[b, h, L, L]`` (b, h may be 1; L defaults to the mask's key dim): the start of the row's segment. Row i starts a segment iff it sees key i and
     does not see key i-1 (or i == 0); the segment start is the latest start <= i (0 before any).
     Packed sequences (block-diagonal masks) and left padding then align their KV tiles exactly as
     the sequence alone would, sliding windows included.
@@ -128,8 +129,10 @@ def segment_origins(mask4: Tensor) -> Tensor:
     row's first visible key: origin = min(segment start, first visible key). That changes nothing
     for packed / padded / windowed masks, where no key before the segment start is visible.
     Integer-only, hence deterministic."""
-    L = mask4.shape[-1]
-    m = mask4.expand(mask4.shape[0], mask4.shape[1], L, L)
+    b, h, lq = mask4.shape[0], mask4.shape[1], mask4.shape[2]
+    L = mask4.shape[-1] if L is None else L
+    mk = mask4.expand(b, h, lq, L)  # a query dim of 1 stays 1 (no [L, L] copy of a padding mask)
+    m = mk.expand(b, h, L, L)
     diag = _visible(torch.diagonal(m, 0, -2, -1))  # sees key i
     prev = torch.zeros_like(diag)
     if L > 1:
@@ -139,9 +142,9 @@ def segment_origins(mask4: Tensor) -> Tensor:
     cand = torch.where(start, idx, torch.zeros_like(idx))
     seg_start = torch.cummax(cand, dim=-1).values
     # First visible key per row (argmax returns the first maximal index); L when none.
-    vis = _visible(m)
+    vis = _visible(mk)
     first = vis.to(torch.uint8).argmax(dim=-1).to(torch.int32)
-    first = torch.where(vis.any(dim=-1), first, torch.full_like(first, L))
+    first = torch.where(vis.any(dim=-1), first, torch.full_like(first, L)).expand(b, h, L)
     return torch.minimum(seg_start, first).to(torch.int32).contiguous()
 
 
@@ -160,15 +163,19 @@ def tile_config(head_dim_pad: int, dtype: torch.dtype):
     fixed too, so prefill and decode run the very same MMA shapes."""
     if head_dim_pad > MAX_HEAD_DIM:
         raise UnsupportedError(f"detcompile.{OP}: head dim > {MAX_HEAD_DIM} is not supported on the Triton path")
+    # num_warps is part of the arithmetic (it sets the layout, hence the order of the row sums),
+    # so it is fixed here too; the choices keep register spills small on sm_90 for every variant.
     if dtype == torch.float32:
         if head_dim_pad <= 64:
-            return 64, 32, 4, 2
+            return 64, 32, 8, 2
         if head_dim_pad <= 128:
-            return 32, 32, 4, 2
-        return 32, 16, 8, 1
-    if head_dim_pad <= 128:
+            return 32, 32, 8, 2
+        return 32, 16, 8, 2
+    if head_dim_pad <= 64:
         return 64, 64, 4, 2
-    return 64, 32, 8, 1
+    if head_dim_pad <= 128:
+        return 64, 64, 8, 2
+    return 64, 32, 8, 2
 
 
 if HAS_TRITON:
@@ -202,25 +209,28 @@ if HAS_TRITON:
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
         hk = h // GROUP
+        # 64-bit per-(batch, head) bases; offsets inside one head fit in int32.
+        q_ptr = Q + b * sqb + h * sqh
+        k_ptr = K + b * skb + hk * skh
+        v_ptr = V + b * svb + hk * svh
+        o_ptr = Out + b * sob + h * soh
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_nn = tl.arange(0, BLOCK_N)
         row_ok = offs_m < Lq
-        offs_m64 = offs_m.to(tl.int64)
 
         q = tl.load(
-            Q + b * sqb + h * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd,
+            q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
-        k_base = K + b * skb + hk * skh + offs_d[:, None] * skd
-        v_base = V + b * svb + hk * svh + offs_dv[None, :] * svd
-        m_row_base = Mask + b * smb + h * smh + offs_m64[:, None] * smm
+        # Mask rows in 64 bits: an [L, L] mask overflows int32 offsets past L = 46k.
+        mask_rows = Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm
 
         if HAS_ORIGIN:
-            org = tl.load(Origin + b * sgb + h * sgh + offs_m64 * sgm, mask=row_ok, other=0)
+            org = tl.load(Origin + b * sgb + h * sgh + offs_m * sgm, mask=row_ok, other=0)
         else:
             org = tl.zeros([BLOCK_M], dtype=tl.int32)
         org = tl.where(row_ok, org, _INT32_MAX_C)
@@ -231,9 +241,9 @@ if HAS_TRITON:
         else:
             kv_end = Lk
 
-        out = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         # One pass per distinct origin, ascending: each row is reduced only in the pass of its
-        # own origin, with its tiles aligned at that origin; other rows are fully masked there.
+        # own origin, with its tiles aligned at that origin (other rows are fully masked there),
+        # and is stored at the end of that pass.
         o = tl.min(org, axis=0)
         while o < _INT32_MAX_C:
             in_pass = org == o
@@ -245,13 +255,12 @@ if HAS_TRITON:
                 # Keys o + t*BLOCK_N + [0, BLOCK_N): never before the row's origin.
                 offs_n = o + t * BLOCK_N + offs_nn
                 col_ok = offs_n < Lk
-                offs_n64 = offs_n.to(tl.int64)
                 vis = in_pass[:, None] & col_ok[None, :]
                 if IS_CAUSAL:
                     vis = vis & (offs_n[None, :] <= offs_m[:, None])
                 if MASK_KIND != 0:
                     mv = tl.load(
-                        m_row_base + offs_n64[None, :] * smn,
+                        mask_rows[:, None] + offs_n[None, :] * smn,
                         mask=row_ok[:, None] & col_ok[None, :],
                         other=0,
                     )
@@ -260,13 +269,15 @@ if HAS_TRITON:
                     else:
                         mvf = mv.to(tl.float32)
                         vis = vis & (mvf > mask_min)
+                        # One live tile instead of two: the bias, -inf where masked.
+                        bias = tl.where(vis, mvf, float("-inf"))
                     # A tile nobody here can see is an exact identity: skip its work.
                     any_vis = tl.max(tl.max(vis.to(tl.int32), axis=1), axis=0)
                 else:
                     any_vis = 1
                 if any_vis > 0:
                     k = tl.load(
-                        k_base + offs_n64[None, :] * skn,
+                        k_ptr + offs_n[None, :] * skn + offs_d[:, None] * skd,
                         mask=col_ok[None, :] & (offs_d[:, None] < D),
                         other=0.0,
                     )
@@ -276,20 +287,23 @@ if HAS_TRITON:
                         e = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
                         th = (1.0 - e) / (1.0 + e)
                         s = softcap * tl.where(x < 0, -th, th)
+                    # Scores in the log2 domain, -inf where masked. A visible key of a float mask
+                    # gets (s + bias) * log2e, which for a bias of 0 is bitwise s * log2e, as in
+                    # the other variants (FP contraction is off, so every op rounds on its own).
                     if MASK_KIND == 2:
-                        # (masked entries add 0 instead of finfo.min: no overflow, they are -inf below)
-                        s = s + tl.where(vis, mvf, 0.0)
-                    # One fixed formula in the log2 domain; the select also stops any contraction
-                    # of the multiply into the later subtraction.
-                    s = tl.where(vis, s * _LOG2E_C, float("-inf"))
+                        s = (s + bias) * _LOG2E_C
+                    else:
+                        s = tl.where(vis, s * _LOG2E_C, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     # Safe max: a row that has seen only masked keys keeps (m, l, acc) = (-inf, 0, 0).
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_safe)
+                    # alpha is exactly 1 when the max did not move (all-masked tiles included),
+                    # whatever exp2(0) gives on the hardware's approximate exp2.
+                    alpha = tl.where(m_i == m_new, 1.0, tl.exp2(m_i - m_safe))
                     p = tl.exp2(s - m_safe[:, None])
                     l_i = l_i * alpha + tl.sum(p, axis=1)
                     vv = tl.load(
-                        v_base + offs_n64[:, None] * svn,
+                        v_ptr + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                         mask=col_ok[:, None] & (offs_dv[None, :] < Dv),
                         other=0.0,
                     )
@@ -299,14 +313,12 @@ if HAS_TRITON:
             seen = l_i > 0
             res = acc / tl.where(seen, l_i, 1.0)[:, None]
             res = tl.where(seen[:, None], res, 0.0)  # no visible key -> zeros
-            out = tl.where(in_pass[:, None], res, out)
+            tl.store(
+                o_ptr + offs_m[:, None] * som + offs_dv[None, :] * sod,
+                res.to(Out.dtype.element_ty),
+                mask=(in_pass & row_ok)[:, None] & (offs_dv[None, :] < Dv),
+            )
             o = tl.min(tl.where(org > o, org, _INT32_MAX_C), axis=0)
-
-        tl.store(
-            Out + b * sob + h * soh + offs_m64[:, None] * som + offs_dv[None, :] * sod,
-            out.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
-        )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -359,7 +371,7 @@ def triton_attention(
     mask_min = 0.0
     if m4 is not None:
         if Lq == Lk:
-            org = segment_origins(m4)
+            org = segment_origins(m4, Lk)
             has_origin = True
             origin_arg = org
             gstr = tuple(org.stride(i) if org.shape[i] != 1 else 0 for i in range(3))
@@ -390,6 +402,9 @@ def triton_attention(
         DOT_PREC=_dot_precision(q4.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        # No mul+add contraction into FMAs: each op rounds on its own, so the kernel variants
+        # (mask kinds, softcap, causal) give the same bits for the same visible scores.
+        enable_fp_fusion=False,
     )
     return out[0] if squeeze else out
 

@@ -29,7 +29,8 @@ NUM_WARPS = 4
 if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["R"])
-    def _cumsum_kernel(x_ptr, out_ptr, R, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _cumsum_kernel(x_ptr, out_ptr, R, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+        ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * R
         o_row = out_ptr + row * R
@@ -98,16 +99,14 @@ def triton_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> T
     dim, xin, acc, res = _plan(x, dim, dtype)
     if not res.is_floating_point:
         return torch.cumsum(x, dim, dtype=dtype)
-    x2 = _rows(xin, dim)
-    if x2.data_ptr() % 16 != 0:
-        # Keep the pointer specialisation (and so the compiled scan) identical for every call.
-        x2 = x2.clone()
+    # Keep the pointer specialisation (and so the compiled scan) identical for every call.
+    x2 = _common.aligned16(_rows(xin, dim))
     rows, R = x2.shape
     out2 = torch.empty((rows, R), dtype=res, device=x.device)
     if rows > 0 and R > 0:
         _cumsum_kernel[(rows,)](
             x2, out2, R,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=BLOCK,
+            ACC_FP64=acc == torch.float64, BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
     return _restore(out2, x, dim)

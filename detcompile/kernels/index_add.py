@@ -8,10 +8,11 @@ other destinations or sources (e.g. the other tokens of a Mixtral expert loop).
 
 Algorithm (device-agnostic torch ops, no atomics, no ``accumulate=True``): the contributions are
 processed in *rounds*; round ``r`` takes the r-th occurrence (in source order) of every destination.
-Within a round the destinations are unique, so ``gather -> add -> index_copy_`` is an exact,
-race-free update; the number of rounds is the largest multiplicity of an index. Every add is one
-elementwise op, exactly rounded on CPU and CUDA. There is no Triton kernel: the CUDA
-implementation runs this same algorithm with torch ops.
+Within a round the destinations are unique, so ``gather -> add -> put`` (``acc[dest] =
+acc[dest] + src``, an index_put_ without accumulate) is an exact, race-free update; the number
+of rounds is the largest multiplicity of an index. Every add is one elementwise op, exactly
+rounded on CPU and CUDA. There is no Triton kernel: the CUDA implementation runs this same
+algorithm with torch ops.
 
 Integer/bool tensors are exact in any order and use aten.index_add.
 """
@@ -39,7 +40,7 @@ def occurrence_rank(keys: Tensor) -> Tensor:
     is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
     group_start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=0).values
     rank = torch.empty_like(pos)
-    rank.scatter_(0, perm, pos - group_start)  # perm is a permutation: each slot written once
+    rank[perm] = pos - group_start  # perm is a permutation: each slot written once
     return rank
 
 
@@ -69,6 +70,11 @@ def _check(self: Tensor, dim: int, index: Tensor, source: Tensor) -> int:
             f"detcompile.index_add: self ({self.dtype}) and source ({source.dtype}) must have "
             "the same dtype"
         )
+    if source.dim() != self.dim() and not (self.dim() <= 1 and source.numel() == index.numel()):
+        raise RuntimeError(
+            f"detcompile.index_add: source ({source.dim()} dims) and self ({self.dim()} dims) "
+            "must have the same number of dims"
+        )
     if self.device != source.device or self.device != index.device:
         raise RuntimeError("detcompile.index_add: self, index and source must be on one device")
     n = max(self.dim(), 1)
@@ -82,25 +88,40 @@ def index_add_rounds(self: Tensor, dim: int, index: Tensor, source: Tensor, alph
     if not self.is_floating_point():
         return torch.index_add(self, dim, index, source, alpha=alpha)
     out_shape = self.shape
-    if self.dim() == 0:
-        self, source = self.reshape(1), source.reshape(1)
+    if self.dim() <= 1:
+        self, source = self.reshape(-1), source.reshape(-1)
     acc_dt = _common.acc_dtype(self.dtype)
     acc = torch.empty(self.shape, dtype=acc_dt, device=self.device)
     acc.copy_(self)  # fresh buffer: the output never aliases self
     idx = index.reshape(-1).to(torch.int64)
-    if idx.numel() != (source.shape[dim] if source.dim() > 0 else 1):
+    if idx.numel() != source.shape[dim]:
         raise RuntimeError(
             "detcompile.index_add: index length must equal source.size(dim) "
             f"({idx.numel()} vs {source.shape[dim]})"
         )
+    for d in range(self.dim()):
+        if d != dim and source.shape[d] != self.shape[d]:
+            raise RuntimeError(
+                f"detcompile.index_add: source {tuple(source.shape)} and self "
+                f"{tuple(self.shape)} differ in dim {d} (only dim {dim} may differ)"
+            )
     if idx.numel() > 0:
+        size = self.shape[dim]
+        if bool(((idx < 0) | (idx >= size)).any()):  # advanced indexing would wrap negatives
+            raise IndexError(
+                f"detcompile.index_add: index out of range for dimension {dim} with size {size}"
+            )
         src = source.to(acc_dt)
         if alpha != 1:
             src = src * alpha  # one exactly rounded product per element, before the add
+        # Indexed dim first (views): plain advanced indexing then gathers/puts whole slices.
+        acc_m, src_m = acc.movedim(dim, 0), src.movedim(dim, 0)
         for pos in rounds(idx):
             dest = idx if pos is None else idx[pos]
-            contrib = src if pos is None else src.index_select(dim, pos)
-            acc.index_copy_(dim, dest, acc.index_select(dim, dest) + contrib)
+            contrib = src_m if pos is None else src_m[pos]
+            # Unique destinations in a round: a non-accumulating put (deterministic; allowed
+            # under torch.use_deterministic_algorithms) of exactly rounded sums.
+            acc_m[dest] = acc_m[dest] + contrib
     return acc.to(self.dtype).reshape(out_shape)
 
 
@@ -128,6 +149,6 @@ def _(self, dim, index, source, alpha=1):
 
 @index_add.register_kernel("cuda")
 def _(self, dim, index, source, alpha=1):
-    # No Triton kernel: the same round algorithm in torch ops (gather/add/index_copy, no atomics).
+    # No Triton kernel: the same round algorithm in torch ops (gather, add, plain put; no atomics).
     dim = _check(self, dim, index, source)
     return index_add_rounds(self, dim, index, source, alpha)

@@ -24,8 +24,6 @@ from . import _common
 BLOCK = 1024
 #: Warps per program. Also a constant: tl.sum's tree depends on the layout, which depends on it.
 NUM_WARPS = 4
-#: Pointer alignment (bytes) the launcher guarantees; see ``_aligned``.
-_ALIGN = 16
 
 if _common.HAS_TRITON:
     triton = _common.triton
@@ -85,17 +83,7 @@ if _common.HAS_TRITON:
             tl.store(o_row + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _aligned(t: Tensor) -> Tensor:
-    """Contiguous, with a 16-byte aligned data pointer.
-
-    Triton specializes kernels on pointer alignment; an unaligned view (e.g. a slice at an odd
-    offset) compiles a variant with different load vectorization, which can change the register
-    layout and so the order of ``tl.sum``. Copying (deterministic) keeps one variant per row length.
-    """
-    t = t.contiguous()
-    if t.data_ptr() % _ALIGN != 0:
-        t = t.clone()
-    return t
+_aligned = _common.aligned16
 
 
 def _on_device(x: Tensor):

@@ -65,12 +65,13 @@ if HAS_TRITON:
     @triton.jit
     def _reduce_kernel(
         x_ptr, out_ptr, R,
-        KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
+        KIND: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
     ):
+        ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * R
         offs = tl.arange(0, BLOCK)
-        if KIND == 0 or KIND == 1:  # sum, mean
+        if KIND <= 1:  # sum (0), mean (1)
             acc = tl.zeros([BLOCK], ACC)
             for start in range(0, R, BLOCK):
                 idx = start + offs
@@ -112,8 +113,9 @@ if HAS_TRITON:
     @triton.jit
     def _var_mean_kernel(
         x_ptr, var_ptr, mean_ptr, R, divisor,
-        ACC: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
+        ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
     ):
+        ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * R
         offs = tl.arange(0, BLOCK)
@@ -255,10 +257,6 @@ def _int_result(x: Tensor, kind: str, dtype) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tl_dtype(dt: torch.dtype):
-    return tl.float64 if dt == torch.float64 else tl.float32
-
-
 def triton_reduce(
     x: Tensor,
     dim: Optional[Sequence[int]],
@@ -282,7 +280,7 @@ def triton_reduce(
     if rows > 0:
         _reduce_kernel[(rows,)](
             x2, out, R,
-            KIND=_KIND_ID[kind], ACC=_tl_dtype(acc), BLOCK=BLOCK, LOG2=LOG2_BLOCK,
+            KIND=_KIND_ID[kind], ACC_FP64=acc == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
             num_warps=NUM_WARPS,
         )
     return out.reshape(out_shape)
@@ -303,7 +301,7 @@ def triton_var_mean(
     if rows > 0:
         _var_mean_kernel[(rows,)](
             x2, var, mean, R, float(max(R - correction, 0.0)),
-            ACC=_tl_dtype(_common.acc_dtype(x.dtype)), BLOCK=BLOCK, LOG2=LOG2_BLOCK,
+            ACC_FP64=x.dtype == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
             num_warps=NUM_WARPS,
         )
     return var.reshape(out_shape), mean.reshape(out_shape)

@@ -10,8 +10,8 @@ Algorithm (device-agnostic torch ops, no atomics): each element of ``index`` get
 of its destination in the contiguous output. Elements sharing a destination differ only in their
 coordinate along ``dim``, so in row-major order they appear by ascending position along ``dim``;
 ``index_add.occurrence_rank`` of the offsets then splits the updates into rounds with unique
-destinations, each applied with an exact ``gather -> add -> index_copy_``. There is no Triton
-kernel: the CUDA implementation runs this same algorithm with torch ops.
+destinations, each applied with an exact ``gather -> add -> put`` (no accumulate=True). There is
+no Triton kernel: the CUDA implementation runs this same algorithm with torch ops.
 
 Integer/bool tensors are exact in any order and use aten.scatter_add.
 """
@@ -88,7 +88,7 @@ def scatter_add_rounds(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Te
         for pos in rounds(key):
             k = key if pos is None else key[pos]
             v = vals if pos is None else vals[pos]
-            flat.index_copy_(0, k, flat.index_select(0, k) + v)
+            flat[k] = flat[k] + v  # unique destinations: a non-accumulating, exact put
     return acc.to(self.dtype).reshape(out_shape)
 
 
@@ -118,6 +118,6 @@ def _(self, dim, index, src):
 
 @scatter_add.register_kernel("cuda")
 def _(self, dim, index, src):
-    # No Triton kernel: the same round algorithm in torch ops (gather/add/index_copy, no atomics).
+    # No Triton kernel: the same round algorithm in torch ops (gather, add, plain put; no atomics).
     dim = _check(self, dim, index, src)
     return scatter_add_rounds(self, dim, index, src)

@@ -30,8 +30,9 @@ if HAS_TRITON:
     @triton.jit
     def _softmax_kernel(
         x_ptr, out_ptr, R,
-        LOG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
+        LOG: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
     ):
+        ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * R
         o_row = out_ptr + row * R
@@ -106,9 +107,9 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
     rows, R = x2.shape
     out2 = torch.empty((rows, R), dtype=_out_dtype(x, half_to_float), device=x.device)
     if rows > 0 and R > 0:
-        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
         _softmax_kernel[(rows,)](
-            x2, out2, R, LOG=bool(log), ACC=acc, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
+            x2, out2, R,
+            LOG=bool(log), ACC_FP64=x.dtype == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
             num_warps=NUM_WARPS,
         )
     return _restore(out2, x, dim)

@@ -3,6 +3,7 @@
 ``TORCH_PASSES`` run on the Dynamo graph (before AOTAutograd); ``ATEN_PASSES`` on the aten graph that
 AOTAutograd hands to the compiler. The audit runs last and reports whatever is left.
 """
+from .cpu_pointwise import cpu_pointwise_pass
 from .audit import NondeterminismError, audit_pass, classify
 from .group_norm import group_norm_pass
 from .grouped_mm import grouped_mm_pass
@@ -26,6 +27,7 @@ ATEN_PASSES = [
     ("softmax", softmax_pass),
     ("reductions", reductions_pass),
     ("index_add", index_add_pass),
+    ("cpu_pointwise", cpu_pointwise_pass),  # after the norms/softmax patterns, which read rsqrt/exp
     ("audit", audit_pass),  # always last
 ]
 

@@ -7,6 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+except Exception:  # pragma: no cover - Triton is a Linux dependency
+    triton = None
+
 from detcompile.kernels import _common
 from detcompile.kernels import attention as A
 from detcompile.kernels.attention import triton_attention
@@ -27,7 +32,11 @@ def rel_err(out, ref):
 
 
 def randn(gen, *shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return torch.randn(*shape, generator=gen).to(dtype)
+    # Large GPU tensors: draw on the device from a seed taken from the CPU generator.
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    return torch.randn(*shape, generator=g, device=device).to(dtype)
 
 
 def ref_attention(q, k, v, mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0):
@@ -81,8 +90,9 @@ def make_case(name, gen, dtype, device="cpu", B=2, H=4, D=16, L=37):
     Lq = Lk = L
     Dv = D
     mask, is_causal, kw = None, False, {}
-    if name == "gqa":
-        Hkv, is_causal, kw = max(1, H // 4), True, {"enable_gqa": True}
+    if name == "gqa":  # Hq=8, Hkv=2 (or more heads at the same ratio)
+        H = max(H, 8)
+        Hkv, is_causal, kw = H // 4, True, {"enable_gqa": True}
     if name == "lq_ne_lk":
         Lq, Lk = 5, L + 3
     if name == "lq_ne_lk_causal":  # top-left causal: query i sees keys j <= i
@@ -466,7 +476,10 @@ def test_bad_inputs(gen):
 
 # ----------------------------------------------------------------------------------------------
 # Triton path under the interpreter (small shapes; fp32 and fp16 only, see the bf16 tl.dot trap).
+# On a CUDA machine the same small tests run on the GPU.
 # ----------------------------------------------------------------------------------------------
+
+TDEV = "cuda" if HAS_CUDA else "cpu"
 
 INTERP_DTYPES = [torch.float32, torch.float16]
 
@@ -475,56 +488,71 @@ INTERP_DTYPES = [torch.float32, torch.float16]
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("name", ACC_CASES)
 def test_triton_accuracy(name, dtype, gen):
-    check_accuracy(triton_small_tiles, name, gen, dtype, L=29)
+    check_accuracy(triton_small_tiles, name, gen, dtype, TDEV, L=29)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_accuracy_real_tiles(dtype, gen):
     for name in ("causal", "float_mask_min", "softcap_gqa_mask", "lq_ne_lk"):
-        check_accuracy(triton_real_tiles, name, gen, dtype, L=40)
+        check_accuracy(triton_real_tiles, name, gen, dtype, TDEV, L=40)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_invariance_scenarios(dtype, gen):
-    assert_invariant(invariance_checks(triton_small_tiles, gen, dtype, H=2, Hkv=1, positions=(0, 15, 16, 17, 28)))
+    assert_invariant(invariance_checks(triton_small_tiles, gen, dtype, TDEV, H=2, Hkv=1, positions=(0, 15, 16, 17, 28)))
 
 
 @needs_triton
 def test_triton_invariance_scenarios_real_tiles(gen):
     # Real tiles: L < BLOCK_M, so one program holds rows of several origins (the origin loop).
-    assert_invariant(invariance_checks(triton_real_tiles, gen, torch.float16, H=2, Hkv=1, positions=(0, 16, 28)))
+    assert_invariant(invariance_checks(triton_real_tiles, gen, torch.float16, TDEV, H=2, Hkv=1, positions=(0, 16, 28)))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_batch_invariance(dtype, gen):
     kw = {"H": 2, "Hkv": 1}
-    batch_rows_check(triton_small_tiles, gen, dtype, "cpu", range(1, 5), 21, 21, 16, is_causal=True, **kw)
-    batch_rows_check(triton_small_tiles, gen, dtype, "cpu", range(1, 5), 1, 37, 16, **kw)
-    batch_rows_check(triton_small_tiles, gen, dtype, "cpu", (1, 3), 19, 33, 16, mask_kind="float", **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, range(1, 5), 21, 21, 16, is_causal=True, **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, range(1, 5), 1, 37, 16, **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, (1, 3), 19, 33, 16, mask_kind="float", **kw)
 
 
 @needs_triton
 def test_triton_strided_3d_and_empty(gen):
     B, L, H, D = 2, 19, 4, 16
-    qs, ks, vs = (randn(gen, B, L, H, D).transpose(1, 2) for _ in range(3))
+    qs, ks, vs = (randn(gen, B, L, H, D, device=TDEV).transpose(1, 2) for _ in range(3))
     out = triton_small_tiles(qs, ks, vs, None, True)
     assert torch.equal(out, triton_small_tiles(qs.contiguous(), ks.contiguous(), vs.contiguous(), None, True))
     out3 = triton_small_tiles(qs[0], ks[0], vs[0], None, True)
     assert out3.shape == (H, L, D) and torch.equal(out3, out[0])
     # odd head dim (padded to 32 with masking)
-    q, k, v = (randn(gen, 1, 2, 11, 20) for _ in range(3))
+    q, k, v = (randn(gen, 1, 2, 11, 20, device=TDEV) for _ in range(3))
     assert rel_err(triton_small_tiles(q, k, v, None, True), ref_attention(q, k, v, is_causal=True)) < 1e-5
     assert triton_small_tiles(q[:, :, :0], k, v).shape == (1, 2, 0, 20)
-    assert torch.equal(triton_small_tiles(q, k[:, :, :0], v[:, :, :0]), torch.zeros(1, 2, 11, 20))
+    assert torch.equal(triton_small_tiles(q, k[:, :, :0], v[:, :, :0]), torch.zeros(1, 2, 11, 20, device=TDEV))
+
+
+@needs_triton
+def test_triton_broadcast_masks(gen):
+    # Masks with broadcast (size-1) dims, including the query and key dims, as torch allows.
+    q, k, v = (randn(gen, 2, 4, 20, 16, device=TDEV) for _ in range(3))
+    plain = triton_small_tiles(q, k, v)
+    assert torch.equal(triton_small_tiles(q, k, v, torch.zeros(1, 1, 1, 1, device=TDEV)), plain)
+    assert torch.equal(triton_small_tiles(q, k, v, torch.ones(20, 1, dtype=torch.bool, device=TDEV)), plain)
+    keys = torch.rand(2, 1, 1, 20, generator=gen).to(TDEV) < 0.7
+    keys[..., 0] = True
+    heads = randn(gen, 1, 4, 20, 20, device=TDEV)
+    for m in (keys, heads, as_float(keys, torch.float32) + heads):
+        assert rel_err(triton_small_tiles(q, k, v, m), ref_attention(q, k, v, m)) < 1e-5
+        assert rel_err(cpu_path(q.cpu(), k.cpu(), v.cpu(), m.cpu()), ref_attention(q, k, v, m).cpu()) < 1e-5
 
 
 @needs_triton
 def test_triton_fully_masked_rows_are_zero(gen):
-    q, k, v = (randn(gen, 2, 2, 20, 16) for _ in range(3))
-    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool).tril()
+    q, k, v = (randn(gen, 2, 2, 20, 16, device=TDEV) for _ in range(3))
+    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool, device=TDEV).tril()
     mask[1, :, 4] = False
     mask[1, :, 17] = False
     for m in (mask, as_float(mask, torch.float32)):
@@ -537,14 +565,62 @@ def test_triton_fully_masked_rows_are_zero(gen):
 
 @needs_triton
 def test_triton_bad_inputs(gen):
-    q, k, v = (randn(gen, 1, 2, 8, 16) for _ in range(3))
+    q, k, v = (randn(gen, 1, 2, 8, 16, device=TDEV) for _ in range(3))
     with pytest.raises(_common.UnsupportedError, match="float64"):
         triton_attention(q.double(), k.double(), v.double())
-    big = randn(gen, 1, 1, 4, 300)
+    big = randn(gen, 1, 1, 4, 300, device=TDEV)
     with pytest.raises(_common.UnsupportedError, match="head dim"):
         triton_attention(big, big, big)
     with pytest.raises(ValueError, match="is_causal"):
-        triton_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool), True)
+        triton_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=TDEV), True)
+
+
+_COMPILE_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from detcompile.kernels import attention as A
+
+fn = A._attention_kernel
+for dt, hd, mask_kind, causal, softcap in [("bf16", 128, 2, False, True), ("fp16", 64, 1, False, False),
+                                           ("fp32", 128, 0, True, False)]:
+    bm, bn, nw, ns = A.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
+    const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee",
+                 sqd=1, skd=1, svd=1, sod=1, smn=1)
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({n: "*" + dt for n in ("Q", "K", "V", "Out")})
+    sig.update({"Mask": "*u8" if mask_kind == 1 else "*" + dt, "Origin": "*i32", "scale": "fp32",
+                "softcap": "fp32", "mask_min": "fp32"})
+    sig.update({n: "constexpr" for n in const})
+    try:
+        src = ASTSource(fn, sig, constexprs=const)
+    except Exception as e:  # API drift between Triton versions, not a kernel bug
+        print("SKIP", e)
+        sys.exit(0)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": nw, "num_stages": ns, "enable_fp_fusion": False})
+    assert "ptx" in k.asm
+print("COMPILED")
+"""
+
+
+@pytest.mark.skipif(triton is None or HAS_CUDA, reason="needs Triton; on a GPU the real tests compile it")
+def test_triton_compiles_for_sm90():
+    """Compile a few kernel variants for sm_90 without a GPU: catches what the interpreter cannot
+    see (non-constexpr globals, unsupported constructs). Runs in a subprocess because this
+    process has Triton in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    if r.returncode == 0 and r.stdout.startswith("SKIP"):
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
 
 
 def test_segment_origins():
@@ -560,6 +636,10 @@ def test_segment_origins():
     assert A.segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 0, 0, 0]]]
     holes[3, :3] = False
     assert A.segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 3, 0, 0]]]
+    # broadcast query and key dims
+    assert A.segment_origins(torch.ones(1, 1, 1, 1, dtype=torch.bool), 4).tolist() == [[[0, 0, 0, 0]]]
+    pad = (torch.arange(6) >= 2)[None, None, None, :]  # bidirectional, left padding of 2
+    assert A.segment_origins(pad).tolist() == [[[0, 0, 2, 2, 2, 2]]]
 
 
 # ----------------------------------------------------------------------------------------------

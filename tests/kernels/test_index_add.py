@@ -144,8 +144,28 @@ def test_bad_inputs():
         OP(s, 2, torch.tensor([0]), torch.randn(1, 3))
     with pytest.raises(RuntimeError, match="index length"):
         OP(s, 0, torch.tensor([0, 1]), torch.randn(3, 3))
-    with pytest.raises((IndexError, RuntimeError)):
-        OP(s, 0, torch.tensor([4]), torch.randn(1, 3))  # out of range
+    with pytest.raises(IndexError, match="out of range"):
+        OP(s, 0, torch.tensor([4]), torch.randn(1, 3))
+    with pytest.raises(IndexError, match="out of range"):
+        OP(s, 0, torch.tensor([-1]), torch.randn(1, 3))  # aten rejects negatives too
+    with pytest.raises(RuntimeError, match="differ in dim 1"):
+        OP(s, 0, torch.tensor([0]), torch.randn(1, 1))  # no silent broadcasting
+    with pytest.raises(RuntimeError, match="same number of dims"):
+        OP(s, 0, torch.tensor([0]), torch.randn(3))
+
+
+def test_deterministic_algorithms_mode(gen):
+    # The round algorithm uses no op that torch.use_deterministic_algorithms refuses.
+    s = torch.randn(5, 4, generator=gen)
+    idx = torch.tensor([1, 3, 1, 1])
+    src = torch.randn(4, 4, generator=gen)
+    expect = OP(s, 0, idx, src)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(OP(s, 0, idx, src), expect)
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,3 +223,11 @@ def test_gpu_opcheck_and_errors():
         OP(s.double(), 0, idx, torch.randn(5, 4, device="cuda").double())
     with pytest.raises(RuntimeError, match="one device"):
         OP(s, 0, idx.cpu(), torch.randn(5, 4, device="cuda"))
+    src = torch.randn(5, 4, device="cuda")
+    expect = OP(s, 0, idx, src)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # none of the ops used may be refused
+    try:
+        assert torch.equal(OP(s, 0, idx, src), expect)
+    finally:
+        torch.use_deterministic_algorithms(prev)

@@ -247,12 +247,16 @@ def test_triton_semantics(gen, kind):
         out = rd.triton_reduce(x.half().to(_dev()), [1], False, kind, torch.float32).cpu()
         assert out.dtype == torch.float32
         assert rel_err(out, aten_ref(x.half().double(), [1], False, kind)) < 1e-5
+        out = rd.triton_reduce(x.to(_dev()), [1], False, kind, torch.float64).cpu()  # fp64 acc
+        assert out.dtype == torch.float64
+        assert rel_err(out, aten_ref(x.double(), [1], False, kind)) < 1e-12
     v, m = rd.triton_var_mean(x.to(_dev()), [0, 2], 0.0, True)
     ev, em = torch.var_mean(x.double(), [0, 2], correction=0, keepdim=True)
     assert v.shape == ev.shape and rel_err(v.cpu(), ev) < 1e-5 and rel_err(m.cpu(), em) < 1e-5
 
 
 @needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the interpreter: log(0), NaN max
 def test_triton_special_values():
     inf, nan = float("inf"), float("nan")
     x = torch.tensor([[-inf, -inf, -inf], [1.0, inf, 2.0], [1.0, nan, 2.0]]).to(_dev())

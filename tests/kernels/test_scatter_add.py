@@ -176,3 +176,11 @@ def test_gpu_opcheck_and_errors():
     torch.library.opcheck(OP.default, (s, 0, idx, torch.randn(9, 4, device="cuda")))
     with pytest.raises(_common.UnsupportedError, match="float64"):
         OP(s.double(), 0, idx, torch.randn(9, 4, device="cuda").double())
+    src = torch.randn(9, 4, device="cuda")
+    expect = OP(s, 0, idx, src)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # none of the ops used may be refused
+    try:
+        assert torch.equal(OP(s, 0, idx, src), expect)
+    finally:
+        torch.use_deterministic_algorithms(prev)
