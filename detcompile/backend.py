@@ -7,8 +7,9 @@ Pipeline for each graph Dynamo captures:
 2. AOTAutograd traces it to an aten graph (training-style forwards get a forward/backward split;
    the passes rewrite the forward graph either way);
 3. the aten passes rewrite every batch-variant op into a ``detcompile`` op; the audit reports the rest;
-4. the rewritten graph runs through Inductor with settings that keep it batch-invariant (CUDA default),
-   or as a plain FX graph (CPU default, and ``options={"inductor": False}`` for debugging).
+4. the rewritten graph runs as a plain FX graph (the default: the leftover pointwise ops run as ATen
+   kernels), or with ``options={"inductor": True}`` through Inductor with settings meant to keep it
+   batch-invariant (see docs/inductor.md for what was and was not verified).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Options:
     """Backend options (``torch.compile(..., options={...})``)."""
 
     strict: bool = False  #: an op that cannot be made batch-invariant raises NondeterminismError
-    inductor: bool | None = None  #: None: Inductor on CUDA, plain FX graph on CPU
+    inductor: bool = False  #: run the non-rewritten (pointwise) ops through Inductor; see docs/inductor.md
     cudagraphs: bool = False  #: set by mode="reduce-overhead" (Inductor only)
     disable_passes: tuple[str, ...] = ()  #: pass names to skip, for debugging (never the audit)
     report_sink: Callable[[Report], None] | None = None  #: receives each graph's Report (explain uses it)
@@ -75,10 +76,6 @@ class Options:
                 stacklevel=3,
             )
         return opts
-
-
-def _on_cuda(example_inputs) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
 def rewrite_aten_graph(gm: fx.GraphModule, opts: Options, before: Report | None = None) -> Report:
@@ -135,7 +132,7 @@ def deterministic_backend(gm: fx.GraphModule, example_inputs: list, mode: str | 
     from torch._functorch.aot_autograd import aot_module_simplified
 
     opts = Options.from_user(mode, options)
-    use_inductor = opts.inductor if opts.inductor is not None else _on_cuda(example_inputs)
+    use_inductor = bool(opts.inductor)
     if opts.cudagraphs and not use_inductor:
         warnings.warn("detcompile: mode='reduce-overhead' needs Inductor; running without CUDA graphs", stacklevel=2)
 

@@ -11,11 +11,12 @@ SEQ = 12
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_bf16_target_row_bitwise_across_batches_and_padding(arch):
+@pytest.mark.parametrize("inductor", [False, True], ids=["fx", "inductor"])
+def test_bf16_target_row_bitwise_across_batches_and_padding(arch, inductor):
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda")
     vocab = model.config.vocab_size
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="deterministic", options={"strict": True})
+    compiled = torch.compile(model, backend="deterministic", options={"strict": True, "inductor": inductor})
     target = torch.randint(3, vocab, (SEQ,), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = None
