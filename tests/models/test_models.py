@@ -16,7 +16,7 @@ def _compile(model):
     return torch.compile(model, backend="deterministic", options={"strict": True})
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS + ["bloom"])  # bloom: ALiBi through eager baddbmm
 def test_target_row_bitwise_across_batches_and_padding(arch):
     model = tiny_model(arch)
     vocab = model.config.vocab_size
