@@ -33,6 +33,13 @@ def sdpa_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
                 Leftover(str(node.target), "attention dropout_p != 0 (training dropout) is not supported", source_line(node))
             )
             continue
+        flags = (a.get("is_causal"), a.get("enable_gqa"), a.get("scale"))
+        if any(isinstance(f, fx.Node) for f in flags):
+            # A traced flag or scale (not a Python constant) cannot become the op's constant argument.
+            ctx.report.leftovers.append(
+                Leftover(str(node.target), "is_causal/enable_gqa/scale computed at run time", source_line(node))
+            )
+            continue
         args = (a["query"], a["key"], a["value"])
         kwargs = {
             "attn_mask": a.get("attn_mask"),

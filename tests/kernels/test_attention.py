@@ -16,19 +16,10 @@ from detcompile.kernels import _common
 from detcompile.kernels import attention as A
 from detcompile.kernels.attention import triton_attention
 
+from ._util import HAS_CUDA, LAUNCH_DEV, needs_triton, rel_err
+
 op = torch.ops.detcompile.attention
-HAS_CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-needs_triton = pytest.mark.skipif(
-    not (_common.triton_launchable(torch.empty(1)) or HAS_CUDA),
-    reason="Triton cannot launch here (no CUDA and TRITON_INTERPRET is not set)",
-)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def randn(gen, *shape, dtype=torch.float32, device="cpu"):
@@ -479,8 +470,6 @@ def test_bad_inputs(gen):
 # On a CUDA machine the same small tests run on the GPU.
 # ----------------------------------------------------------------------------------------------
 
-TDEV = "cuda" if HAS_CUDA else "cpu"
-
 INTERP_DTYPES = [torch.float32, torch.float16]
 
 
@@ -488,62 +477,62 @@ INTERP_DTYPES = [torch.float32, torch.float16]
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("name", ACC_CASES)
 def test_triton_accuracy(name, dtype, gen):
-    check_accuracy(triton_small_tiles, name, gen, dtype, TDEV, L=29)
+    check_accuracy(triton_small_tiles, name, gen, dtype, LAUNCH_DEV, L=29)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_accuracy_real_tiles(dtype, gen):
     for name in ("causal", "float_mask_min", "softcap_gqa_mask", "lq_ne_lk"):
-        check_accuracy(triton_real_tiles, name, gen, dtype, TDEV, L=40)
+        check_accuracy(triton_real_tiles, name, gen, dtype, LAUNCH_DEV, L=40)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_invariance_scenarios(dtype, gen):
-    assert_invariant(invariance_checks(triton_small_tiles, gen, dtype, TDEV, H=2, Hkv=1, positions=(0, 15, 16, 17, 28)))
+    assert_invariant(invariance_checks(triton_small_tiles, gen, dtype, LAUNCH_DEV, H=2, Hkv=1, positions=(0, 15, 16, 17, 28)))
 
 
 @needs_triton
 def test_triton_invariance_scenarios_real_tiles(gen):
     # Real tiles: L < BLOCK_M, so one program holds rows of several origins (the origin loop).
-    assert_invariant(invariance_checks(triton_real_tiles, gen, torch.float16, TDEV, H=2, Hkv=1, positions=(0, 16, 28)))
+    assert_invariant(invariance_checks(triton_real_tiles, gen, torch.float16, LAUNCH_DEV, H=2, Hkv=1, positions=(0, 16, 28)))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_triton_batch_invariance(dtype, gen):
     kw = {"H": 2, "Hkv": 1}
-    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, range(1, 5), 21, 21, 16, is_causal=True, **kw)
-    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, range(1, 5), 1, 37, 16, **kw)
-    batch_rows_check(triton_small_tiles, gen, dtype, TDEV, (1, 3), 19, 33, 16, mask_kind="float", **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, LAUNCH_DEV, range(1, 5), 21, 21, 16, is_causal=True, **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, LAUNCH_DEV, range(1, 5), 1, 37, 16, **kw)
+    batch_rows_check(triton_small_tiles, gen, dtype, LAUNCH_DEV, (1, 3), 19, 33, 16, mask_kind="float", **kw)
 
 
 @needs_triton
 def test_triton_strided_3d_and_empty(gen):
     B, L, H, D = 2, 19, 4, 16
-    qs, ks, vs = (randn(gen, B, L, H, D, device=TDEV).transpose(1, 2) for _ in range(3))
+    qs, ks, vs = (randn(gen, B, L, H, D, device=LAUNCH_DEV).transpose(1, 2) for _ in range(3))
     out = triton_small_tiles(qs, ks, vs, None, True)
     assert torch.equal(out, triton_small_tiles(qs.contiguous(), ks.contiguous(), vs.contiguous(), None, True))
     out3 = triton_small_tiles(qs[0], ks[0], vs[0], None, True)
     assert out3.shape == (H, L, D) and torch.equal(out3, out[0])
     # odd head dim (padded to 32 with masking)
-    q, k, v = (randn(gen, 1, 2, 11, 20, device=TDEV) for _ in range(3))
+    q, k, v = (randn(gen, 1, 2, 11, 20, device=LAUNCH_DEV) for _ in range(3))
     assert rel_err(triton_small_tiles(q, k, v, None, True), ref_attention(q, k, v, is_causal=True)) < 1e-5
     assert triton_small_tiles(q[:, :, :0], k, v).shape == (1, 2, 0, 20)
-    assert torch.equal(triton_small_tiles(q, k[:, :, :0], v[:, :, :0]), torch.zeros(1, 2, 11, 20, device=TDEV))
+    assert torch.equal(triton_small_tiles(q, k[:, :, :0], v[:, :, :0]), torch.zeros(1, 2, 11, 20, device=LAUNCH_DEV))
 
 
 @needs_triton
 def test_triton_broadcast_masks(gen):
     # Masks with broadcast (size-1) dims, including the query and key dims, as torch allows.
-    q, k, v = (randn(gen, 2, 4, 20, 16, device=TDEV) for _ in range(3))
+    q, k, v = (randn(gen, 2, 4, 20, 16, device=LAUNCH_DEV) for _ in range(3))
     plain = triton_small_tiles(q, k, v)
-    assert torch.equal(triton_small_tiles(q, k, v, torch.zeros(1, 1, 1, 1, device=TDEV)), plain)
-    assert torch.equal(triton_small_tiles(q, k, v, torch.ones(20, 1, dtype=torch.bool, device=TDEV)), plain)
-    keys = torch.rand(2, 1, 1, 20, generator=gen).to(TDEV) < 0.7
+    assert torch.equal(triton_small_tiles(q, k, v, torch.zeros(1, 1, 1, 1, device=LAUNCH_DEV)), plain)
+    assert torch.equal(triton_small_tiles(q, k, v, torch.ones(20, 1, dtype=torch.bool, device=LAUNCH_DEV)), plain)
+    keys = torch.rand(2, 1, 1, 20, generator=gen).to(LAUNCH_DEV) < 0.7
     keys[..., 0] = True
-    heads = randn(gen, 1, 4, 20, 20, device=TDEV)
+    heads = randn(gen, 1, 4, 20, 20, device=LAUNCH_DEV)
     for m in (keys, heads, as_float(keys, torch.float32) + heads):
         assert rel_err(triton_small_tiles(q, k, v, m), ref_attention(q, k, v, m)) < 1e-5
         assert rel_err(cpu_path(q.cpu(), k.cpu(), v.cpu(), m.cpu()), ref_attention(q, k, v, m).cpu()) < 1e-5
@@ -551,8 +540,8 @@ def test_triton_broadcast_masks(gen):
 
 @needs_triton
 def test_triton_fully_masked_rows_are_zero(gen):
-    q, k, v = (randn(gen, 2, 2, 20, 16, device=TDEV) for _ in range(3))
-    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool, device=TDEV).tril()
+    q, k, v = (randn(gen, 2, 2, 20, 16, device=LAUNCH_DEV) for _ in range(3))
+    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool, device=LAUNCH_DEV).tril()
     mask[1, :, 4] = False
     mask[1, :, 17] = False
     for m in (mask, as_float(mask, torch.float32)):
@@ -565,14 +554,14 @@ def test_triton_fully_masked_rows_are_zero(gen):
 
 @needs_triton
 def test_triton_bad_inputs(gen):
-    q, k, v = (randn(gen, 1, 2, 8, 16, device=TDEV) for _ in range(3))
+    q, k, v = (randn(gen, 1, 2, 8, 16, device=LAUNCH_DEV) for _ in range(3))
     with pytest.raises(_common.UnsupportedError, match="float64"):
         triton_attention(q.double(), k.double(), v.double())
-    big = randn(gen, 1, 1, 4, 300, device=TDEV)
+    big = randn(gen, 1, 1, 4, 300, device=LAUNCH_DEV)
     with pytest.raises(_common.UnsupportedError, match="head dim"):
         triton_attention(big, big, big)
     with pytest.raises(ValueError, match="is_causal"):
-        triton_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=TDEV), True)
+        triton_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=LAUNCH_DEV), True)
 
 
 _COMPILE_SCRIPT = r"""

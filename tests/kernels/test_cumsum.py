@@ -6,38 +6,9 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels import cumsum as cs
 
+from ._util import LAUNCH_DEV, check_batch_invariant, needs_triton, rel_err, tol
+
 OP = torch.ops.detcompile.cumsum
-HAS_CUDA = torch.cuda.is_available()
-
-needs_triton = pytest.mark.skipif(
-    not (_common.triton_launchable(torch.empty(1)) or HAS_CUDA),
-    reason="Triton not launchable here (needs CUDA or TRITON_INTERPRET=1 with triton installed)",
-)
-
-
-def _dev():
-    return "cuda" if HAS_CUDA else "cpu"
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def tol(dtype):
-    return 1e-2 if dtype in _common.HALF_DTYPES else 1e-5
-
-
-def check_batch_invariant(fn, target, gen, sizes, bdim=0):
-    ref = fn(target.unsqueeze(bdim)).select(bdim, 0)
-    for b in sizes:
-        pos = (3 * b) // 4
-        shape = list(target.shape)
-        shape.insert(bdim, b)
-        x = (torch.randn(shape, generator=gen) * 3).to(target.dtype)
-        x.select(bdim, pos).copy_(target)
-        assert torch.equal(fn(x).select(bdim, pos), ref), f"batch size {b}"
-    return ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +97,7 @@ def test_cpu_sequential_order(gen):
 def test_triton_batch_invariant(gen, dtype, R):
     target = (torch.randn(R, generator=gen) * 3).to(dtype)
     ref = check_batch_invariant(
-        lambda x: cs.triton_cumsum(x.to(_dev()), -1).cpu(), target, gen, (1, 2, 3, 5)
+        lambda x: cs.triton_cumsum(x.to(LAUNCH_DEV), -1).cpu(), target, gen, (1, 2, 3, 5)
     )
     assert rel_err(ref, target.double().cumsum(0)) < tol(dtype)
 
@@ -134,29 +105,29 @@ def test_triton_batch_invariant(gen, dtype, R):
 @needs_triton
 def test_triton_padding_and_misaligned_input(gen):
     x = torch.randn(2, 37, generator=gen)
-    ref = cs.triton_cumsum(x.to(_dev()), -1).cpu()
+    ref = cs.triton_cumsum(x.to(LAUNCH_DEV), -1).cpu()
     for total in (48, 1030):
         tail = torch.randn(2, total - 37, generator=gen)
-        out = cs.triton_cumsum(torch.cat([x, tail], -1).to(_dev()), -1).cpu()
+        out = cs.triton_cumsum(torch.cat([x, tail], -1).to(LAUNCH_DEV), -1).cpu()
         assert torch.equal(out[:, :37], ref), total
     # A contiguous view whose data pointer is not 16-byte aligned gives the same bits.
     buf = torch.randn(1 + 2 * 37, generator=gen)
     buf[1:].copy_(x.reshape(-1))
-    view = buf.to(_dev())[1:].view(2, 37)
+    view = buf.to(LAUNCH_DEV)[1:].view(2, 37)
     assert torch.equal(cs.triton_cumsum(view, -1).cpu(), ref)
 
 
 @needs_triton
 def test_triton_semantics(gen):
     x = torch.randn(3, 40, 2, generator=gen)
-    out = cs.triton_cumsum(x.to(_dev()), 1).cpu()
+    out = cs.triton_cumsum(x.to(LAUNCH_DEV), 1).cpu()
     assert out.shape == x.shape and out.is_contiguous()
     assert rel_err(out, x.double().cumsum(1)) < 1e-5
-    outh = cs.triton_cumsum(x.half().to(_dev()), 0, torch.float32).cpu()
+    outh = cs.triton_cumsum(x.half().to(LAUNCH_DEV), 0, torch.float32).cpu()
     assert outh.dtype == torch.float32
     assert rel_err(outh, x.half().double().cumsum(0)) < 1e-5
     xi = torch.randint(0, 5, (3, 7), generator=gen)
-    assert torch.equal(cs.triton_cumsum(xi.to(_dev()), 1).cpu(), xi.cumsum(1))
+    assert torch.equal(cs.triton_cumsum(xi.to(LAUNCH_DEV), 1).cpu(), xi.cumsum(1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,19 +8,10 @@ import torch.nn.functional as F
 from detcompile.kernels import _common
 from detcompile.kernels.group_norm import BLOCK, triton_group_norm
 
+from ._util import LAUNCH_DEV, needs_triton, rel_err
+
 OP = torch.ops.detcompile.group_norm
 EPS = 1e-5
-HAS_CUDA = torch.cuda.is_available()
-# Launcher tests run the Triton code on CUDA when there is a GPU, else in the interpreter on CPU.
-LAUNCH_DEV = "cuda" if HAS_CUDA else "cpu"
-needs_launcher = pytest.mark.skipif(
-    not (HAS_CUDA or _common.triton_launchable(torch.empty(0))),
-    reason="Triton cannot run here: no CUDA GPU and no Triton interpreter (TRITON_INTERPRET=1)",
-)
-
-
-def relerr(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def call(fn, x, w, b, group):
@@ -38,8 +29,8 @@ def check_all(outs, x, w, b, group, tol):
     metas = call(torch.ops.aten.native_group_norm, x.to("meta"), g(w), g(b), group)
     for got, meta in zip(outs, metas):
         assert got.shape == meta.shape and got.dtype == meta.dtype
-    assert relerr(out, ro) < tol
-    assert relerr(mean, rm) < tol and relerr(rstd, rr) < tol
+    assert rel_err(out, ro) < tol
+    assert rel_err(mean, rm) < tol and rel_err(rstd, rr) < tol
 
 
 def make(n, c, spatial, gen, dtype, device="cpu"):
@@ -126,7 +117,7 @@ def test_bad_inputs_cpu(gen):
 # ------------------------------------------------------------- Triton launcher (interpreter/GPU)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "c,group,spatial",
@@ -137,7 +128,7 @@ def test_triton_batch_invariant(dtype, c, group, spatial, gen):
     check_invariance(triton_group_norm, dtype, c, group, spatial, 5, gen, device=LAUNCH_DEV)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_triton_accuracy(dtype, tol, affine, gen):
@@ -147,7 +138,7 @@ def test_triton_accuracy(dtype, tol, affine, gen):
     check_all(call(triton_group_norm, x, w, b, 4), x, w, b, 4, tol)
 
 
-@needs_launcher
+@needs_triton
 def test_triton_unaligned_and_channel_mapping(gen):
     buf = (torch.randn(3 * 6 * 13 + 1, generator=gen) + 0.5).to(LAUNCH_DEV)
     x = buf[1:].view(3, 6, 13)  # a view at a 4-byte offset

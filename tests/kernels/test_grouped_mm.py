@@ -3,14 +3,7 @@ import torch
 
 from detcompile.kernels._common import UnsupportedError
 
-
-def _ref(x, w, offs):
-    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64)
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        out[start:end] = x[start:end].double() @ w[g].double()
-        start = end
-    return out
+from ._util import grouped_mm_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,7 +26,7 @@ def test_accuracy_and_rows_past_last_offset_are_zero(gen):
     w = torch.randn(3, 16, 8, generator=gen)
     offs = torch.tensor([2, 5, 8], dtype=torch.int32)
     out = torch.ops.detcompile.grouped_mm(x, w, offs)
-    ref = _ref(x, w, offs)
+    ref = grouped_mm_ref(x, w, offs)
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-6
     assert torch.equal(out[8:], torch.zeros(2, 8))
 
@@ -61,5 +54,5 @@ def test_gpu_row_bitwise_and_matches_cpu_reference():
     out = torch.ops.detcompile.grouped_mm(x, w, offs)
     alone = torch.ops.detcompile.grouped_mm(x[15:16], w, torch.tensor([0, 1, 1, 1], dtype=torch.int32, device="cuda"))
     assert torch.equal(out[15], alone[0])
-    ref = _ref(x.cpu(), w.cpu(), offs.cpu())
+    ref = grouped_mm_ref(x.cpu(), w.cpu(), offs.cpu())
     assert ((out.double().cpu() - ref).norm() / ref.norm()) < 1e-2

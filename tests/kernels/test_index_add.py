@@ -6,17 +6,9 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels import index_add as ia
 
+from ._util import rel_err, tol
+
 OP = torch.ops.detcompile.index_add
-HAS_CUDA = torch.cuda.is_available()
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def tol(dtype):
-    return 1e-2 if dtype in _common.HALF_DTYPES else 1e-5
 
 
 def sequential_ref(self, dim, index, source, alpha=1):

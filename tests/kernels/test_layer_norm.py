@@ -5,19 +5,10 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels.layer_norm import BLOCK, triton_layer_norm
 
+from ._util import LAUNCH_DEV, needs_triton, rel_err
+
 OP = torch.ops.detcompile.layer_norm
 EPS = 1e-5
-HAS_CUDA = torch.cuda.is_available()
-# Launcher tests run the Triton code on CUDA when there is a GPU, else in the interpreter on CPU.
-LAUNCH_DEV = "cuda" if HAS_CUDA else "cpu"
-needs_launcher = pytest.mark.skipif(
-    not (HAS_CUDA or _common.triton_launchable(torch.empty(0))),
-    reason="Triton cannot run here: no CUDA GPU and no Triton interpreter (TRITON_INTERPRET=1)",
-)
-
-
-def relerr(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def ref64(x, shape, w, b, eps=EPS):
@@ -35,11 +26,11 @@ def check_all(outs, x, shape, w, b, tol):
     )
     for got, meta in ((out, mo), (mean, mm), (rstd, mr)):
         assert got.shape == meta.shape and got.dtype == meta.dtype
-    assert relerr(out, ro) < tol
+    assert rel_err(out, ro) < tol
     # Statistics are fp32 (or fp64) whatever x is, so they are held to a tighter bound; the data
     # has a nonzero mean so the relative error of the mean is meaningful.
     stat_tol = 1e-12 if x.dtype == torch.float64 else 1e-5
-    assert relerr(mean, rm) < stat_tol and relerr(rstd, rr) < stat_tol
+    assert rel_err(mean, rm) < stat_tol and rel_err(rstd, rr) < stat_tol
 
 
 def check_invariance(fn, dtype, hidden, max_b, gen, device="cpu"):
@@ -126,14 +117,14 @@ def test_bad_inputs_cpu(gen):
 # ------------------------------------------------------------- Triton launcher (interpreter/GPU)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden", [37, BLOCK + 6])  # one partial chunk; two chunks with a tail
 def test_triton_batch_invariant(dtype, hidden, gen):
     check_invariance(triton_layer_norm, dtype, hidden, 5, gen, device=LAUNCH_DEV)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_triton_accuracy(dtype, tol, affine, gen):
@@ -144,7 +135,7 @@ def test_triton_accuracy(dtype, tol, affine, gen):
     check_all(triton_layer_norm(x, [h], w, b, EPS), x, [h], w, b, tol)
 
 
-@needs_launcher
+@needs_triton
 def test_triton_multidim_and_unaligned(gen):
     shape = [5, 7]
     buf = (torch.randn(4 * 35 + 1, generator=gen) + 0.5).to(LAUNCH_DEV)

@@ -6,19 +6,11 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels import reduce as rd
 
+from ._util import LAUNCH_DEV, check_batch_invariant, needs_triton, tol
+
 OP = torch.ops.detcompile.reduce
 VM = torch.ops.detcompile.var_mean
-HAS_CUDA = torch.cuda.is_available()
 KINDS = ["sum", "mean", "amax", "amin", "logsumexp"]
-
-needs_triton = pytest.mark.skipif(
-    not (_common.triton_launchable(torch.empty(1)) or HAS_CUDA),
-    reason="Triton not launchable here (needs CUDA or TRITON_INTERPRET=1 with triton installed)",
-)
-
-
-def _dev():
-    return "cuda" if HAS_CUDA else "cpu"
 
 
 def rel_err(out, ref):
@@ -41,10 +33,6 @@ def aten_ref(x, dim, keepdim, kind, dtype=None):
     return a.logsumexp(x, dim if dim else list(range(x.dim())), keepdim)
 
 
-def tol(dtype):
-    return 1e-2 if dtype in _common.HALF_DTYPES else 1e-5
-
-
 # Layouts: (shape of one batch element, reduced dims of the batched tensor, batch dim)
 LAYOUTS = {
     "last": ((129,), [-1], 0),
@@ -52,20 +40,6 @@ LAYOUTS = {
     "multi": ((13, 11), [1, 2], 0),
     "first": ((100,), [0], 1),  # reduce dim 0, batch along dim 1
 }
-
-
-def check_batch_invariant(fn, target, gen, sizes, bdim):
-    # The output's dim 0 indexes the batch in every layout (a leading reduced dim is dropped).
-    ref = fn(target.unsqueeze(bdim)).select(0, 0)
-    for b in sizes:
-        pos = (3 * b) // 4
-        shape = list(target.shape)
-        shape.insert(bdim, b)
-        x = (torch.randn(shape, generator=gen) * 3).to(target.dtype)
-        x.select(bdim, pos).copy_(target)
-        out = fn(x)
-        assert torch.equal(out.select(0, pos), ref), f"batch size {b}"
-    return ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +53,8 @@ def check_batch_invariant(fn, target, gen, sizes, bdim):
 def test_cpu_batch_invariant(gen, dtype, kind, layout):
     shape, dims, bdim = LAYOUTS[layout]
     target = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    ref = check_batch_invariant(lambda x: OP(x, dims, False, kind), target, gen, range(1, 10), bdim)
+    # The output's dim 0 indexes the batch in every layout (a leading reduced dim is dropped).
+    ref = check_batch_invariant(lambda x: OP(x, dims, False, kind), target, gen, range(1, 10), bdim, out_dim=0)
     expect = aten_ref(target.double().unsqueeze(bdim), dims, False, kind).select(0, 0)
     assert rel_err(ref, expect) < tol(dtype)
 
@@ -91,7 +66,7 @@ def test_cpu_var_mean_batch_invariant(gen, dtype, layout):
     target = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
     for i in range(2):  # check var and mean
         ref = check_batch_invariant(
-            lambda x: VM(x, dims, 1.0, False)[i], target, gen, range(1, 10), bdim
+            lambda x: VM(x, dims, 1.0, False)[i], target, gen, range(1, 10), bdim, out_dim=0
         )
         expect = torch.var_mean(target.double().unsqueeze(bdim), dims, correction=1)[i].select(0, 0)
         assert rel_err(ref, expect) < tol(dtype)
@@ -203,7 +178,7 @@ def test_triton_batch_invariant(gen, dtype, kind, R):
     target = (torch.randn(R, generator=gen) * 3).to(dtype)
 
     def fn(x):
-        return rd.triton_reduce(x.to(_dev()), [-1], False, kind).cpu()
+        return rd.triton_reduce(x.to(LAUNCH_DEV), [-1], False, kind).cpu()
 
     ref = check_batch_invariant(fn, target, gen, (1, 2, 3, 5), 0)
     expect = aten_ref(target.double(), [-1], False, kind)
@@ -216,7 +191,7 @@ def test_triton_var_mean_batch_invariant(gen, dtype):
     target = (torch.randn(1100, generator=gen) * 3 + 2).to(dtype)
     for i in range(2):
         ref = check_batch_invariant(
-            lambda x: rd.triton_var_mean(x.to(_dev()), [-1], 1.0, False)[i].cpu(),
+            lambda x: rd.triton_var_mean(x.to(LAUNCH_DEV), [-1], 1.0, False)[i].cpu(),
             target, gen, (1, 2, 4), 0,
         )
         assert rel_err(ref, torch.var_mean(target.double(), correction=1)[i]) < tol(dtype)
@@ -227,10 +202,10 @@ def test_triton_var_mean_batch_invariant(gen, dtype):
 def test_triton_padding_invariant(gen, kind):
     fill = 0.0 if kind == "sum" else float("-inf")
     x = torch.randn(2, 37, generator=gen) * 3
-    ref = rd.triton_reduce(x.to(_dev()), [-1], False, kind).cpu()
+    ref = rd.triton_reduce(x.to(LAUNCH_DEV), [-1], False, kind).cpu()
     for total in (48, 64, 1030):
         pad = torch.full((2, total - 37), fill)
-        out = rd.triton_reduce(torch.cat([x, pad], -1).to(_dev()), [-1], False, kind).cpu()
+        out = rd.triton_reduce(torch.cat([x, pad], -1).to(LAUNCH_DEV), [-1], False, kind).cpu()
         assert torch.equal(out, ref), total
 
 
@@ -239,18 +214,18 @@ def test_triton_padding_invariant(gen, kind):
 def test_triton_semantics(gen, kind):
     x = torch.randn(3, 6, 5, generator=gen) * 2
     for dim, keepdim in (([1], True), ([0, 2], False), (None, False)):
-        out = rd.triton_reduce(x.to(_dev()), dim, keepdim, kind).cpu()
+        out = rd.triton_reduce(x.to(LAUNCH_DEV), dim, keepdim, kind).cpu()
         expect = aten_ref(x.double(), dim, keepdim, kind)
         assert out.shape == expect.shape and out.dtype == torch.float32
         assert rel_err(out, expect) < 1e-5
     if kind in ("sum", "mean"):
-        out = rd.triton_reduce(x.half().to(_dev()), [1], False, kind, torch.float32).cpu()
+        out = rd.triton_reduce(x.half().to(LAUNCH_DEV), [1], False, kind, torch.float32).cpu()
         assert out.dtype == torch.float32
         assert rel_err(out, aten_ref(x.half().double(), [1], False, kind)) < 1e-5
-        out = rd.triton_reduce(x.to(_dev()), [1], False, kind, torch.float64).cpu()  # fp64 acc
+        out = rd.triton_reduce(x.to(LAUNCH_DEV), [1], False, kind, torch.float64).cpu()  # fp64 acc
         assert out.dtype == torch.float64
         assert rel_err(out, aten_ref(x.double(), [1], False, kind)) < 1e-12
-    v, m = rd.triton_var_mean(x.to(_dev()), [0, 2], 0.0, True)
+    v, m = rd.triton_var_mean(x.to(LAUNCH_DEV), [0, 2], 0.0, True)
     ev, em = torch.var_mean(x.double(), [0, 2], correction=0, keepdim=True)
     assert v.shape == ev.shape and rel_err(v.cpu(), ev) < 1e-5 and rel_err(m.cpu(), em) < 1e-5
 
@@ -259,7 +234,7 @@ def test_triton_semantics(gen, kind):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the interpreter: log(0), NaN max
 def test_triton_special_values():
     inf, nan = float("inf"), float("nan")
-    x = torch.tensor([[-inf, -inf, -inf], [1.0, inf, 2.0], [1.0, nan, 2.0]]).to(_dev())
+    x = torch.tensor([[-inf, -inf, -inf], [1.0, inf, 2.0], [1.0, nan, 2.0]]).to(LAUNCH_DEV)
     lse = rd.triton_reduce(x, [1], False, "logsumexp").cpu()
     assert torch.equal(lse[:2], torch.tensor([-inf, inf])) and torch.isnan(lse[2])
     assert torch.isnan(rd.triton_reduce(x, [1], False, "amax")[2])

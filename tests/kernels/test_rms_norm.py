@@ -6,19 +6,10 @@ import torch.nn.functional as F
 from detcompile.kernels import _common
 from detcompile.kernels.rms_norm import BLOCK, triton_rms_norm
 
+from ._util import LAUNCH_DEV, needs_triton, rel_err
+
 OP = torch.ops.detcompile.rms_norm
 EPS = 1e-6
-HAS_CUDA = torch.cuda.is_available()
-# Launcher tests run the Triton code on CUDA when there is a GPU, else in the interpreter on CPU.
-LAUNCH_DEV = "cuda" if HAS_CUDA else "cpu"
-needs_launcher = pytest.mark.skipif(
-    not (HAS_CUDA or _common.triton_launchable(torch.empty(0))),
-    reason="Triton cannot run here: no CUDA GPU and no Triton interpreter (TRITON_INTERPRET=1)",
-)
-
-
-def relerr(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def ref64(x, w, eps=EPS):
@@ -79,7 +70,7 @@ def test_cpu_accuracy(dtype, tol, with_weight, gen):
     w = (torch.randn(129, generator=gen)).to(dtype) if with_weight else None
     out = OP(x, w, EPS)
     assert out.dtype == dtype and out.shape == x.shape
-    assert relerr(out, ref64(x, w)) < tol
+    assert rel_err(out, ref64(x, w)) < tol
 
 
 def test_cpu_weight_none_equals_ones(gen):
@@ -93,7 +84,7 @@ def test_cpu_mixed_weight_dtype(gen):
     w = torch.randn(100, generator=gen)
     out = OP(x, w, EPS)
     assert out.dtype == torch.bfloat16
-    assert relerr(out, ref64(x, w)) < 1e-2
+    assert rel_err(out, ref64(x, w)) < 1e-2
 
 
 def test_cpu_noncontiguous_input(gen):
@@ -124,14 +115,14 @@ def test_bad_weight_shape_cpu(gen):
 # ------------------------------------------------------------- Triton launcher (interpreter/GPU)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden", [37, BLOCK + 6])  # one partial chunk; two chunks with a tail
 def test_triton_batch_invariant(dtype, hidden, gen):
     check_invariance(triton_rms_norm, dtype, hidden, 5, gen, device=LAUNCH_DEV)
 
 
-@needs_launcher
+@needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_triton_accuracy(dtype, tol, with_weight, gen):
@@ -139,10 +130,10 @@ def test_triton_accuracy(dtype, tol, with_weight, gen):
     w = (torch.randn(BLOCK + 6, generator=gen)).to(LAUNCH_DEV, dtype) if with_weight else None
     out = triton_rms_norm(x, w, EPS)
     assert out.dtype == dtype and out.shape == x.shape
-    assert relerr(out, ref64(x, w)) < tol
+    assert rel_err(out, ref64(x, w)) < tol
 
 
-@needs_launcher
+@needs_triton
 def test_triton_unaligned_view_matches(gen):
     # A view at a 4-byte offset must give the same bits as an aligned copy of it.
     hidden = 100
@@ -173,7 +164,7 @@ def test_gpu_batch_invariant_and_accurate(dtype, tol, hidden):
         first = row if first is None else first
         assert torch.equal(row, first), f"row changed at batch size {b}"
         if b in (1, 17, 64):
-            assert relerr(outs[0], ref64(x, w)) < tol
+            assert rel_err(outs[0], ref64(x, w)) < tol
 
 
 @pytest.mark.gpu
@@ -186,7 +177,7 @@ def test_gpu_many_rows_and_unaligned():
     out = OP(x_unaligned, w, EPS)
     assert torch.equal(out, OP(x_unaligned.clone(), w, EPS))
     assert torch.equal(out[100:101], OP(x_unaligned[100:101].clone(), w, EPS))
-    assert relerr(out, ref64(x_unaligned, w)) < 1e-2
+    assert rel_err(out, ref64(x_unaligned, w)) < 1e-2
 
 
 @pytest.mark.gpu

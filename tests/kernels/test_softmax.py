@@ -5,41 +5,14 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels import softmax as sm
 
+from ._util import LAUNCH_DEV, check_batch_invariant, needs_triton, rel_err
+
 OP = torch.ops.detcompile.softmax
-HAS_CUDA = torch.cuda.is_available()
-
-needs_triton = pytest.mark.skipif(
-    not (_common.triton_launchable(torch.empty(1)) or HAS_CUDA),
-    reason="Triton not launchable here (needs CUDA or TRITON_INTERPRET=1 with triton installed)",
-)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def ref_softmax(x, dim, log):
     x = x.double()
     return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
-
-
-def batch_with(target, b, pos, gen, dim=0):
-    """A batch of b rows along `dim` with `target` at `pos` and fresh random neighbours."""
-    shape = list(target.shape)
-    shape.insert(dim, b)
-    batch = (torch.randn(shape, generator=gen) * 3).to(target.dtype)
-    batch.select(dim, pos).copy_(target)
-    return batch
-
-
-def check_batch_invariant(fn, target, gen, sizes, dim=0):
-    """fn(batch) row at the target's position must be bitwise equal for every batch size."""
-    ref = fn(target.unsqueeze(dim)).select(dim, 0)
-    for b in sizes:
-        pos = (3 * b) // 4  # the target moves around as b grows
-        out = fn(batch_with(target, b, pos, gen, dim)).select(dim, pos)
-        assert torch.equal(out, ref), f"row changed with batch size {b}"
-    return ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,10 +91,6 @@ def test_cpu_output_is_fresh(gen):
 # ---------------------------------------------------------------------------------------------
 
 
-def _dev():
-    return "cuda" if HAS_CUDA else "cpu"
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("R", [37, 1100])  # 1100 > BLOCK: two chunks
@@ -130,7 +99,7 @@ def test_triton_batch_invariant(gen, dtype, R, log):
     target = (torch.randn(R, generator=gen) * 3).to(dtype)
 
     def fn(x):
-        return sm.triton_softmax(x.to(_dev()), -1, False, log).cpu()
+        return sm.triton_softmax(x.to(LAUNCH_DEV), -1, False, log).cpu()
 
     ref = check_batch_invariant(fn, target, gen, (1, 2, 3, 5))
     tol = 1e-2 if dtype == torch.float16 else 1e-5
@@ -143,10 +112,10 @@ def test_triton_batch_invariant(gen, dtype, R, log):
 def test_triton_right_padding_invariant(gen, dtype, log):
     real = 37
     x = (torch.randn(2, real, generator=gen) * 3).to(dtype)
-    ref = sm.triton_softmax(x.to(_dev()), -1, False, log).cpu()
+    ref = sm.triton_softmax(x.to(LAUNCH_DEV), -1, False, log).cpu()
     for total in (48, 64, 1030):  # multiples of 16 (other specialisation) and a second chunk
         pad = torch.full((2, total - real), float("-inf"), dtype=dtype)
-        out = sm.triton_softmax(torch.cat([x, pad], -1).to(_dev()), -1, False, log).cpu()
+        out = sm.triton_softmax(torch.cat([x, pad], -1).to(LAUNCH_DEV), -1, False, log).cpu()
         assert torch.equal(out[:, :real], ref), f"padding to {total} changed the real part"
 
 
@@ -154,11 +123,11 @@ def test_triton_right_padding_invariant(gen, dtype, log):
 @pytest.mark.parametrize("log", [False, True])
 def test_triton_accuracy_and_layout(gen, log):
     x = torch.randn(3, 40, 2, generator=gen) * 4
-    out = sm.triton_softmax(x.to(_dev()), 1, False, log).cpu()
+    out = sm.triton_softmax(x.to(LAUNCH_DEV), 1, False, log).cpu()
     assert out.shape == x.shape and out.is_contiguous()
     assert rel_err(out, ref_softmax(x, 1, log)) < 1e-5
     xh = x.to(torch.float16)
-    outh = sm.triton_softmax(xh.to(_dev()), -1, True, log).cpu()
+    outh = sm.triton_softmax(xh.to(LAUNCH_DEV), -1, True, log).cpu()
     assert outh.dtype == torch.float32
     assert rel_err(outh, ref_softmax(xh, -1, log)) < 1e-5
 

@@ -2,16 +2,8 @@ import torch
 
 from detcompile.passes.grouped_mm import grouped_mm_pass
 
+from ..kernels._util import grouped_mm_ref
 from ._util import aten_graph, run_pass, targets
-
-
-def _ref(x, w, offs):
-    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64)
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        out[start:end] = x[start:end].double() @ w[g].double()
-        start = end
-    return out
 
 
 def _check(fn, x, w, offs, target):
@@ -20,7 +12,7 @@ def _check(fn, x, w, offs, target):
     report = run_pass(gm, grouped_mm_pass)
     assert target not in targets(gm)
     assert torch.ops.detcompile.grouped_mm.default in targets(gm) and len(report.rewrites) == 1
-    out, ref = gm(x, w, offs).double(), _ref(x, w, offs)
+    out, ref = gm(x, w, offs).double(), grouped_mm_ref(x, w, offs)
     assert (out - ref).norm() / ref.norm() < 1e-2
 
 
