@@ -10,7 +10,7 @@ from .kernels._common import UnsupportedError
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedError", "__version__", "deterministic_backend", "explain"]
+__all__ = ["UnsupportedError", "__version__", "audit", "deterministic_backend", "explain"]
 
 
 def __getattr__(name):
@@ -23,4 +23,9 @@ def __getattr__(name):
         from .explainer import explain
 
         return explain
+    if name == "audit":
+        # The module is detcompile.auditor: a submodule named "audit" would shadow this function.
+        from .auditor import audit
+
+        return audit
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""The ``detcompile`` command line: ``detcompile demo`` and ``detcompile explain``."""
+"""The ``detcompile`` command line: ``detcompile demo``, ``detcompile explain`` and ``detcompile audit``."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,35 @@ def _cmd_explain(args) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_audit(args) -> int:
+    import torch
+
+    from .auditor import audit
+    from .models import tiny_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    else:
+        model = tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    target_row = int(args.target_row) if args.target_row.lstrip("-").isdigit() else args.target_row
+    result = audit(
+        model, ids, batch_sizes=args.batch_sizes, target_row=target_row, seed=args.seed, rewrite=not args.stock
+    )
+    if args.all and result.divergences:
+        print("all divergent nodes, in graph order:")
+        for d in result.divergences:
+            print(f"  graph {d.graph} {d.node:<24} {d.op:<48} {'root    ' if d.is_root else 'inherits'}  {d.source}")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detcompile", description="Bitwise batch-invariant inference for Hugging Face models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=2)
     e.add_argument("--seq-len", type=int, default=16)
     e.set_defaults(func=_cmd_explain)
+
+    a = sub.add_parser(
+        "audit",
+        help="run one row alone and inside batches; find the first graph node whose bits for that row differ "
+             "(exit 0: none, 1: found)",
+    )
+    src = a.add_mutually_exclusive_group()
+    src.add_argument("--arch", default="llama", help="a transformers model type, built tiny with random weights")
+    src.add_argument("--model", help="path to a local Hugging Face checkpoint directory")
+    which = a.add_mutually_exclusive_group()
+    which.add_argument("--stock", action="store_true", help="audit the stock aten graph (no detcompile pass)")
+    which.add_argument("--rewritten", action="store_true",
+                       help="audit the graph after detcompile's passes (the default)")
+    a.add_argument("--attn", default=None, help="attn_implementation for --arch (sdpa, eager)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a.add_argument("--batch-sizes", type=_ints, default=[1, 3, 8],
+                   help="comma-separated; the first is the reference (default 1,3,8)")
+    a.add_argument("--seq-len", type=int, default=7,
+                   help="prompt length (default 7: odd, so vectorised CPU kernels reach their scalar tails)")
+    a.add_argument("--target-row", default="middle", help="middle, first, last or an index (default middle)")
+    a.add_argument("--seed", type=int, default=0, help="seeds the prompt and the neighbours")
+    a.add_argument("--all", action="store_true",
+                   help="also list every divergent node (root: no input differs; inherits: an input does)")
+    a.set_defaults(func=_cmd_audit)
     return p
 
 
