@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, is_float_node, replace_with
+from .manager import PassContext, _propagate_fake, is_float_node, replace_with
 
 aten = torch.ops.aten
 
@@ -40,8 +40,6 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None
         x2 = g.call_function(aten.reshape.default, (x, [-1, x.meta["val"].shape[-1]]))
         wt = g.call_function(aten.t.default, (w,))
     for n in (x2, wt):
-        from .manager import _propagate_fake
-
         n.meta["stack_trace"] = node.meta.get("stack_trace")
         _propagate_fake(n, "val")
     out2 = replace_with(gm, node, torch.ops.detcompile.matmul.default, (x2, wt), {"bias": bias}, ctx, "matmul")
@@ -50,6 +48,4 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None
         view = g.call_function(aten.reshape.default, (out2, out_shape))
     out2.replace_all_uses_with(view, delete_user_cb=lambda u: u is not view)
     view.meta = dict(out2.meta)
-    from .manager import _propagate_fake
-
     _propagate_fake(view, "val")

@@ -50,3 +50,16 @@ def test_integer_matmul_left_alone():
     gm = aten_graph(lambda a: a @ a, a)
     run_pass(gm, matmul_pass)
     assert aten.mm.default in targets(gm)
+
+
+def test_surviving_aten_linear_rewritten(gen):
+    # Pre-dispatch graphs keep aten.linear whole; the pass splits it into reshape + matmul + reshape.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, b = torch.randn(2, 3, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
+    gm = make_fx(lambda x, w, b: aten.linear(x, w, b), tracing_mode="fake", pre_dispatch=True)(x, w, b)
+    assert aten.linear.default in targets(gm)
+    run_pass(gm, matmul_pass)
+    assert aten.linear.default not in targets(gm)
+    assert torch.ops.detcompile.matmul.default in targets(gm)
+    torch.testing.assert_close(gm(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
