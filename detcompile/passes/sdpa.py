@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, Leftover, replace_with, source_line
+from .manager import Leftover, PassContext, meta_val, replace_with, source_line
 
 _SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -41,10 +41,17 @@ def sdpa_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             )
             continue
         args = (a["query"], a["key"], a["value"])
+        enable_gqa = bool(a.get("enable_gqa", False))
+        qv, kv = meta_val(a["query"]), meta_val(a["key"])
+        if not enable_gqa and qv is not None and kv is not None and qv.dim() == kv.dim() >= 3:
+            # SDPA broadcasts a single K/V head over all query heads (Falcon's MQA); that is GQA
+            # with one group, which is how detcompile.attention spells it.
+            if kv.shape[-3] == 1 and qv.shape[-3] != 1:
+                enable_gqa = True
         kwargs = {
             "attn_mask": a.get("attn_mask"),
             "is_causal": bool(a.get("is_causal", False)),
             "scale": a.get("scale"),
-            "enable_gqa": bool(a.get("enable_gqa", False)),
+            "enable_gqa": enable_gqa,
         }
         replace_with(gm, node, torch.ops.detcompile.attention.default, args, kwargs, ctx, "sdpa", meta_key="example_value")

@@ -54,3 +54,18 @@ def test_sdpa_with_dropout_is_left_and_reported(gen):
     sdpa_pass(gm, PassContext(None, report))
     assert not report.rewrites and len(report.leftovers) == 1
     assert "dropout" in report.leftovers[0].reason
+
+
+def test_single_kv_head_broadcast_becomes_gqa(gen):
+    # Falcon calls SDPA with one K/V head for all query heads; torch broadcasts it.
+    q = torch.randn(2, 4, 6, 8, generator=gen)
+    kv = torch.randn(2, 1, 6, 8, generator=gen)
+    fn = lambda q, kv: F.scaled_dot_product_attention(q, kv, kv, is_causal=True)  # noqa: E731
+    gm = _dynamo_graph(fn, q, kv)
+    sdpa_pass(gm, PassContext(None, Report()))
+    gm.recompile()
+    (node,) = [n for n in gm.graph.nodes if n.target == torch.ops.detcompile.attention.default]
+    assert node.kwargs["enable_gqa"] is True
+    out = gm(q, kv)
+    out = out[0] if isinstance(out, tuple) else out  # Dynamo graphs return a tuple
+    torch.testing.assert_close(out, fn(q, kv), rtol=1e-5, atol=1e-5)
