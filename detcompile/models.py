@@ -48,13 +48,27 @@ DEMO_CONFIG = dict(
 
 
 def tiny_config(arch: str, attn_implementation: str | None = None, **overrides):
-    """A shrunk ``AutoConfig.for_model(arch)``; unknown keys for an architecture are skipped."""
+    """A shrunk ``AutoConfig.for_model(arch)``; unknown keys for an architecture are skipped.
+
+    The architectures of ``EXTRA`` (and Bloom) keep the original recipe (shared sizes set on the
+    default config); every other architecture goes through :func:`_generic_tiny_config`, which shrinks
+    the whole config dict (sub-configs, per-layer lists, MoE/MLA/SSM sizes) and rebuilds the config.
+    """
     from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.for_model(arch)
     except (ValueError, KeyError) as e:
         raise ValueError(f"detcompile: unknown model architecture {arch!r} ({e})") from None
+    except Exception:  # noqa: BLE001  (a default config that fails its own validation)
+        if arch not in GENERIC_EXTRA or arch in _ORIGINAL_RECIPE:
+            raise
+        cfg = None
+    if arch not in _ORIGINAL_RECIPE:
+        cfg = _generic_tiny_config(arch, cfg, overrides)
+        if attn_implementation is not None:
+            cfg._attn_implementation = attn_implementation
+        return cfg
     sizes = {**TINY, **EXTRA.get(arch, {}), **overrides}
     for key, value in sizes.items():
         if hasattr(cfg, key) or key in overrides or key in EXTRA.get(arch, {}):
@@ -115,3 +129,269 @@ def _accepts_dtype() -> bool:
     import transformers
 
     return int(transformers.__version__.split(".")[0]) >= 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny configs for every other architecture (the architecture sweep, benchmarks/model_sweep.py).
+# ------------------------------------------------------------------------------------------------
+
+#: Architectures built by the original recipe above; tests/models checks them, so their configs stay as they were.
+_ORIGINAL_RECIPE = frozenset(EXTRA) | {"llama", "bloom"}
+
+#: key -> tiny value; a config value (at any depth: text, vision, audio sub-configs) is capped to it.
+_CAPS: dict[str, int] = {}
+
+
+def _cap(value: int, *keys: str) -> None:
+    for key in keys:
+        _CAPS[key] = value
+
+
+_cap(64, "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "embedding_dim", "embedding_size",
+     "word_embed_proj_dim", "model_dim", "attention_hidden_size", "out_hidden_size", "text_hidden_size",
+     "hidden_dim")
+_cap(128, "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "d_inner",
+     "ffn_hidden_size", "dim_feedforward", "mlp_dim", "intermediate_dim")
+_cap(32, "moe_intermediate_size", "shared_expert_intermediate_size", "shared_experts_intermediate_size",
+     "expert_intermediate_size", "moe_ffn_hidden_size", "shared_intermediate_size",
+     "moe_shared_expert_intermediate_size", "expert_ffn_hidden_size", "kv_lora_rank", "q_lora_rank")
+_cap(4, "num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "decoder_attention_heads",
+     "num_heads", "attention_heads", "index_n_heads", "linear_num_value_heads", "num_experts",
+     "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts", "n_experts")
+_cap(2, "num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "kv_n_heads",
+     "linear_num_key_heads", "num_experts_per_tok", "moe_topk", "top_k", "moe_top_k", "num_experts_per_token",
+     "top_k_experts", "experts_per_token", "num_selected_experts", "moe_k")
+_cap(16, "head_dim", "kv_channels", "attention_head_dim", "head_size", "index_head_dim", "v_head_dim",
+     "linear_key_head_dim", "linear_value_head_dim", "mamba_head_dim", "mamba_d_head", "state_size",
+     "mamba_d_state", "ssm_state_size", "d_state", "hidden_size_per_layer_input")
+_cap(8, "qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim", "time_step_rank", "mamba_dt_rank", "dt_rank",
+     "sliding_window", "attention_chunk_size")
+_cap(256, "vocab_size", "vocab_size_per_layer_input")
+_cap(512, "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "context_length",
+     "max_sequence_length")
+_cap(1, "n_shared_experts", "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace",
+     "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", "n_groups", "mamba_n_groups")
+_cap(0, "num_nextn_predict_layers")
+_cap(64, "emb_dim", "lru_width", "ple_embed_dim", "adapter_in_dim", "adapter_out_dim",
+     "adapter_input_size")
+_cap(16, "d_head", "linear_head_dim", "mamba_headdim", "hc_lowrank", "adapter_rank")
+_cap(4, "linear_num_heads", "heads_per_ngram")
+_cap(8, "attention_window_size", "local_attention_window_len")
+_cap(1, "num_expert_group", "num_dense_layers")
+_cap(512, "encoder_hash_byte_group_vocab", "ngram_vocab_size_base", "model_max_length")
+
+#: Keys holding a number of layers: set to the number of layers kept.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+               "num_decoder_layers", "num_encoder_layers", "num_blocks", "depth")
+
+#: Per-architecture settings on top of the generic shrinking (keys of the top-level config dict).
+GENERIC_EXTRA = {
+    # Values the default config leaves unset (None) or sets inconsistently for this transformers version.
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "bamba": dict(attn_layer_indices=[1]),  # the default has no attention layer
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # default: no attention layer
+    "deepseek_v2": dict(num_experts_per_tok=2),
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)),
+    "hrm_text": dict(num_layers_per_stack=1, num_hidden_layers=8),  # H_cycles * (L_cycles + 1) stacks
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=4),
+    "recurrent_gemma": dict(num_hidden_layers=3),  # block_types is a 3-layer pattern with one attention layer
+    "xlstm": dict(qk_dim_factor=1.0),  # the native recurrent step sizes its state with the value head dim
+    "zamba": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2, attention_hidden_size=128,
+                  attention_head_dim=32),  # attention runs on concat(hidden, embeddings): 2 * hidden_size
+    "zamba2": dict(attention_hidden_size=128, attention_head_dim=32, kv_channels=16),
+    "mamba2": dict(num_heads=8, head_dim=16, expand=2),  # num_heads * head_dim = expand * hidden_size
+    "musicgen": dict(decoder=dict(num_codebooks=1)),  # one codebook: input ids [batch, seq]
+    "musicgen_melody": dict(decoder=dict(num_codebooks=1)),
+    "reformer": dict(axial_pos_shape=[16, 32], axial_pos_embds_dim=[32, 32], is_decoder=True),
+}
+GENERIC_EXTRA["qwen4_exp"] = dict(text_config=GENERIC_EXTRA["qwen4_exp_text"])
+
+_MAX_KEPT_LAYERS = 6
+
+
+def _n_layers(d: dict) -> int | None:
+    """The number of layers whose per-layer lists the config holds (``num_hidden_layers``, else the largest)."""
+    v = d.get("num_hidden_layers")
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    counts = [d[k] for k in _LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d[k], bool) and d[k] > 0]
+    return max(counts) if counts else None
+
+
+def _kept_layers(d: dict, n_old: int) -> list[int]:
+    """Which of the ``n_old`` layers to keep: layer 0, plus the first layer of every kind that a per-layer
+    list (``layer_types``, ``mlp_layer_types``...), a layer-index list or ``per_layer_config`` names."""
+    keep = [0]
+
+    def add(i: int) -> None:
+        if i not in keep and len(keep) < _MAX_KEPT_LAYERS:
+            keep.append(i)
+
+    for key, v in d.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(v, (list, tuple)) and len(v) == n_old and n_old >= 3:
+            seen = []
+            for i, item in enumerate(v):
+                try:
+                    hash(item)
+                except TypeError:
+                    item = repr(item)
+                if item not in seen:
+                    seen.append(item)
+                    add(i)
+        elif _is_layer_index_list(key, v, n_old):
+            for i in sorted(v)[:1]:
+                add(i)
+    per_layer = d.get("per_layer_config")
+    if isinstance(per_layer, dict) and per_layer:
+        add(min(int(k) for k in per_layer))
+    if len(keep) == 1 and n_old > 1:
+        keep.append(1)
+    return sorted(keep)
+
+
+def _is_layer_index_list(key: str, v, n_old: int) -> bool:
+    return (
+        isinstance(v, (list, tuple)) and len(v) > 0 and len(v) != n_old
+        and any(w in key for w in ("layer", "index", "indices", "idx"))
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_old for i in v)
+    )
+
+
+def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int) -> dict:
+    """The shrunk copy of one (sub-)config dict."""
+    out = dict(d)
+    n_old = _n_layers(d)
+    keep = _kept_layers(d, n_old) if n_old else None
+    for key, v in d.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(v, dict) and ("model_type" in v or key.endswith("_config") or key in ("decoder", "encoder")):
+            out[key] = _shrink_dict(v, token_map, vocab)
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif key in _LAYER_KEYS and isinstance(v, int) and keep is not None and v > len(keep):
+            out[key] = len(keep)
+        elif key == "num_kv_shared_layers" and isinstance(v, int) and keep is not None:
+            out[key] = len(keep) if v == n_old else 0  # all shared (assistant models) or none
+        elif key in _CAPS and isinstance(v, int) and v > _CAPS[key]:
+            out[key] = _CAPS[key]
+        elif key.endswith("_layer_period") and isinstance(v, int) and v > 2:
+            out[key] = 2
+        elif key.endswith("_layer_offset") and isinstance(v, int) and v > 1:
+            out[key] = 1
+        elif keep is not None and isinstance(v, (list, tuple)) and len(v) == n_old and n_old >= 3:
+            out[key] = type(v)(v[i] for i in keep)
+        elif keep is not None and _is_layer_index_list(key, v, n_old):
+            out[key] = type(v)(j for j, i in enumerate(keep) if i in set(v))
+    if keep is not None and isinstance(d.get("per_layer_config"), dict):
+        per_layer = {int(k): v for k, v in d["per_layer_config"].items()}
+        out["per_layer_config"] = {
+            f"{j:02d}": _shrink_dict(per_layer[i], token_map, vocab) for j, i in enumerate(keep) if i in per_layer
+        }
+    if "max_window_layers" in out and keep is not None and isinstance(out["max_window_layers"], int):
+        out["max_window_layers"] = min(out["max_window_layers"], len(keep))
+    hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        # Left unset by some defaults, though the modeling code reads them.
+        if "head_dim" in out and out["head_dim"] is None:
+            out["head_dim"] = hidden // heads
+        if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
+            out["num_key_value_heads"] = min(2, heads)
+    # Mamba-2 mixers: heads * head dim = expand * hidden size.
+    if isinstance(hidden, int) and isinstance(out.get("mamba_n_heads"), int) and isinstance(out.get("mamba_d_head"), int):
+        out["mamba_n_heads"] = max(1, out.get("mamba_expand", 2) * hidden // out["mamba_d_head"])
+    # Multi-head latent attention (DeepSeek-style): one latent for all heads (as many KV heads as heads), and
+    # the rope part is the "head_dim" of the rotary embedding.
+    if "kv_lora_rank" in d and isinstance(heads, int) and isinstance(out.get("num_key_value_heads"), int):
+        out["num_key_value_heads"] = heads
+    if "kv_lora_rank" in d and isinstance(d.get("qk_rope_head_dim"), int):
+        if d.get("head_dim") == d["qk_rope_head_dim"]:
+            out["head_dim"] = out["qk_rope_head_dim"]
+        if "qk_head_dim" in d:
+            out["qk_head_dim"] = out["qk_rope_head_dim"] + out.get("qk_nope_head_dim", 0)
+    # Special token ids past the shrunk vocabulary: distinct ids at its top.
+    for key, v in d.items():
+        if isinstance(key, str) and key.endswith(("token_id", "token_index", "token_ids")):
+            out[key] = _remap_ids(v, token_map, vocab)
+    return out
+
+
+def _remap_ids(v, token_map: dict[int, int], vocab: int):
+    if isinstance(v, (list, tuple)):
+        return type(v)(_remap_ids(x, token_map, vocab) for x in v)
+    if isinstance(v, int) and not isinstance(v, bool) and v >= vocab:
+        if v not in token_map:
+            token_map[v] = vocab - 1 - len(token_map)
+        return token_map[v]
+    return v
+
+
+def _merge(d: dict, extra: dict) -> dict:
+    out = dict(d)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _generic_tiny_config(arch: str, cfg, overrides: dict):
+    if cfg is None:  # the default config does not validate: start from the per-architecture settings
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(arch, **GENERIC_EXTRA.get(arch, {}))
+    d = cfg.to_dict()
+    for key in ("transformers_version", "architectures", "_name_or_path"):
+        d.pop(key, None)
+    d = _shrink_dict(d, {}, _CAPS["vocab_size"])
+    d = _merge(d, GENERIC_EXTRA.get(arch, {}))
+    d = _merge(d, overrides)
+    d.pop("model_type", None)
+    return type(cfg).from_dict(d)
+
+
+def special_token_ids(cfg) -> set[int]:
+    """Every special token id a config names (pad, bos, image...), at any depth: inputs avoid them."""
+    ids: set[int] = set()
+
+    def walk(d):
+        for key, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(key, str) and key.endswith(("token_id", "token_index", "token_ids")):
+                for x in v if isinstance(v, (list, tuple)) else [v]:
+                    if isinstance(x, int) and not isinstance(x, bool):
+                        ids.add(x)
+
+    walk(cfg.to_dict())
+    return ids
+
+
+def tiny_causal_lm(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The causal-LM class of ``arch`` (``MODEL_FOR_CAUSAL_LM_MAPPING``) on its tiny config, in eval mode.
+
+    Encoder-style configs (BERT, RoBERTa...) get ``is_decoder=True``; a composite config whose causal-LM
+    class takes one of its sub-configs (MusicGen's decoder) passes that sub-config.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg = tiny_config(arch)
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch])
+    want = getattr(cls, "config_class", None)
+    if want is not None and not isinstance(cfg, want):
+        subs = [getattr(cfg, k) for k in vars(cfg) if isinstance(getattr(cfg, k, None), want)]
+        if subs:
+            cfg = subs[0]
+    if getattr(cfg, "is_decoder", None) is False and not getattr(cfg, "is_encoder_decoder", False):
+        cfg.is_decoder = True
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype} if _accepts_dtype() else {"torch_dtype": dtype}
+    model = cls._from_config(cfg, **kw)
+    if hasattr(model, "set_default_language") and getattr(cfg, "languages", None):
+        model.set_default_language(cfg.default_language or cfg.languages[0])
+    return model.to(device).eval()

@@ -1,0 +1,569 @@
+"""Architecture sweep: does every Hugging Face causal-LM architecture compile deterministically?
+
+    python -m benchmarks.model_sweep [--archs a,b] [--time-budget S] [--device cpu|cuda]
+                                     [--dtype float32|bfloat16] [--out docs/models.md]
+
+For each architecture of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it builds a tiny random-weight model
+(``detcompile.models.tiny_causal_lm``) and runs :func:`check_model`, which checks in order:
+
+1. the eager forward works (else ``eager-fails``: the tiny config or transformers itself, not detcompile);
+2. ``torch.compile(model, backend="deterministic", options={"strict": True})`` compiles and runs
+   (``strict-error`` with the op names when the audit flags ops; ``compile-error`` for anything else);
+3. the target row's logits are bitwise equal (``torch.equal``) at batch sizes 1, 3 and 8 with different
+   neighbours (else ``not-invariant``);
+4. they are close to eager: relative error < 1e-3 in float32, < 3e-2 in bfloat16 (else ``inaccurate``).
+
+Every architecture runs in its own subprocess with a time limit (``timeout``), so a hang or a crash
+cannot stop the sweep. The results go to a markdown table (``--out``), a JSON file and a PNG bar chart
+beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter without a GPU; it must be set before triton.jit runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+STATUSES = ["pass", "eager-fails", "compile-error", "strict-error", "not-invariant", "inaccurate", "timeout"]
+STATUS_COLORS = {
+    "pass": "#2e7d32", "eager-fails": "#9e9e9e", "compile-error": "#c62828", "strict-error": "#ef6c00",
+    "not-invariant": "#6a1b9a", "inaccurate": "#1565c0", "timeout": "#5d4037",
+}
+BATCH_SIZES = (1, 3, 8)
+TARGET_ROW = {1: 0, 3: 1, 8: 5}
+SEQ = 12
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2, torch.float64: 1e-6}
+DEFAULT_TIME_BUDGET = 90.0
+
+
+@dataclasses.dataclass
+class Result:
+    arch: str
+    status: str
+    reason: str = ""
+    stage: str = ""  #: the last stage reached: build, eager, compile, invariance, accuracy, done
+    seconds: float = 0.0
+    ops: list[str] = dataclasses.field(default_factory=list)  #: strict-error: the flagged ops
+    rel_err: float | None = None
+    params: int | None = None
+    graph_breaks: int | None = None
+    detcompile_frame: str = ""  #: compile-error: innermost detcompile source line in the traceback
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# The check: any model, not only Hugging Face architectures.
+# ------------------------------------------------------------------------------------------------
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in a {type(out).__name__} output")
+
+
+def _allowed_ids(vocab: int, special: set[int]) -> torch.Tensor:
+    ids = torch.tensor([i for i in range(3, vocab) if i not in special])
+    return ids if len(ids) else torch.arange(vocab)
+
+
+def make_batch(target: torch.Tensor, bs: int, allowed: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
+    """[bs, L] ids: the target at row TARGET_ROW[bs], random different neighbours elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    batch = allowed[torch.randint(0, len(allowed), (bs, target.shape[-1]), generator=g)]
+    row = TARGET_ROW.get(bs, bs // 2)
+    batch[row] = target
+    return batch, row
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    den = ref.norm()
+    return ((out - ref).norm() / den).item() if den > 0 else (out - ref).norm().item()
+
+
+def _exception_chain(e: BaseException):
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+
+
+_OP_LINE = re.compile(r"^\s+- (\S+): (.+)$", re.M)
+
+
+def strict_ops(e: BaseException) -> list[tuple[str, str]] | None:
+    """(op, reason) pairs if ``e`` is (or wraps) a ``NondeterminismError``, else None."""
+    from detcompile.passes import NondeterminismError
+
+    for x in _exception_chain(e):
+        if isinstance(x, NondeterminismError):
+            pairs = _OP_LINE.findall(str(x))
+            return list(dict.fromkeys(pairs)) or [("?", str(x).splitlines()[0])]
+    return None
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The root cause: Dynamo wraps backend errors (BackendCompilerFailed, InternalTorchDynamoError)."""
+    chain = list(_exception_chain(e))
+    for x in reversed(chain):
+        if not type(x).__module__.startswith("torch._dynamo"):
+            return x
+    return chain[-1]
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _detcompile_frame(e: BaseException) -> str:
+    """The innermost frame inside detcompile (not the backend's own re-raise), if any."""
+    for x in _exception_chain(e):
+        frames = [f for f in traceback.extract_tb(x.__traceback__) if "/detcompile/" in f.filename]
+        frames = [f for f in frames if not f.filename.endswith("detcompile/backend.py") or f.name != "rewrite_aten_graph"]
+        if frames:
+            f = frames[-1]
+            path = f.filename[f.filename.rindex("/detcompile/") + 1 :]
+            return f"{path}:{f.lineno} in {f.name}"
+    return ""
+
+
+def classify_compile_exception(e: BaseException) -> tuple[str, str, list[str], str]:
+    """(status, reason, ops, detcompile frame) for an exception raised while compiling or running compiled."""
+    ops = strict_ops(e)
+    if ops is not None:
+        names = list(dict.fromkeys(op for op, _ in ops))
+        reason = "; ".join(f"{op} ({why})" for op, why in ops)
+        return "strict-error", reason, names, ""
+    root = _innermost(e)
+    frame = _detcompile_frame(e)
+    reason = _one_line(root)
+    if frame:
+        reason += f" [at {frame}]"
+    return "compile-error", reason, [], frame
+
+
+def check_model(
+    model: torch.nn.Module,
+    vocab: int,
+    *,
+    name: str = "model",
+    device: str | torch.device = "cpu",
+    special_ids: set[int] = frozenset(),
+    seq: int = SEQ,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    tolerance: float | None = None,
+    progress=None,
+) -> Result:
+    """Run the four checks on ``model`` (called with ``[batch, seq]`` token ids) and classify it.
+
+    ``progress(stage)`` is called as each stage starts, so that a caller can tell where a hang was.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    t0 = time.time()
+    res = Result(arch=name, status="pass")
+    res.params = sum(p.numel() for p in model.parameters())
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    tol = tolerance if tolerance is not None else TOLERANCE.get(dtype, 3e-2)
+    allowed = _allowed_ids(vocab, set(special_ids))
+    g = torch.Generator().manual_seed(7)
+    target = allowed[torch.randint(0, len(allowed), (seq,), generator=g)]
+
+    def stage(s):
+        res.stage = s
+        if progress is not None:
+            progress(s)
+
+    def done(status, reason=""):
+        res.status, res.reason, res.seconds = status, reason, round(time.time() - t0, 1)
+        return res
+
+    # (1) eager
+    stage("eager")
+    try:
+        with torch.no_grad():
+            eager = _logits(model(target[None].to(device)))[0].float()
+    except Exception as e:  # noqa: BLE001
+        return done("eager-fails", "eager forward: " + _one_line(_innermost(e)))
+    if not torch.isfinite(eager).all():
+        return done("eager-fails", "eager logits are not finite")
+
+    # (2) compile (strict) and run
+    stage("compile")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="deterministic", options={"strict": True})
+    rows = {}
+    try:
+        with torch.no_grad():
+            for i, bs in enumerate(batch_sizes):
+                batch, row = make_batch(target, bs, allowed, seed=i)
+                rows[bs] = _logits(compiled(batch.to(device)))[row].float()
+                if i == 0:
+                    stage("invariance")
+    except Exception as e:  # noqa: BLE001
+        status, reason, ops, frame = classify_compile_exception(e)
+        res.ops, res.detcompile_frame = ops, frame
+        return done(status, reason)
+    finally:
+        res.graph_breaks = sum(counters["graph_break"].values())
+        torch._dynamo.reset()
+
+    # (3) bitwise invariance of the target row
+    ref = rows[batch_sizes[0]]
+    differ = [bs for bs in batch_sizes[1:] if not torch.equal(rows[bs], ref)]
+    if differ:
+        worst = max((rows[bs] - ref).abs().max().item() for bs in differ)
+        return done(
+            "not-invariant",
+            f"target-row logits differ from batch {batch_sizes[0]} at batch size(s) {differ} "
+            f"(max abs diff {worst:.3g}; {res.graph_breaks} graph break(s))",
+        )
+
+    # (4) accuracy against eager
+    stage("accuracy")
+    if not torch.isfinite(ref).all():
+        return done("inaccurate", "compiled logits are not finite (eager's are)")
+    res.rel_err = rel_err(ref, eager)
+    if not res.rel_err < tol:
+        return done("inaccurate", f"relative error {res.rel_err:.3g} vs eager (tolerance {tol:g})")
+    stage("done")
+    return done("pass", "")
+
+
+def vocab_of(model: torch.nn.Module) -> int:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        vocab = min(vocab or emb.num_embeddings, emb.num_embeddings)
+    return int(vocab)
+
+
+def check_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None) -> Result:
+    """Build ``arch``'s tiny causal LM and run :func:`check_model` on it."""
+    from detcompile.models import special_token_ids, tiny_causal_lm
+
+    t0 = time.time()
+    if progress is not None:
+        progress("build")
+    try:
+        model = tiny_causal_lm(arch, dtype=dtype, device=device)
+        vocab = vocab_of(model)
+        special = special_token_ids(model.config)
+    except Exception as e:  # noqa: BLE001
+        return Result(arch, "eager-fails", "tiny config/model build: " + _one_line(_innermost(e)), "build",
+                      round(time.time() - t0, 1))
+    res = check_model(model, vocab, name=arch, device=device, special_ids=special, progress=progress)
+    res.seconds = round(time.time() - t0, 1)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# One architecture per subprocess.
+# ------------------------------------------------------------------------------------------------
+
+
+def _worker(arch: str, device: str, dtype: str, result_file: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import detcompile  # noqa: F401
+
+    path = Path(result_file)
+
+    def progress(stage):
+        path.write_text(json.dumps({"arch": arch, "stage": stage}))
+
+    res = check_arch(arch, device=device, dtype=getattr(torch, dtype), progress=progress)
+    path.write_text(json.dumps({**res.to_json(), "final": True}))
+
+
+def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int | None = None) -> Result:
+    """Run ``check_arch`` in a subprocess killed after ``time_budget`` seconds."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        log_file = os.path.join(tmp, "log.txt")
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, "-m", "benchmarks.model_sweep", "--worker", arch, "--device", device, "--dtype",
+               dtype, "--result-file", result_file]
+        with open(log_file, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    cwd=str(Path(__file__).resolve().parent.parent))
+            try:
+                rc = proc.wait(timeout=time_budget)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group
+                proc.wait()
+                rc = None
+        data = {}
+        if os.path.exists(result_file):
+            try:
+                data = json.loads(Path(result_file).read_text())
+            except json.JSONDecodeError:
+                data = {}
+        log_tail = Path(log_file).read_text(errors="replace")[-2000:]
+    elapsed = round(time.time() - t0, 1)
+    if data.get("final"):
+        data.pop("final")
+        res = Result(**data)
+        res.seconds = elapsed
+        return res
+    stage = data.get("stage", "startup")
+    if rc is None:
+        return Result(arch, "timeout", f"no result after {time_budget:g} s (during {stage})", stage, elapsed)
+    last = [ln for ln in log_tail.splitlines() if ln.strip()][-1:] or [""]
+    why = f"worker died (exit code {rc}{', killed: out of memory?' if rc in (-9, 137) else ''}) during {stage}"
+    why += f": {last[0][:200]}" if last[0] else ""
+    status = "eager-fails" if stage in ("startup", "build", "eager") else "compile-error"
+    return Result(arch, status, why, stage, elapsed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports.
+# ------------------------------------------------------------------------------------------------
+
+
+def counts(results: list[Result]) -> dict[str, int]:
+    c = {s: 0 for s in STATUSES}
+    for r in results:
+        c[r.status] = c.get(r.status, 0) + 1
+    return c
+
+
+def environment(device: str, dtype: str) -> dict:
+    import platform
+
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    env["commit"] = git_commit()
+    if device == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name()
+    else:
+        env["device_name"] = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return env
+
+
+def git_commit() -> str:
+    """HEAD of the repository, and the files of detcompile/ with uncommitted changes ("" outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "detcompile"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    files = [line[3:] for line in dirty.splitlines() if line.strip()]
+    return head + (f" + uncommitted changes to {', '.join(files)}" if head and files else "")
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[str], time_budget: float,
+                   wall: float, png_name: str | None, in_progress: bool = False) -> None:
+    c = counts(results)
+    lines = [
+        "# Architecture sweep",
+        "",
+        "Every architecture of transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built from a tiny config with "
+        "random weights (`detcompile.models.tiny_causal_lm`), checked by `benchmarks/model_sweep.py`: "
+        "(1) the eager forward works, (2) `torch.compile(model, backend=\"deterministic\", "
+        "options={\"strict\": True})` compiles and runs, (3) the target row's logits are bitwise equal at batch "
+        f"sizes {', '.join(map(str, BATCH_SIZES))} with different neighbours, (4) they are within "
+        f"{TOLERANCE.get(getattr(torch, env['dtype']), 3e-2):g} relative error of eager. Sequence length {SEQ}.",
+        "",
+        f"- date: {env['date']}",
+        f"- device: {env['device']} ({env['device_name']}), dtype {env['dtype']}",
+        f"- torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
+        f"- detcompile commit: {env.get('commit') or 'unknown'}"
+        + (f" at the start, {env['commit_end']} at the end" if env.get("commit_end", env.get("commit")) != env.get("commit") else ""),
+        f"- {env.get('jobs', 1)} architecture(s) at a time"
+        + (f", {env['threads']} torch thread(s) each" if env.get("threads") else ""),
+        f"- time limit per architecture: {time_budget:g} s (each in its own subprocess); sweep wall time "
+        f"{wall / 60:.1f} min",
+        f"- architectures run: {len(results)}" + (f" of {len(results) + len(not_run)}" if not_run else ""),
+        "- counts: " + ", ".join(f"{s} {n}" for s, n in c.items()),
+    ]
+    if not_run:
+        why = "sweep still in progress" if in_progress else "the sweep's total time budget ran out"
+        lines.append(f"- not run ({why}): {', '.join(not_run)}")
+    lines += [
+        "",
+        "Statuses: `eager-fails`: the tiny config or the eager forward fails (not detcompile's problem; the "
+        "reason is recorded); `compile-error`: compiling or running the compiled model raised (the reason names "
+        "the detcompile frame when the error came from detcompile); `strict-error`: the audit flagged ops that "
+        "no pass made batch-invariant; `not-invariant`: the target row's bits changed with the batch; "
+        "`inaccurate`: invariant but too far from eager; `timeout`: no result within the time limit.",
+        "",
+    ]
+    if png_name:
+        lines += [f"![status counts]({png_name})", ""]
+    lines += ["| architecture | status | reason | time (s) |", "| --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: r.arch):
+        reason = r.reason or (f"rel. err {r.rel_err:.2g}" if r.rel_err is not None else "")
+        if r.status == "pass" and r.graph_breaks:
+            reason += f"; {r.graph_breaks} graph break(s): the code between graphs ran eagerly, unaudited"
+        lines.append(f"| {r.arch} | {r.status} | {_md_escape(reason)} | {r.seconds:g} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_png(path: Path, results: list[Result], env: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = counts(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(list(c), list(c.values()), color=[STATUS_COLORS.get(s, "#777777") for s in c])
+    ax.bar_label(bars)
+    ax.set_ylabel("architectures")
+    ax.set_title(f"detcompile architecture sweep ({len(results)} archs, {env['device']}, {env['dtype']}, "
+                 f"torch {env['torch']}, transformers {env['transformers']})", fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(out: Path, results: list[Result], env: dict, not_run: list[str], time_budget: float,
+                  wall: float, in_progress: bool = False) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    write_png(png, results, env)
+    write_markdown(out, results, env, not_run, time_budget, wall, png.name, in_progress)
+    payload = {"environment": env, "in_progress": in_progress, "time_budget_s": time_budget, "wall_s": round(wall, 1), "counts": counts(results),
+               "not_run": not_run, "results": [r.to_json() for r in sorted(results, key=lambda r: r.arch)]}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------------
+
+
+def all_archs() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.model_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", help="comma-separated architectures (default: every causal-LM architecture)")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
+                   help="seconds per architecture before it counts as a timeout (default %(default)s)")
+    p.add_argument("--total-budget", type=float, default=None,
+                   help="seconds for the whole sweep: architectures not started by then are listed as not run")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", default="docs/models.md", help="markdown table; .json and .png are written beside it")
+    p.add_argument("--jobs", type=int, default=1, help="architectures run at once (default 1)")
+    p.add_argument("--resume", action="store_true", help="keep the results already in the JSON beside --out")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        _worker(args.worker, args.device, args.dtype, args.result_file)
+        return 0
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    archs = args.archs.split(",") if args.archs else all_archs()
+    out = Path(args.out)
+    done: dict[str, Result] = {}
+    if args.resume and out.with_suffix(".json").exists():
+        for r in json.loads(out.with_suffix(".json").read_text())["results"]:
+            done[r["arch"]] = Result(**r)
+    todo = [a for a in archs if a not in done]
+    env = environment(args.device, args.dtype)
+    t0 = time.time()
+    results: dict[str, Result] = {a: r for a, r in done.items() if a in archs}
+    not_run: list[str] = []
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    env["jobs"], env["threads"] = max(1, args.jobs), threads
+
+    def job(arch):
+        if args.total_budget is not None and time.time() - t0 > args.total_budget:
+            return arch, None
+        return arch, run_one(arch, args.device, args.dtype, args.time_budget, threads)
+
+    bar = tqdm(total=len(todo), desc="architectures", unit="arch")
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for arch, res in pool.map(job, todo):
+            if res is None:
+                not_run.append(arch)
+            else:
+                results[arch] = res
+                bar.set_postfix_str(f"{arch}: {res.status}")
+                # Written as it goes, so an interrupted sweep still leaves its results.
+                pending = [a for a in todo if a not in results]
+                write_reports(out, list(results.values()), env, pending, args.time_budget, time.time() - t0,
+                              in_progress=bool(pending))
+            bar.update()
+    bar.close()
+    wall = time.time() - t0
+    env["commit_end"] = git_commit()
+    write_reports(out, list(results.values()), env, not_run, args.time_budget, wall)
+    c = counts(list(results.values()))
+    print(f"{len(results)} architectures in {wall / 60:.1f} min: " + ", ".join(f"{s} {n}" for s, n in c.items()))
+    if not_run:
+        print(f"not run: {', '.join(not_run)}")
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The architecture sweep (benchmarks/model_sweep.py) on a small fixed subset, and its classification.
+
+The subset is architectures outside tests/models/_util.py:ALL_ARCHS that pass the sweep, each bringing
+something the per-model tests do not: Gemma's GeGLU and ``1 + w`` RMSNorm, DeepSeek-V3's multi-head latent
+attention with grouped top-k MoE routing, GPT-BigCode's multi-query attention, Phi's partial rotary and
+parallel attention/MLP block, BART's decoder (learned positions, post-LayerNorm), MPT's ALiBi biases.
+About 25 s in all on a 2-core CPU.
+"""
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.model_sweep import check_arch, check_model, run_one
+
+from ._util import ALL_ARCHS
+
+SUBSET = ["gemma", "deepseek_v3", "gpt_bigcode", "phi", "bart", "mpt"]
+PER_ARCH_LIMIT_S = 45
+
+
+def test_subset_is_new_architectures():
+    assert not set(SUBSET) & set(ALL_ARCHS)
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_sweep_check_passes(arch):
+    t0 = time.time()
+    res = check_arch(arch)
+    assert res.status == "pass", f"{arch}: {res.status}: {res.reason}"
+    assert res.rel_err is not None and res.rel_err < 1e-3
+    assert time.time() - t0 < PER_ARCH_LIMIT_S, f"{arch} took {time.time() - t0:.0f} s"
+
+
+class CumprodLM(nn.Module):
+    """A toy LM whose float cumprod no pass rewrites: strict mode must name it."""
+
+    def __init__(self, vocab=32, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = torch.cumprod(torch.sigmoid(self.emb(ids)), dim=1)
+        return self.head(x)
+
+
+class PlainLM(nn.Module):
+    def __init__(self, vocab=32, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.norm(self.emb(ids))
+        x = x + torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+        return self.head(x)
+
+
+def test_unsupported_op_is_a_strict_error_naming_it():
+    torch.manual_seed(0)
+    res = check_model(CumprodLM().eval(), vocab=32, name="cumprod-lm")
+    assert res.status == "strict-error", res
+    assert any("cumprod" in op for op in res.ops), res.ops
+    assert "cumprod" in res.reason
+
+
+def test_any_module_can_pass():
+    torch.manual_seed(0)
+    res = check_model(PlainLM().eval(), vocab=32, name="plain-lm")
+    assert res.status == "pass", res
+
+
+def test_eager_failure_is_not_blamed_on_compile():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, ids):
+            raise RuntimeError("broken model")
+
+    res = check_model(Broken(), vocab=32)
+    assert res.status == "eager-fails" and "broken model" in res.reason
+
+
+def test_subprocess_time_limit_gives_timeout():
+    res = run_one("llama", "cpu", "float32", time_budget=2)
+    assert res.status == "timeout", res
