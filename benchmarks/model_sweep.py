@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +64,9 @@ class Result:
     params: int | None = None
     graph_breaks: int | None = None
     detcompile_frame: str = ""  #: compile-error: innermost detcompile source line in the traceback
+    #: strict-error: the same checks without strict mode (the flagged ops run with their stock kernels):
+    #: "invariant", "not-invariant", "inaccurate" or "error: ..." (evidence, not a proof, for each flagged op)
+    non_strict: str = ""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,10 +187,13 @@ def check_model(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     tolerance: float | None = None,
     progress=None,
+    non_strict_follow_up: bool = True,
 ) -> Result:
     """Run the four checks on ``model`` (called with ``[batch, seq]`` token ids) and classify it.
 
-    ``progress(stage)`` is called as each stage starts, so that a caller can tell where a hang was.
+    ``progress(stage)`` is called as each stage starts, so that a caller can tell where a hang was. On a
+    strict-error, ``non_strict_follow_up`` runs checks 3 and 4 again without strict mode (the flagged ops
+    on their stock kernels) and records the outcome in ``Result.non_strict``.
     """
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -219,47 +226,65 @@ def check_model(
     if not torch.isfinite(eager).all():
         return done("eager-fails", "eager logits are not finite")
 
+    def run_compiled(strict: bool) -> dict[int, torch.Tensor]:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="deterministic", options={"strict": strict})
+        rows = {}
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # non-strict: the fallback warning lists the flagged ops
+                for i, bs in enumerate(batch_sizes):
+                    batch, row = make_batch(target, bs, allowed, seed=i)
+                    rows[bs] = _logits(compiled(batch.to(device)))[row].float()
+                    if i == 0 and strict:
+                        stage("invariance")
+        finally:
+            if strict:
+                res.graph_breaks = sum(counters["graph_break"].values())
+            torch._dynamo.reset()
+        return rows
+
+    def judge(rows) -> tuple[str, str, float | None]:
+        """(3) bitwise invariance of the target row, then (4) accuracy against eager."""
+        ref = rows[batch_sizes[0]]
+        differ = [bs for bs in batch_sizes[1:] if not torch.equal(rows[bs], ref)]
+        if differ:
+            worst = max((rows[bs] - ref).abs().max().item() for bs in differ)
+            return "not-invariant", (
+                f"target-row logits differ from batch {batch_sizes[0]} at batch size(s) {differ} "
+                f"(max abs diff {worst:.3g}; {res.graph_breaks} graph break(s))"
+            ), None
+        if not torch.isfinite(ref).all():
+            return "inaccurate", "compiled logits are not finite (eager's are)", None
+        err = rel_err(ref, eager)
+        if not err < tol:
+            return "inaccurate", f"relative error {err:.3g} vs eager (tolerance {tol:g})", err
+        return "pass", "", err
+
     # (2) compile (strict) and run
     stage("compile")
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="deterministic", options={"strict": True})
-    rows = {}
     try:
-        with torch.no_grad():
-            for i, bs in enumerate(batch_sizes):
-                batch, row = make_batch(target, bs, allowed, seed=i)
-                rows[bs] = _logits(compiled(batch.to(device)))[row].float()
-                if i == 0:
-                    stage("invariance")
+        rows = run_compiled(strict=True)
     except Exception as e:  # noqa: BLE001
         status, reason, ops, frame = classify_compile_exception(e)
         res.ops, res.detcompile_frame = ops, frame
+        if status == "strict-error" and non_strict_follow_up:
+            # Evidence for each flagged op: does the model stay invariant with its stock kernel here?
+            stage("non-strict")
+            try:
+                ns_status, ns_reason, ns_err = judge(run_compiled(strict=False))
+                res.non_strict = "invariant" if ns_status == "pass" else ns_status
+                res.non_strict += f" (rel. err {ns_err:.2g})" if ns_err is not None else f" ({ns_reason})"
+            except Exception as e2:  # noqa: BLE001
+                res.non_strict = "error: " + _one_line(_innermost(e2), 150)
         return done(status, reason)
-    finally:
-        res.graph_breaks = sum(counters["graph_break"].values())
-        torch._dynamo.reset()
 
-    # (3) bitwise invariance of the target row
-    ref = rows[batch_sizes[0]]
-    differ = [bs for bs in batch_sizes[1:] if not torch.equal(rows[bs], ref)]
-    if differ:
-        worst = max((rows[bs] - ref).abs().max().item() for bs in differ)
-        return done(
-            "not-invariant",
-            f"target-row logits differ from batch {batch_sizes[0]} at batch size(s) {differ} "
-            f"(max abs diff {worst:.3g}; {res.graph_breaks} graph break(s))",
-        )
-
-    # (4) accuracy against eager
     stage("accuracy")
-    if not torch.isfinite(ref).all():
-        return done("inaccurate", "compiled logits are not finite (eager's are)")
-    res.rel_err = rel_err(ref, eager)
-    if not res.rel_err < tol:
-        return done("inaccurate", f"relative error {res.rel_err:.3g} vs eager (tolerance {tol:g})")
-    stage("done")
-    return done("pass", "")
+    status, reason, res.rel_err = judge(rows)
+    if status == "pass":
+        stage("done")
+    return done(status, reason)
 
 
 def vocab_of(model: torch.nn.Module) -> int:
@@ -441,7 +466,9 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
         "Statuses: `eager-fails`: the tiny config or the eager forward fails (not detcompile's problem; the "
         "reason is recorded); `compile-error`: compiling or running the compiled model raised (the reason names "
         "the detcompile frame when the error came from detcompile); `strict-error`: the audit flagged ops that "
-        "no pass made batch-invariant; `not-invariant`: the target row's bits changed with the batch; "
+        "no pass made batch-invariant (the same model is then checked again without strict mode, the flagged ops on "
+        "their stock kernels: \"invariant\" there is evidence, at these sizes on this device, that the flagged op "
+        "did not break invariance); `not-invariant`: the target row's bits changed with the batch; "
         "`inaccurate`: invariant but too far from eager; `timeout`: no result within the time limit.",
         "",
     ]
@@ -450,6 +477,8 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
     lines += ["| architecture | status | reason | time (s) |", "| --- | --- | --- | --- |"]
     for r in sorted(results, key=lambda r: r.arch):
         reason = r.reason or (f"rel. err {r.rel_err:.2g}" if r.rel_err is not None else "")
+        if r.status == "strict-error" and r.non_strict:
+            reason += f". Without strict mode: {r.non_strict}"
         if r.status == "pass" and r.graph_breaks:
             reason += f"; {r.graph_breaks} graph break(s): the code between graphs ran eagerly, unaudited"
         lines.append(f"| {r.arch} | {r.status} | {_md_escape(reason)} | {r.seconds:g} |")

@@ -315,8 +315,8 @@ def _make_backend(state: _State, rewrite: bool, options: dict | None) -> Callabl
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
 
-    from .backend import Options, rewrite_aten_graph
-    from .passes import TORCH_PASSES, PassContext, Report
+    from .backend import Options, rewrite_aten_graph, rewrite_torch_graph
+    from .passes import Report
 
     options = dict(options or {})
     if options.pop("inductor", False):
@@ -327,13 +327,7 @@ def _make_backend(state: _State, rewrite: bool, options: dict | None) -> Callabl
     graph_ids = itertools.count()
 
     def backend(gm: fx.GraphModule, example_inputs):
-        pre_report = Report()
-        if rewrite:
-            ctx = PassContext(opts, pre_report)
-            for name, fn in TORCH_PASSES:
-                if name not in opts.disable_passes:
-                    fn(gm, ctx)
-            gm.recompile()
+        pre_report = rewrite_torch_graph(gm, opts) if rewrite else Report()
 
         def fw_compiler(fx_gm: fx.GraphModule, fx_inputs):
             gid = next(graph_ids)

@@ -78,6 +78,17 @@ class Options:
         return opts
 
 
+def rewrite_torch_graph(gm: fx.GraphModule, opts: Options) -> Report:
+    """Run the torch-level passes on a Dynamo graph in place; their report goes into the aten one."""
+    report = Report()
+    ctx = PassContext(opts, report)
+    for name, fn in TORCH_PASSES:
+        if name not in opts.disable_passes:
+            fn(gm, ctx)
+    gm.recompile()
+    return report
+
+
 def rewrite_aten_graph(gm: fx.GraphModule, opts: Options, before: Report | None = None) -> Report:
     """Run the aten passes (and the audit) on ``gm`` in place; enforce strict mode.
 
@@ -136,12 +147,7 @@ def deterministic_backend(gm: fx.GraphModule, example_inputs: list, mode: str | 
     if opts.cudagraphs and not use_inductor:
         warnings.warn("detcompile: mode='reduce-overhead' needs Inductor; running without CUDA graphs", stacklevel=2)
 
-    pre_report = Report()
-    ctx = PassContext(opts, pre_report)
-    for name, fn in TORCH_PASSES:
-        if name not in opts.disable_passes:
-            fn(gm, ctx)
-    gm.recompile()
+    pre_report = rewrite_torch_graph(gm, opts)
 
     def fw_compiler(fx_gm: fx.GraphModule, fx_inputs):
         rewrite_aten_graph(fx_gm, opts, before=pre_report)

@@ -32,10 +32,10 @@ def _cmd_demo(args) -> int:
     return 0 if det is None or (det["logits"] == 1 and det["tokens"] == 1) else 1
 
 
-def _cmd_explain(args) -> int:
+def _load_model(args):
+    """The model a subcommand works on: a local checkpoint (--model) or a tiny --arch; and its device."""
     import torch
 
-    from .explainer import explain
     from .models import tiny_model
 
     device = args.device
@@ -45,9 +45,16 @@ def _cmd_explain(args) -> int:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    else:
-        model = tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn)
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval(), device
+    return tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn), device
+
+
+def _cmd_explain(args) -> int:
+    import torch
+
+    from .explainer import explain
+
+    model, device = _load_model(args)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     result = explain(model, ids, options={"strict": False})
@@ -58,18 +65,8 @@ def _cmd_audit(args) -> int:
     import torch
 
     from .auditor import audit
-    from .models import tiny_model
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    else:
-        model = tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn)
+    model, device = _load_model(args)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
     target_row = int(args.target_row) if args.target_row.lstrip("-").isdigit() else args.target_row

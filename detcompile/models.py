@@ -150,7 +150,7 @@ def _cap(value: int, *keys: str) -> None:
 _cap(64, "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "embedding_dim", "embedding_size",
      "word_embed_proj_dim", "model_dim", "attention_hidden_size", "out_hidden_size", "text_hidden_size",
      "hidden_dim")
-_cap(128, "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "d_inner",
+_cap(128, "mamba_d_ssm", "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "d_inner",
      "ffn_hidden_size", "dim_feedforward", "mlp_dim", "intermediate_dim")
 _cap(32, "moe_intermediate_size", "shared_expert_intermediate_size", "shared_experts_intermediate_size",
      "expert_intermediate_size", "moe_ffn_hidden_size", "shared_intermediate_size",
@@ -303,9 +303,10 @@ def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int) -> dict:
             out["head_dim"] = hidden // heads
         if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
             out["num_key_value_heads"] = min(2, heads)
-    # Mamba-2 mixers: heads * head dim = expand * hidden size.
+    # Mamba-2 mixers: heads * head dim = the mixer width (mamba_d_ssm where set, else expand * hidden size).
     if isinstance(hidden, int) and isinstance(out.get("mamba_n_heads"), int) and isinstance(out.get("mamba_d_head"), int):
-        out["mamba_n_heads"] = max(1, out.get("mamba_expand", 2) * hidden // out["mamba_d_head"])
+        width = out.get("mamba_d_ssm") or out.get("mamba_expand", 2) * hidden
+        out["mamba_n_heads"] = max(1, width // out["mamba_d_head"])
     # Multi-head latent attention (DeepSeek-style): one latent for all heads (as many KV heads as heads), and
     # the rope part is the "head_dim" of the rotary embedding.
     if "kv_lora_rank" in d and isinstance(heads, int) and isinstance(out.get("num_key_value_heads"), int):
