@@ -191,7 +191,7 @@ def check_model(
 ) -> Result:
     """Run the four checks on ``model`` (called with ``[batch, seq]`` token ids) and classify it.
 
-    ``progress(stage)`` is called as each stage starts, so that a caller can tell where a hang was. On a
+    ``progress(stage, result_so_far)`` is called as each stage starts, so that a caller can tell where a hang was. On a
     strict-error, ``non_strict_follow_up`` runs checks 3 and 4 again without strict mode (the flagged ops
     on their stock kernels) and records the outcome in ``Result.non_strict``.
     """
@@ -210,7 +210,7 @@ def check_model(
     def stage(s):
         res.stage = s
         if progress is not None:
-            progress(s)
+            progress(s, res)
 
     def done(status, reason=""):
         res.status, res.reason, res.seconds = status, reason, round(time.time() - t0, 1)
@@ -271,6 +271,7 @@ def check_model(
         res.ops, res.detcompile_frame = ops, frame
         if status == "strict-error" and non_strict_follow_up:
             # Evidence for each flagged op: does the model stay invariant with its stock kernel here?
+            res.status, res.reason = status, reason  # reported as it is if the follow-up runs out of time
             stage("non-strict")
             try:
                 ns_status, ns_reason, ns_err = judge(run_compiled(strict=False))
@@ -303,7 +304,7 @@ def check_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 
     t0 = time.time()
     if progress is not None:
-        progress("build")
+        progress("build", None)
     try:
         model = tiny_causal_lm(arch, dtype=dtype, device=device)
         vocab = vocab_of(model)
@@ -332,8 +333,11 @@ def _worker(arch: str, device: str, dtype: str, result_file: str) -> None:
 
     path = Path(result_file)
 
-    def progress(stage):
-        path.write_text(json.dumps({"arch": arch, "stage": stage}))
+    def progress(stage, res=None):
+        data = {"arch": arch, "stage": stage}
+        if stage == "non-strict" and res is not None:
+            data["partial"] = res.to_json()
+        path.write_text(json.dumps(data))
 
     res = check_arch(arch, device=device, dtype=getattr(torch, dtype), progress=progress)
     path.write_text(json.dumps({**res.to_json(), "final": True}))
@@ -373,6 +377,11 @@ def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int
         res.seconds = elapsed
         return res
     stage = data.get("stage", "startup")
+    if data.get("partial"):  # a strict-error whose non-strict follow-up did not finish
+        res = Result(**data["partial"])
+        res.non_strict = f"timed out (limit {time_budget:g} s)" if rc is None else f"worker died (exit code {rc})"
+        res.seconds = elapsed
+        return res
     if rc is None:
         return Result(arch, "timeout", f"no result after {time_budget:g} s (during {stage})", stage, elapsed)
     last = [ln for ln in log_tail.splitlines() if ln.strip()][-1:] or [""]
