@@ -504,6 +504,7 @@ def write_png(path: Path, results: list[Result], env: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(list(c), list(c.values()), color=[STATUS_COLORS.get(s, "#777777") for s in c])
     ax.bar_label(bars)
+    ax.set_ylim(0, max(c.values()) * 1.12 + 1)
     ax.set_ylabel("architectures")
     ax.set_title(f"detcompile architecture sweep ({len(results)} archs, {env['device']}, {env['dtype']}, "
                  f"torch {env['torch']}, transformers {env['transformers']})", fontsize=9)
