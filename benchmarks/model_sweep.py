@@ -480,6 +480,15 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
         "did not break invariance); `not-invariant`: the target row's bits changed with the batch; "
         "`inaccurate`: invariant but too far from eager; `timeout`: no result within the time limit.",
         "",
+        "Rare ops the sweep turned up, and what handles them (`docs/design.md`): the depthwise causal conv1d of "
+        "Mamba/SSM/hybrid models (Mamba, Mamba2, Jamba, Zamba, Bamba, Falcon-H1, Nemotron-H, LFM2, ...) and "
+        "small grouped conv1d: the `convolution` pass, `detcompile.conv1d`; the triangular solves of the gated "
+        "DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-Hybrid): the `solve_triangular` pass, "
+        "`detcompile.solve_triangular`; DBRX's 1-norm router: the `reductions` pass (vector norms of order 1, 2, "
+        "and +-inf); on the CPU, the complex rotary embeddings of DeepSeek-V2 and Llama 4 (`polar`, complex "
+        "`mul`) and xLSTM's `logsigmoid`: the `cpu_pointwise` pass. 2-D/3-D and transposed convolutions, other "
+        "complex arithmetic on the CPU and norms of other orders stay flagged by the audit.",
+        "",
     ]
     if png_name:
         lines += [f"![status counts]({png_name})", ""]

@@ -56,7 +56,9 @@ def _pass_ops() -> dict[str, set[str]]:
         "reductions": {"sum", "mean", "amax", "amin", "logsumexp", "var", "std", "var_mean", "cumsum",
                        "linalg_vector_norm"},
         "index_add": {"index_add", "scatter_add", "index_put"},
-        "cpu_pointwise": set(_NO_ARGS) | {"gelu", "softplus", "elu", "pow"},
+        "convolution": {"convolution"},
+        "solve_triangular": {"linalg_solve_triangular"},
+        "cpu_pointwise": set(_NO_ARGS) | {"gelu", "softplus", "elu", "pow", "log_sigmoid_forward", "polar"},
         # Runs on the Dynamo graph, before AOTAutograd lowers SDPA to one of these.
         "sdpa": {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",

@@ -16,3 +16,5 @@ from . import scatter_add  # noqa: F401
 from . import attention  # noqa: F401
 from . import grouped_mm  # noqa: F401
 from . import cpu_pointwise  # noqa: F401
+from . import conv1d  # noqa: F401
+from . import solve_triangular  # noqa: F401

@@ -33,6 +33,7 @@ _FNS = {
     "gelu": lambda x, a: torch.nn.functional.gelu(x),
     "gelu_tanh": lambda x, a: torch.nn.functional.gelu(x, approximate="tanh"),
     "softplus": lambda x, a: torch.nn.functional.softplus(x, beta=a[0], threshold=a[1]),
+    "log_sigmoid": lambda x, a: torch.nn.functional.logsigmoid(x),
     "elu": lambda x, a: torch.ops.aten.elu(x, a[0], a[1], a[2]),
     "pow": lambda x, a: torch.pow(x, a[0]),
 }

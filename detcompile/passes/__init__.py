@@ -5,6 +5,7 @@ AOTAutograd hands to the compiler. The audit runs last and reports whatever is l
 """
 from .cpu_pointwise import cpu_pointwise_pass
 from .audit import NondeterminismError, audit_pass, classify
+from .convolution import convolution_pass
 from .group_norm import group_norm_pass
 from .grouped_mm import grouped_mm_pass
 from .index_add import index_add_pass
@@ -15,6 +16,7 @@ from .reductions import reductions_pass
 from .rms_norm import rms_norm_pass
 from .sdpa import sdpa_pass
 from .softmax import softmax_pass
+from .solve_triangular import solve_triangular_pass
 
 TORCH_PASSES = [("sdpa", sdpa_pass)]
 
@@ -27,6 +29,8 @@ ATEN_PASSES = [
     ("softmax", softmax_pass),
     ("reductions", reductions_pass),
     ("index_add", index_add_pass),
+    ("convolution", convolution_pass),
+    ("solve_triangular", solve_triangular_pass),
     ("cpu_pointwise", cpu_pointwise_pass),  # after the norms/softmax patterns, which read rsqrt/exp
     ("audit", audit_pass),  # always last
 ]

@@ -61,7 +61,17 @@ SAFE = {
     "_assert_tensor_metadata", "_print", "sym_is_contiguous",
     # Integer arithmetic, and histc, whose bins count whole numbers: exact in any order.
     "floor_divide", "remainder", "histc",
+    # Packs two real tensors into a complex one: exact.
+    "complex",
 }
+#: Elementwise ops that are not tagged pointwise: batch-invariant on CUDA (every element runs the same
+#: code); on the CPU the cpu_pointwise pass rewrites them (vector body and scalar tail can round
+#: differently), so one left there is flagged.
+ELEMENTWISE_NOT_TAGGED = {"polar", "log_sigmoid_forward"}
+#: Complex pointwise ops that are exact per component (add, subtract, negate, conjugate, copy).
+#: Any other complex pointwise op on the CPU is flagged: measured with torch 2.13, ATen's complex
+#: mul and div round differently in the vector body and the scalar tail.
+COMPLEX_EXACT = {"add", "sub", "rsub", "neg", "conj_physical", "_conj", "conj", "clone", "where", "fill", "copy"}
 EXACT_FOR_INTEGERS = VARIANT  # every reduction is exact on integers and bools
 
 
@@ -77,6 +87,41 @@ def _has_float_tensor_input(node: fx.Node) -> bool:
         if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
             return True
     return False
+
+
+def _out_tensors(node: fx.Node) -> list:
+    from .manager import meta_val
+
+    return [v for v in torch.utils._pytree.tree_leaves(meta_val(node)) if isinstance(v, torch.Tensor)]
+
+
+def _on_cpu(node: fx.Node) -> bool:
+    outs = _out_tensors(node)
+    return bool(outs) and all(v.device.type == "cpu" for v in outs)
+
+
+def _complex_on_cpu(node: fx.Node) -> bool:
+    return any(v.is_complex() and v.device.type == "cpu" for v in _out_tensors(node))
+
+
+def _convolution_reason(node: fx.Node) -> str:
+    from .convolution import rewritable
+    from .manager import meta_val
+
+    x = meta_val(node.args[0]) if node.args else None
+    transposed = node.args[6] if len(node.args) > 6 else node.kwargs.get("transposed", False)
+    if transposed:
+        what = "transposed convolution"
+    elif isinstance(x, torch.Tensor) and x.dim() != 3:
+        what = f"{x.dim() - 2}-D convolution"
+    elif isinstance(x, torch.Tensor) and not rewritable(node):
+        what = f"1-D convolution with unsupported arguments or dtype ({x.dtype} on {x.device.type})"
+    else:
+        what = "convolution"
+    return (
+        f"{what} left to the stock kernel (its order can depend on the batch); detcompile.conv1d takes "
+        "only non-transposed 1-D convolutions"
+    )
 
 
 def classify(node: fx.Node) -> str | None:
@@ -96,7 +141,28 @@ def classify(node: fx.Node) -> str | None:
     if base in VARIANT:
         if not _has_float_tensor_input(node):
             return None  # integer/bool arithmetic is exact in any order
+        if base in ("convolution", "_convolution"):
+            return _convolution_reason(node)
         return "floating-point reduction left to the stock kernel (its order can depend on the batch)"
+    if base == "linalg_solve_triangular":
+        if not _has_float_tensor_input(node):
+            return None
+        return (
+            "triangular solve left to the stock kernel (on CUDA ATen picks a loop of cuBLAS trsm or the "
+            "batched trsm by the batch count; detcompile.solve_triangular takes float matrices up to "
+            "128 x 128 on CUDA, any size on the CPU)"
+        )
+    if base in ELEMENTWISE_NOT_TAGGED:
+        if not _on_cpu(node):
+            return None  # elementwise: the same code for every element on CUDA
+        if base == "log_sigmoid_forward" and not any(
+            u.op == "call_function" and u.args[1:2] == (0,) for u in node.users
+        ):
+            return None  # only its buffer (for the backward) is used; the output was rewritten
+        return (
+            f"{base} on the CPU: ATen's vector body and scalar tail can round differently, so an element's "
+            "bits depend on its offset (the cpu_pointwise pass rewrites it)"
+        )
     if base == "bincount":
         weights = node.args[1] if len(node.args) > 1 else node.kwargs.get("weights")
         return None if weights is None else "bincount with weights sums floats with atomics"
@@ -105,6 +171,11 @@ def classify(node: fx.Node) -> str | None:
         if acc and _has_float_tensor_input(node):
             return "index_put with accumulate=True on floats (atomics on CUDA)"
         return None
+    if torch.Tag.pointwise in t.tags and base not in COMPLEX_EXACT and _complex_on_cpu(node):
+        return (
+            f"complex {base} on the CPU: ATen's vector body and scalar tail round differently, so an "
+            "element's bits depend on its offset (only complex mul is rewritten, by the cpu_pointwise pass)"
+        )
     if torch.Tag.pointwise in t.tags or base in SAFE or t.overloadpacket.__name__ in SAFE:
         return None
     if t.is_view:

@@ -3,6 +3,16 @@
 On the CPU, ATen rounds some pointwise ops differently in its vector body and scalar tail (see
 ``detcompile/kernels/cpu_pointwise.py``), so an element's bits would depend on its offset in the
 tensor, i.e. on the batch. Exactly rounded ops (+, -, *, /, sqrt, comparisons, where) are left alone.
+Also, on the CPU only:
+
+* ``log_sigmoid_forward`` (``F.logsigmoid``): its output goes through ``cpu_pointwise("log_sigmoid")``;
+* ``polar(abs, angle)`` becomes ``complex(abs * cos(angle), abs * sin(angle))``, cos and sin through
+  ``cpu_pointwise``;
+* complex multiplication (``mul`` with a complex result; rotary embeddings written with complex
+  numbers): ATen's complex ``mul`` gives different bits in the vector body and the scalar tail (measured
+  with torch 2.13, complex64 and complex128), so it is written out in real arithmetic,
+  ``(ar*br - ai*bi) + i (ar*bi + ai*br)``, each op exactly rounded.
+
 On CUDA every element runs the same code, so this pass changes nothing there.
 """
 from __future__ import annotations
@@ -10,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, meta_val, replace_with
+from .manager import GETITEM, PassContext, _propagate_fake, is_call, meta_val, replace_with
 
 aten = torch.ops.aten
 
@@ -53,3 +63,128 @@ def cpu_pointwise_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             e = node.args[1]
             if isinstance(e, (int, float)) and e not in _EXACT_POW:
                 replace_with(gm, node, op, (x, "pow", [float(e)]), {}, ctx, "cpu_pointwise")
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not _on_cpu(node):
+            continue
+        if node.target == aten.log_sigmoid_forward.default and _on_cpu_float(node):
+            _log_sigmoid(gm, node, op, ctx)
+        elif node.target == aten.polar.default:
+            _polar(gm, node, op, ctx)
+        elif node.target in (aten.mul.Tensor, aten.mul.Scalar) and _complex_out(node):
+            _complex_mul(gm, node, ctx)
+
+
+def _on_cpu(node: fx.Node) -> bool:
+    v = meta_val(node)
+    return isinstance(v, (torch.Tensor, tuple)) and all(
+        t.device.type == "cpu" for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor)
+    )
+
+
+def _complex_out(node: fx.Node) -> bool:
+    v = meta_val(node)
+    return isinstance(v, torch.Tensor) and v.dtype in (torch.complex64, torch.complex128)
+
+
+class _Builder:
+    """Inserts nodes before ``anchor`` with the anchor's stack trace and fake values."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
+        self.gm, self.anchor, self.nodes = gm, anchor, []
+
+    def __call__(self, target, *args) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            n = self.gm.graph.call_function(target, args)
+        n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        _propagate_fake(n, "val")
+        self.nodes.append(n)
+        return n
+
+    def undo(self) -> None:
+        for n in reversed(self.nodes):
+            self.gm.graph.erase_node(n)
+
+
+def _log_sigmoid(gm, node, op, ctx) -> None:
+    """Output 0 (the result) -> cpu_pointwise; output 1 (a buffer for the backward) stays with ATen."""
+    x = node.args[0]
+    for u in list(node.users):
+        if is_call(u, GETITEM) and u.args[1] == 0:
+            replace_with(gm, u, op, (x, "log_sigmoid", []), {}, ctx, "cpu_pointwise")
+            ctx.report.rewrites[-1].old = "aten.log_sigmoid_forward.default"
+
+
+def _polar(gm, node, op, ctx) -> None:
+    """polar(abs, angle) = complex(abs * cos(angle), abs * sin(angle))."""
+    absv, angle = node.args[0], node.args[1]
+    if not all(isinstance(meta_val(a), torch.Tensor) and meta_val(a).is_floating_point() for a in (absv, angle)):
+        return
+    b = _Builder(gm, node)
+    re = b(aten.mul.Tensor, absv, b(op, angle, "cos", []))
+    im = b(aten.mul.Tensor, absv, b(op, angle, "sin", []))
+    _finish(gm, node, b, re, im, ctx)
+
+
+def _parts(b: _Builder, v):
+    """(real, imag) of a mul operand; imag is None for a real one. None if not handled."""
+    if isinstance(v, fx.Node):
+        t = meta_val(v)
+        if not isinstance(t, torch.Tensor):
+            return None
+        if t.is_complex():
+            if t.is_conj() or t.dtype not in (torch.complex64, torch.complex128):
+                return None
+            r = b(aten.view_as_real.default, v)
+            return b(aten.select.int, r, -1, 0), b(aten.select.int, r, -1, 1)
+        return (v, None) if t.is_floating_point() else None
+    if isinstance(v, complex):
+        return v.real, v.imag
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v), None
+    return None
+
+
+def _mul(b: _Builder, x, y):
+    """x * y where at least one side is a node."""
+    if isinstance(x, fx.Node):
+        return b(aten.mul.Tensor, x, y)
+    return b(aten.mul.Tensor, y, x)
+
+
+def _complex_mul(gm, node, ctx) -> None:
+    if len(node.args) != 2 or node.kwargs:
+        return
+    b = _Builder(gm, node)
+    pa, pb = _parts(b, node.args[0]), _parts(b, node.args[1])
+    if pa is None or pb is None or not (isinstance(node.args[0], fx.Node) or isinstance(node.args[1], fx.Node)):
+        b.undo()
+        return
+    (ar, ai), (br, bi) = pa, pb
+    if not isinstance(ar, fx.Node):  # keep the node on the left: scalar * scalar never happens here
+        (ar, ai), (br, bi) = (br, bi), (ar, ai)
+    if ai is not None and bi is not None:  # (ar + i ai)(br + i bi)
+        re = b(aten.sub.Tensor, _mul(b, ar, br), _mul(b, ai, bi))
+        im = b(aten.add.Tensor, _mul(b, ar, bi), _mul(b, ai, br))
+    elif ai is not None:  # complex * real
+        re, im = _mul(b, ar, br), _mul(b, ai, br)
+    elif bi is not None:  # real * complex
+        re, im = _mul(b, ar, br), _mul(b, ar, bi)
+    else:
+        b.undo()
+        return
+    _finish(gm, node, b, re, im, ctx)
+
+
+def _finish(gm, node, b: _Builder, re, im, ctx) -> None:
+    """Replace node by complex(re, im) if that has node's dtype and shape, else undo."""
+    want, vr, vi = meta_val(node), meta_val(re), meta_val(im)
+    ok = (
+        isinstance(want, torch.Tensor) and isinstance(vr, torch.Tensor) and isinstance(vi, torch.Tensor)
+        and vr.dtype == vi.dtype and vr.shape == vi.shape == want.shape
+        and {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(vr.dtype) == want.dtype
+    )
+    if not ok:
+        b.undo()
+        return
+    replace_with(gm, node, aten.complex.default, (re, im), {}, ctx, "cpu_pointwise")

@@ -1,6 +1,7 @@
 """Floating-point reductions -> ``detcompile.reduce`` / ``var_mean`` / ``cumsum``.
 
-sum, mean, amax, amin, logsumexp, var, std, var_mean, cumsum and 2-norms (``linalg_vector_norm``).
+sum, mean, amax, amin, logsumexp, var, std, var_mean, cumsum and vector norms (``linalg_vector_norm``) of
+order 2 (``sqrt(sum(x*x))``), 1 (``sum(|x|)``) and +-inf (``amax``/``amin`` of ``|x|``, exact in any order).
 Integer and bool reductions are exact in any order and stay as they are (the audit knows this).
 """
 from __future__ import annotations
@@ -19,6 +20,10 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
+
+
+#: vector-norm orders rewritten, and the reduction over x*x (ord 2, then sqrt) or |x| each needs.
+_NORM_ORDS = {2: "sum", 1: "sum", float("inf"): "amax", float("-inf"): "amin"}
 
 
 def _dims(d):
@@ -78,17 +83,25 @@ def reductions_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             replace_with(gm, node, cumsum, (x, dim), {"dtype": node.kwargs.get("dtype")}, ctx, "reductions")
         elif t == aten.linalg_vector_norm.default:
             ord_ = _arg(node, 1, "ord", 2)
-            if ord_ != 2 or node.kwargs.get("dtype") is not None:
+            if node.kwargs.get("dtype") is not None or isinstance(ord_, bool) or ord_ not in _NORM_ORDS:
                 continue  # left for the audit
             dims = _dims(_arg(node, 2, "dim"))
             keepdim = bool(_arg(node, 3, "keepdim", False))
             with g.inserting_before(node):
-                sq = g.call_function(aten.mul.Tensor, (x, x))
-                _propagate_fake(sq, "val")
-                s = g.call_function(reduce, (sq, dims, keepdim, "sum"))
-                s.meta["stack_trace"] = node.meta.get("stack_trace")
-                _propagate_fake(s, "val")
-            replace_with(gm, node, aten.sqrt.default, (s,), {}, ctx, "reductions")
+                if ord_ == 2:
+                    term = g.call_function(aten.mul.Tensor, (x, x))
+                else:
+                    term = g.call_function(aten.abs.default, (x,))
+                _propagate_fake(term, "val")
+            if ord_ == 2:  # sqrt(sum(x * x))
+                with g.inserting_before(node):
+                    s = g.call_function(reduce, (term, dims, keepdim, "sum"))
+                    s.meta["stack_trace"] = node.meta.get("stack_trace")
+                    _propagate_fake(s, "val")
+                replace_with(gm, node, aten.sqrt.default, (s,), {}, ctx, "reductions")
+            else:  # sum(|x|); max / min of |x| (exact in any order)
+                kind = _NORM_ORDS[ord_]
+                replace_with(gm, node, reduce, (term, dims, keepdim, kind), {}, ctx, "reductions")
 
 
 def _var_args(node: fx.Node):

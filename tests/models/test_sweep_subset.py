@@ -3,8 +3,10 @@
 The subset is architectures outside tests/models/_util.py:ALL_ARCHS that pass the sweep, each bringing
 something the per-model tests do not: Gemma's GeGLU and ``1 + w`` RMSNorm, DeepSeek-V3's multi-head latent
 attention with grouped top-k MoE routing, GPT-BigCode's multi-query attention, Phi's partial rotary and
-parallel attention/MLP block, BART's decoder (learned positions, post-LayerNorm), MPT's ALiBi biases.
-About 25 s in all on a 2-core CPU.
+parallel attention/MLP block, BART's decoder (learned positions, post-LayerNorm), MPT's ALiBi biases,
+Mamba's depthwise causal conv1d and selective scan (an SSM), Qwen3-Next's gated DeltaNet layers (causal
+conv1d, the chunked UT transform's triangular solves) beside full-attention layers.
+About 40 s in all on a 2-core CPU.
 """
 import time
 
@@ -16,7 +18,7 @@ from benchmarks.model_sweep import check_arch, check_model, run_one
 
 from ._util import ALL_ARCHS
 
-SUBSET = ["gemma", "deepseek_v3", "gpt_bigcode", "phi", "bart", "mpt"]
+SUBSET = ["gemma", "deepseek_v3", "gpt_bigcode", "phi", "bart", "mpt", "mamba", "qwen3_next"]
 PER_ARCH_LIMIT_S = 45
 
 

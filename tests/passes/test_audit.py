@@ -1,3 +1,5 @@
+import operator
+
 import torch
 
 from detcompile.passes import PassContext, Report
@@ -45,3 +47,32 @@ def test_classify_detcompile_ops_are_safe(gen):
     gm = aten_graph(lambda a: torch.ops.detcompile.matmul(a, a.t()), a)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert nodes and all(classify(n) is None for n in nodes)
+
+
+def _node(target, val, *args):
+    g = torch.fx.Graph()
+    n = g.call_function(target, args)
+    n.meta["val"] = val
+    return n
+
+
+def test_polar_and_log_sigmoid_safe_on_gpu_flagged_on_cpu_if_left():
+    aten = torch.ops.aten
+    for dev in ("meta", "cpu"):  # meta stands in for CUDA: anything but the CPU
+        polar = _node(aten.polar.default, torch.empty(3, dtype=torch.complex64, device=dev))
+        out = (torch.empty(3, device=dev), torch.empty(0, device=dev))
+        logsig = _node(aten.log_sigmoid_forward.default, out)
+        logsig.graph.call_function(operator.getitem, (logsig, 0))
+        if dev == "cpu":
+            assert "cpu_pointwise" in classify(polar) and "cpu_pointwise" in classify(logsig)
+        else:
+            assert classify(polar) is None and classify(logsig) is None
+
+
+def test_complex_arithmetic_on_cpu(gen):
+    z = torch.randn(3, 4, dtype=torch.complex64, generator=gen)
+    report = _leftover_ops(lambda z: ((z + z) - z.conj() * 1j, z / (1 + 2j)), z)
+    ops = sorted(lo.op for lo in report.leftovers)
+    # add/sub are exact per component; stock complex mul and div round by offset on the CPU.
+    assert ops == ["aten.div.Tensor", "aten.mul.Tensor"], ops
+    assert all("complex" in lo.reason for lo in report.leftovers)
