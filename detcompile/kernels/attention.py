@@ -37,6 +37,7 @@ from . import _common
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 
 OP = "attention"
+PAGED_OP = "paged_attention"
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2147483647
 #: Largest supported (padded) head dim: larger tiles would not fit in registers/shared memory.
@@ -152,30 +153,46 @@ def segment_origins(mask4: Tensor, L: int | None = None) -> Tensor:
 # Triton path.
 # ----------------------------------------------------------------------------------------------
 
+#: Keys per split. A FIXED constant (a multiple of every BLOCK_N): a row's keys are reduced split
+#: by split, each split from a fresh online-softmax state, and the split states are folded in
+#: ascending order with ``_fold``. Inside one program (prefill) or across programs plus a merge
+#: kernel (long-KV decode) the fold sequence is the same, so both give the same bits.
+SPLIT = 512
+
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def tile_config(head_dim_pad: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): FIXED per (padded head dim, dtype). BLOCK_N is
-    the reduced (key) tile width, so it must never depend on Lq, Lk or the batch; BLOCK_M is
-    fixed too, so prefill and decode run the very same MMA shapes."""
+def tile_config(head_dim_pad: int, dtype: torch.dtype, rows: int = 1):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch whose programs hold ``rows`` query
+    rows (GQA group x queries). BLOCK_N, the key tile width, is FIXED per (padded head dim, dtype):
+    it never depends on Lq, Lk or the batch. For 16-bit inputs with head dim <= 128, launches with
+    more than 64 rows (prefill) use 128-row tiles over 8 warps and the others (decode) 64-row tiles
+    over 4 warps: Triton lays both out as 16-row slices per warp with the same columns per thread,
+    so a row's score-tile max and sum reduce in the same order and the two give the same bits
+    (tests/kernels/test_paged_attention.py checks decode against prefill on the GPU)."""
     if head_dim_pad > MAX_HEAD_DIM:
         raise UnsupportedError(f"detcompile.{OP}: head dim > {MAX_HEAD_DIM} is not supported on the Triton path")
-    # num_warps is part of the arithmetic (it sets the layout, hence the order of the row sums),
-    # so it is fixed here too; the choices keep register spills small on sm_90 for every variant.
     if dtype == torch.float32:
         if head_dim_pad <= 64:
             return 64, 32, 8, 2
         if head_dim_pad <= 128:
             return 32, 32, 8, 2
         return 32, 16, 8, 2
-    if head_dim_pad <= 64:
-        return 64, 64, 4, 2
     if head_dim_pad <= 128:
-        return 64, 64, 8, 2
+        return (128, 64, 8, 3) if rows > 64 else (64, 64, 4, 2)
     return 64, 32, 8, 2
+
+
+#: Benchmarks only (benchmarks/attention_configs.py): replaces tile_config's answer for every call.
+_TILE_OVERRIDE: tuple | None = None
+
+
+def _tiles(D: int, Dv: int, dtype: torch.dtype, rows: int):
+    if _TILE_OVERRIDE is not None:
+        return _TILE_OVERRIDE
+    return tile_config(max(_pow2_at_least_16(D), _pow2_at_least_16(Dv)), dtype, rows)
 
 
 if HAS_TRITON:
@@ -183,148 +200,361 @@ if HAS_TRITON:
     _LOG2E_C = tl.constexpr(_LOG2E)
     _INT32_MAX_C = tl.constexpr(_INT32_MAX)
 
-    @triton.jit(do_not_specialize=["Lq", "Lk"])
+    @triton.jit
+    def _fold(M, L, ACC, m_s, l_s, acc_s):
+        """Fold one split's state (m_s, l_s, acc_s) into the running (M, L, ACC). A split in which a
+        row saw no key (l_s == 0) leaves that row's state untouched, bit for bit."""
+        M_new = tl.maximum(M, m_s)
+        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
+        a = tl.where(M == M_new, 1.0, tl.exp2(M - M_safe))
+        b = tl.where(m_s == M_new, 1.0, tl.exp2(m_s - M_safe))
+        live = l_s > 0
+        L = tl.where(live, L * a + l_s * b, L)
+        ACC = tl.where(live[:, None], ACC * a[:, None] + acc_s * b[:, None], ACC)
+        M = tl.where(live, M_new, M)
+        return M, L, ACC
+
+    @triton.jit
+    def _online_step(s, vv, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+        """One key tile of the online softmax: s = scores in the log2 domain, -inf where masked."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Safe max: a row that has seen only masked keys keeps (m, l, acc) = (-inf, 0, 0).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # alpha is exactly 1 when the max did not move (all-masked tiles included), whatever
+        # exp2(0) gives on the hardware's approximate exp2.
+        alpha = tl.where(m_i == m_new, 1.0, tl.exp2(m_i - m_safe))
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        s = tl.dot(q, k, input_precision=DOT_PREC) * scale
+        if HAS_SOFTCAP:
+            x = s / softcap
+            e = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
+            th = (1.0 - e) / (1.0 + e)
+            s = softcap * tl.where(x < 0, -th, th)
+        return s
+
+    @triton.jit
+    def _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, skn, PAGED: tl.constexpr):
+        """int64 row offsets of keys ``offs_n``: contiguous (n * stride) or through the page table."""
+        if PAGED:
+            page = tl.load(BT + bt_row + offs_n // PAGE, mask=col_ok, other=0).to(tl.int64)
+            return (page * PAGE + offs_n % PAGE) * skn
+        return offs_n.to(tl.int64) * skn
+
+    @triton.jit(do_not_specialize=["Lq", "Lk", "NUM_SPLITS", "sbt"])
     def _attention_kernel(
         Q, K, V, Mask, Origin, Out,
+        BT, KVLens, WsAcc, WsML,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
         smb, smh, smm, smn,
         sgb, sgh, sgm,
         sob, soh, som, sod,
-        Hq, Lq, Lk, D, Dv, GROUP,
+        sbt, PAGE,
+        Hkv, Lq, Lk, D, Dv, GROUP, NUM_SPLITS,
         scale, softcap, mask_min,
         IS_CAUSAL: tl.constexpr,
         MASK_KIND: tl.constexpr,  # 0: none, 1: bool (stored as uint8), 2: additive float
         HAS_ORIGIN: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
+        PAGED: tl.constexpr,
+        PARALLEL_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr,
         DOT_PREC: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
     ):
+        """Rows of a program: the GROUP query heads sharing KV head ``hk`` times the Lq queries,
+        row r = query (r // GROUP), head hk * GROUP + r % GROUP, so one K/V tile load serves the
+        whole group. Each row's arithmetic is its own: which rows share a program never matters."""
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
-        b = (pid_bh // Hq).to(tl.int64)
-        h = (pid_bh % Hq).to(tl.int64)
-        hk = h // GROUP
-        # 64-bit per-(batch, head) bases; offsets inside one head fit in int32.
-        q_ptr = Q + b * sqb + h * sqh
-        k_ptr = K + b * skb + hk * skh
-        v_ptr = V + b * svb + hk * svh
-        o_ptr = Out + b * sob + h * soh
+        if IS_CAUSAL:
+            # Last (longest) row blocks first: better load balance (scheduling only).
+            pid_m = tl.num_programs(1) - 1 - pid_m
+        b = (pid_bh // Hkv).to(tl.int64)
+        hk = (pid_bh % Hkv).to(tl.int64)
+        TILES_PER_SPLIT: tl.constexpr = SPLIT_KEYS // BLOCK_N
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_rows = GROUP * Lq
+        row_ok = rows < n_rows
+        qi = rows // GROUP
+        h = hk * GROUP + (rows % GROUP).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_nn = tl.arange(0, BLOCK_N)
-        row_ok = offs_m < Lq
 
         q = tl.load(
-            q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            Q + b * sqb + h[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
+        if PAGED:
+            kv_len = tl.load(KVLens + b)
+            q_pos0 = kv_len - Lq  # chunk of the last Lq positions (bottom-right causal)
+            k_base = K + hk * skh
+            v_base = V + hk * svh
+            bt_row = b * sbt
+        else:
+            kv_len = Lk
+            q_pos0 = 0  # SDPA's is_causal is top-left aligned
+            k_base = K + b * skb + hk * skh
+            v_base = V + b * svb + hk * svh
+            bt_row = 0
+        qpos = q_pos0 + qi
         # Mask rows in 64 bits: an [L, L] mask overflows int32 offsets past L = 46k.
-        mask_rows = Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm
+        mask_rows = Mask + b * smb + h * smh + qi.to(tl.int64) * smm
 
         if HAS_ORIGIN:
-            org = tl.load(Origin + b * sgb + h * sgh + offs_m * sgm, mask=row_ok, other=0)
+            org = tl.load(Origin + b * sgb + h * sgh + qi * sgm, mask=row_ok, other=0)
         else:
             org = tl.zeros([BLOCK_M], dtype=tl.int32)
         org = tl.where(row_ok, org, _INT32_MAX_C)
 
-        # Causal (top-left): no row of this block sees a key past its last row.
+        # Keys this block may need: causal rows see nothing past the block's last query.
+        last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n_rows - 1) // GROUP
         if IS_CAUSAL:
-            kv_end = tl.minimum(Lk, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq))
+            kv_end = tl.minimum(kv_len, q_pos0 + last_q + 1)
+            first_q = (pid_m * BLOCK_M) // GROUP
+            full_end = tl.minimum(kv_len, q_pos0 + first_q + 1)  # keys every row sees
         else:
-            kv_end = Lk
+            kv_end = kv_len
+            full_end = kv_len
+
+        M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        L = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ACC = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
         # One pass per distinct origin, ascending: each row is reduced only in the pass of its
-        # own origin, with its tiles aligned at that origin (other rows are fully masked there),
-        # and is stored at the end of that pass.
+        # own origin, with its tiles and splits aligned at that origin (other rows are fully
+        # masked there), and is stored at the end of that pass.
         o = tl.min(org, axis=0)
         while o < _INT32_MAX_C:
             in_pass = org == o
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            L = tl.zeros([BLOCK_M], dtype=tl.float32)
+            ACC = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
             n_tiles = (tl.maximum(kv_end - o, 0) + BLOCK_N - 1) // BLOCK_N
-            for t in range(0, n_tiles):
-                # Keys o + t*BLOCK_N + [0, BLOCK_N): never before the row's origin.
-                offs_n = o + t * BLOCK_N + offs_nn
-                col_ok = offs_n < Lk
-                vis = in_pass[:, None] & col_ok[None, :]
-                if IS_CAUSAL:
-                    vis = vis & (offs_n[None, :] <= offs_m[:, None])
-                if MASK_KIND != 0:
-                    mv = tl.load(
-                        mask_rows[:, None] + offs_n[None, :] * smn,
-                        mask=row_ok[:, None] & col_ok[None, :],
-                        other=0,
-                    )
-                    if MASK_KIND == 1:
-                        vis = vis & (mv != 0)
+            # Tiles every row of the block sees in full need no masking at all.
+            if MASK_KIND == 0 and not HAS_ORIGIN:
+                n_full = tl.maximum(full_end, 0) // BLOCK_N
+            else:
+                n_full = 0
+            if PARALLEL_SPLITS:
+                split_lo = tl.program_id(2)
+                split_hi = split_lo + 1
+            else:
+                split_lo = 0
+                split_hi = (n_tiles + TILES_PER_SPLIT - 1) // TILES_PER_SPLIT
+            for sp in range(split_lo, split_hi):
+                t_lo = sp * TILES_PER_SPLIT
+                t_hi = tl.minimum(t_lo + TILES_PER_SPLIT, n_tiles)
+                t_mid = tl.maximum(tl.minimum(n_full, t_hi), t_lo)
+                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+                # Fully visible tiles: no mask arithmetic.
+                for t in range(t_lo, t_mid):
+                    offs_n = o + t * BLOCK_N + offs_nn
+                    col_ok = offs_n < kv_len
+                    kr = _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, skn, PAGED)
+                    k = tl.load(k_base + kr[None, :] + offs_d[:, None] * skd, mask=offs_d[:, None] < D, other=0.0)
+                    s = _scores(q, k, scale, softcap, HAS_SOFTCAP, DOT_PREC) * _LOG2E_C
+                    vr = _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, svn, PAGED)
+                    vv = tl.load(v_base + vr[:, None] + offs_dv[None, :] * svd, mask=offs_dv[None, :] < Dv, other=0.0)
+                    m_i, l_i, acc = _online_step(s, vv, m_i, l_i, acc, DOT_PREC)
+                # Tiles with masked keys (diagonal, tail, explicit mask, other origins).
+                for t in range(t_mid, t_hi):
+                    offs_n = o + t * BLOCK_N + offs_nn
+                    col_ok = offs_n < kv_len
+                    vis = in_pass[:, None] & col_ok[None, :]
+                    if IS_CAUSAL:
+                        vis = vis & (offs_n[None, :] <= qpos[:, None])
+                    if MASK_KIND != 0:
+                        mv = tl.load(
+                            mask_rows[:, None] + offs_n[None, :] * smn,
+                            mask=row_ok[:, None] & col_ok[None, :],
+                            other=0,
+                        )
+                        if MASK_KIND == 1:
+                            vis = vis & (mv != 0)
+                        else:
+                            mvf = mv.to(tl.float32)
+                            vis = vis & (mvf > mask_min)
+                            bias = tl.where(vis, mvf, float("-inf"))
+                    # A tile nobody here can see is an exact identity: skip its work. Without a
+                    # mask every tile below kv_end has a visible key, so the block-wide test
+                    # (a CTA-wide reduction) is only paid when there is a mask.
+                    if MASK_KIND != 0:
+                        any_vis = tl.max(tl.max(vis.to(tl.int32), axis=1), axis=0)
                     else:
-                        mvf = mv.to(tl.float32)
-                        vis = vis & (mvf > mask_min)
-                        # One live tile instead of two: the bias, -inf where masked.
-                        bias = tl.where(vis, mvf, float("-inf"))
-                    # A tile nobody here can see is an exact identity: skip its work.
-                    any_vis = tl.max(tl.max(vis.to(tl.int32), axis=1), axis=0)
+                        any_vis = 1
+                    if any_vis > 0:
+                        kr = _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, skn, PAGED)
+                        k = tl.load(
+                            k_base + kr[None, :] + offs_d[:, None] * skd,
+                            mask=col_ok[None, :] & (offs_d[:, None] < D),
+                            other=0.0,
+                        )
+                        s = _scores(q, k, scale, softcap, HAS_SOFTCAP, DOT_PREC)
+                        # Log2 domain, -inf where masked. A visible key of a float mask gets
+                        # (s + bias) * log2e, which for a bias of 0 is bitwise s * log2e, as in
+                        # the other variants (FP contraction is off: every op rounds on its own).
+                        if MASK_KIND == 2:
+                            s = (s + bias) * _LOG2E_C
+                        else:
+                            s = tl.where(vis, s * _LOG2E_C, float("-inf"))
+                        vr = _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, svn, PAGED)
+                        vv = tl.load(
+                            v_base + vr[:, None] + offs_dv[None, :] * svd,
+                            mask=col_ok[:, None] & (offs_dv[None, :] < Dv),
+                            other=0.0,
+                        )
+                        m_i, l_i, acc = _online_step(s, vv, m_i, l_i, acc, DOT_PREC)
+                if PARALLEL_SPLITS:
+                    # Hand the split's state to the merge kernel (which folds like _fold below).
+                    ws_row = ((b * Hkv + hk) * n_rows + rows.to(tl.int64)) * NUM_SPLITS + sp
+                    tl.store(WsML + ws_row * 2, m_i, mask=row_ok)
+                    tl.store(WsML + ws_row * 2 + 1, l_i, mask=row_ok)
+                    tl.store(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_ok[:, None])
                 else:
-                    any_vis = 1
-                if any_vis > 0:
-                    k = tl.load(
-                        k_ptr + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                        mask=col_ok[None, :] & (offs_d[:, None] < D),
-                        other=0.0,
-                    )
-                    s = tl.dot(q, k, input_precision=DOT_PREC) * scale
-                    if HAS_SOFTCAP:
-                        x = s / softcap
-                        e = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
-                        th = (1.0 - e) / (1.0 + e)
-                        s = softcap * tl.where(x < 0, -th, th)
-                    # Scores in the log2 domain, -inf where masked. A visible key of a float mask
-                    # gets (s + bias) * log2e, which for a bias of 0 is bitwise s * log2e, as in
-                    # the other variants (FP contraction is off, so every op rounds on its own).
-                    if MASK_KIND == 2:
-                        s = (s + bias) * _LOG2E_C
-                    else:
-                        s = tl.where(vis, s * _LOG2E_C, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                    # Safe max: a row that has seen only masked keys keeps (m, l, acc) = (-inf, 0, 0).
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    # alpha is exactly 1 when the max did not move (all-masked tiles included),
-                    # whatever exp2(0) gives on the hardware's approximate exp2.
-                    alpha = tl.where(m_i == m_new, 1.0, tl.exp2(m_i - m_safe))
-                    p = tl.exp2(s - m_safe[:, None])
-                    l_i = l_i * alpha + tl.sum(p, axis=1)
-                    vv = tl.load(
-                        v_ptr + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < Dv),
-                        other=0.0,
-                    )
-                    acc = acc * alpha[:, None]
-                    acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision=DOT_PREC)
-                    m_i = m_new
-            seen = l_i > 0
-            res = acc / tl.where(seen, l_i, 1.0)[:, None]
-            res = tl.where(seen[:, None], res, 0.0)  # no visible key -> zeros
-            tl.store(
-                o_ptr + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                res.to(Out.dtype.element_ty),
-                mask=(in_pass & row_ok)[:, None] & (offs_dv[None, :] < Dv),
-            )
+                    M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
+            if not PARALLEL_SPLITS:
+                seen = L > 0
+                res = ACC / tl.where(seen, L, 1.0)[:, None]
+                res = tl.where(seen[:, None], res, 0.0)  # no visible key -> zeros
+                tl.store(
+                    Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
+                    res.to(Out.dtype.element_ty),
+                    mask=(in_pass & row_ok)[:, None] & (offs_dv[None, :] < Dv),
+                )
             o = tl.min(tl.where(org > o, org, _INT32_MAX_C), axis=0)
+
+    @triton.jit(do_not_specialize=["Lq", "NUM_SPLITS"])
+    def _merge_splits_kernel(
+        WsAcc, WsML, Out,
+        sob, soh, som, sod,
+        Hkv, Lq, Dv, GROUP, NUM_SPLITS,
+        BLOCK_M: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
+        """Fold the split states of each row in ascending split order (the same _fold as the
+        one-program path), then normalise: the result has the bits of the one-program path."""
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        hk = (pid_bh % Hkv).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_rows = GROUP * Lq
+        row_ok = rows < n_rows
+        qi = rows // GROUP
+        h = hk * GROUP + (rows % GROUP).to(tl.int64)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        L = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ACC = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            ws_row = ((b * Hkv + hk) * n_rows + rows.to(tl.int64)) * NUM_SPLITS + sp
+            m_s = tl.load(WsML + ws_row * 2, mask=row_ok, other=float("-inf"))
+            l_s = tl.load(WsML + ws_row * 2 + 1, mask=row_ok, other=0.0)
+            acc_s = tl.load(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+            M, L, ACC = _fold(M, L, ACC, m_s, l_s, acc_s)
+        seen = L > 0
+        res = ACC / tl.where(seen, L, 1.0)[:, None]
+        res = tl.where(seen[:, None], res, 0.0)
+        tl.store(
+            Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
+            res.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
+        )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def _launch(
+    q4, k4, v4, out, *, kv_strides, paged, block_table, kv_lens, page, Lk, mask_args, is_causal,
+    scale, softcap, parallel_splits, block_m=None, block_n=None, split=None,
+):
+    """Shared launcher of the SDPA-style and the paged entry points (one kernel, one config)."""
+    B, Hq, Lq, D = q4.shape
+    Hkv, Dv = kv_strides["Hkv"], v4.shape[-1]
+    G = Hq // Hkv
+    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
+    bm, bn, num_warps, num_stages = _tiles(D, Dv, q4.dtype, G * Lq)
+    bm = block_m or bm
+    bn = block_n or bn
+    split = split or SPLIT
+    assert split % bn == 0
+    num_splits = max(1, triton.cdiv(Lk, split))
+    row_blocks = triton.cdiv(G * Lq, bm)
+    mask_kind, has_origin, mask_arg, mstr, origin_arg, gstr, mask_min = mask_args
+    dev = q4.device
+    if parallel_splits and num_splits > 1:
+        ws_acc = torch.empty((B * Hq * Lq * num_splits, block_dv), dtype=torch.float32, device=dev)
+        ws_ml = torch.empty((B * Hq * Lq * num_splits, 2), dtype=torch.float32, device=dev)
+        grid = (B * Hkv, row_blocks, num_splits)
+    else:
+        parallel_splits = False
+        ws_acc = ws_ml = out  # never touched
+        grid = (B * Hkv, row_blocks)
+    bt = block_table if paged else out
+    kvl = kv_lens if paged else out
+    sbt = block_table.stride(0) if paged else 0
+    _attention_kernel[grid](
+        q4, k4, v4, mask_arg, origin_arg, out,
+        bt, kvl, ws_acc, ws_ml,
+        *q4.stride(), *kv_strides["k"], *kv_strides["v"], *mstr, *gstr, *out.stride(),
+        sbt, page,
+        Hkv, Lq, Lk, D, Dv, G, num_splits,
+        float(scale), float(softcap), mask_min,
+        IS_CAUSAL=bool(is_causal),
+        MASK_KIND=mask_kind,
+        HAS_ORIGIN=has_origin,
+        HAS_SOFTCAP=softcap > 0,
+        PAGED=paged,
+        PARALLEL_SPLITS=parallel_splits,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        DOT_PREC=_dot_precision(q4.dtype),
+        SPLIT_KEYS=split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        # No mul+add contraction into FMAs: each op rounds on its own, so the kernel variants
+        # (mask kinds, softcap, causal, paged, split merge) give the same bits for the same scores.
+        enable_fp_fusion=False,
+    )
+    if parallel_splits:
+        _merge_splits_kernel[(B * Hkv, row_blocks)](
+            ws_acc, ws_ml, out,
+            *out.stride(),
+            Hkv, Lq, Dv, G, num_splits,
+            BLOCK_M=bm,
+            BLOCK_DV=block_dv,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
+
+
+def _want_parallel_splits(dev, programs: int, Lk: int, split: int) -> bool:
+    """Split the keys over programs only when the grid would otherwise leave SMs idle (decode
+    with a small batch and long KV). It changes the schedule, never the bits."""
+    return Lk > split and programs < 4 * _common.num_sms(dev)
 
 
 def triton_attention(
@@ -339,11 +569,15 @@ def triton_attention(
     *,
     _block_m: int | None = None,
     _block_n: int | None = None,
+    _parallel_splits: bool | None = None,
+    _split: int | None = None,
 ) -> Tensor:
     """Run the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
     ``_block_m``/``_block_n`` override the fixed tiles for TESTS ONLY (small interpreter shapes);
-    results are comparable bitwise only between calls that use the same tiles."""
+    results are comparable bitwise only between calls that use the same tiles.
+    ``_parallel_splits`` forces the split schedule on/off (tests; same bits either way);
+    ``_split`` overrides SPLIT (tests only, like the tiles)."""
     if not HAS_TRITON:
         raise UnsupportedError(f"detcompile.{OP}: Triton is not available")
     squeeze = q.dim() == 3
@@ -357,13 +591,6 @@ def triton_attention(
         return out[0] if squeeze else out
     if scale is None:
         scale = _default_scale(D)
-
-    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    block_m, block_n, num_warps, num_stages = tile_config(max(block_d, block_dv), q4.dtype)
-    if _block_m is not None:
-        block_m = _block_m
-    if _block_n is not None:
-        block_n = _block_n
 
     mask_kind, has_origin = 0, False
     mask_arg, mstr = q4, (0, 0, 0, 0)
@@ -385,28 +612,98 @@ def triton_attention(
         mk = mk.expand(B, Hq, Lq, Lk)  # broadcast dims get stride 0 (no copy)
         mask_arg, mstr = mk, mk.stride()
 
-    grid = (B * Hq, triton.cdiv(Lq, block_m))
-    _attention_kernel[grid](
-        q4, k4, v4, mask_arg, origin_arg, out,
-        *q4.stride(), *k4.stride(), *v4.stride(), *mstr, *gstr, *out.stride(),
-        Hq, Lq, Lk, D, Dv, Hq // Hkv,
-        float(scale), float(softcap), mask_min,
-        IS_CAUSAL=bool(is_causal),
-        MASK_KIND=mask_kind,
-        HAS_ORIGIN=has_origin,
-        HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        DOT_PREC=_dot_precision(q4.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
-        # No mul+add contraction into FMAs: each op rounds on its own, so the kernel variants
-        # (mask kinds, softcap, causal) give the same bits for the same visible scores.
-        enable_fp_fusion=False,
+    G = Hq // Hkv
+    bm = _block_m or _tiles(D, Dv, q4.dtype, G * Lq)[0]
+    par = _parallel_splits
+    if par is None:
+        par = _want_parallel_splits(q4.device, B * Hkv * triton.cdiv(G * Lq, bm), Lk, _split or SPLIT)
+    _launch(
+        q4, k4, v4, out,
+        kv_strides={"Hkv": Hkv, "k": k4.stride(), "v": v4.stride()},
+        paged=False, block_table=None, kv_lens=None, page=1, Lk=Lk,
+        mask_args=(mask_kind, has_origin, mask_arg, mstr, origin_arg, gstr, mask_min),
+        is_causal=is_causal, scale=scale, softcap=softcap,
+        parallel_splits=par and not has_origin, block_m=_block_m, block_n=_block_n, split=_split,
     )
     return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged KV cache entry point (serving: decode and chunked prefill).
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap):
+    _common.check_inputs(PAGED_OP, q, k_cache, v_cache)
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(
+            f"detcompile.{PAGED_OP}: expected q [B, Hq, Lq, D] and k_cache/v_cache [num_pages, page_size, Hkv, D]; "
+            f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or not q.is_floating_point():
+        raise ValueError(
+            f"detcompile.{PAGED_OP}: q and the caches must share one floating dtype; got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    B, Hq, Lq, D = q.shape
+    P, page, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"detcompile.{PAGED_OP}: cache shapes do not match q: q {tuple(q.shape)}, k_cache "
+            f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"detcompile.{PAGED_OP}: Hq ({Hq}) must be a multiple of the cache's Hkv ({Hkv})")
+    for name, t in (("block_table", block_table), ("kv_lens", kv_lens)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"detcompile.{PAGED_OP}: {name} must be int32; got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"detcompile.{PAGED_OP}: {name} is on {t.device}, q on {q.device}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or kv_lens.shape != (B,):
+        raise ValueError(
+            f"detcompile.{PAGED_OP}: expected block_table [B, max_pages] and kv_lens [B] with B = {B}; "
+            f"got {tuple(block_table.shape)} and {tuple(kv_lens.shape)}"
+        )
+    if softcap < 0 or not math.isfinite(softcap):
+        raise ValueError(f"detcompile.{PAGED_OP}: softcap must be finite and >= 0 (0 disables it); got {softcap}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"detcompile.{PAGED_OP}: scale must be finite; got {scale}")
+
+
+def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0,
+                           *, _block_m=None, _block_n=None, _parallel_splits=None, _split=None):
+    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+    if q.dtype not in _common.GPU_DTYPES:
+        raise UnsupportedError(f"detcompile.{PAGED_OP}: dtype {q.dtype} is not supported by the Triton kernel")
+    B, Hq, Lq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Dv = v_cache.shape[3]
+    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if scale is None:
+        scale = _default_scale(D)
+    max_kv = block_table.shape[1] * page  # a bound known without reading kv_lens (no host sync)
+    G = Hq // Hkv
+    bm = _block_m or _tiles(D, Dv, q.dtype, G * Lq)[0]
+    par = _parallel_splits
+    if par is None:
+        par = _want_parallel_splits(q.device, B * Hkv * triton.cdiv(G * Lq, bm), max_kv, _split or SPLIT)
+    ks, vs = k_cache.stride(), v_cache.stride()
+    # Paged addressing: the kernel's "row" stride is the stride of one token (page slot); a
+    # page's base is page * page_size * row stride, which needs slots of one page to be evenly
+    # spaced by that stride (true for [num_pages, page_size, Hkv, D] caches with contiguous pages).
+    if ks[0] != page * ks[1] or vs[0] != page * vs[1]:
+        raise ValueError(f"detcompile.{PAGED_OP}: pages of the cache must be contiguous slots (stride(0) == page_size * stride(1))")
+    _launch(
+        q, k_cache, v_cache, out,
+        kv_strides={"Hkv": Hkv, "k": (0, ks[2], ks[1], ks[3]), "v": (0, vs[2], vs[1], vs[3])},
+        paged=True, block_table=block_table, kv_lens=kv_lens, page=page, Lk=max_kv,
+        mask_args=(0, False, q, (0, 0, 0, 0), torch.zeros(1, dtype=torch.int32, device=q.device), (0, 0, 0), 0.0),
+        is_causal=True, scale=scale, softcap=softcap,
+        parallel_splits=par, block_m=_block_m, block_n=_block_n, split=_split,
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +800,35 @@ def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
     return out[0] if squeeze else out
 
 
+def _gather_pages(cache: Tensor, block_table: Tensor, n_keys: int) -> Tensor:
+    """[num_pages, page, Hkv, D] cache -> contiguous [B, Hkv, n_keys, D] (slots past a row's length
+    hold whatever the table points at; the mask hides them)."""
+    page = cache.shape[1]
+    pos = torch.arange(n_keys, device=cache.device)
+    pages = block_table[:, pos // page].long().clamp(0, cache.shape[0] - 1)
+    return cache[pages, (pos % page).expand_as(pages)].permute(0, 2, 1, 3)
+
+
+def paged_visibility(kv_lens: Tensor, Lq: int, n_keys: int) -> Tensor:
+    """Bool [B, 1, Lq, n_keys]: query i of row b sits at position kv_lens[b] - Lq + i and sees keys
+    0..position (bottom-right causal), none past kv_lens[b]."""
+    pos = torch.arange(n_keys, device=kv_lens.device)
+    qpos = kv_lens.long()[:, None] - Lq + torch.arange(Lq, device=kv_lens.device)[None, :]
+    vis = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < kv_lens.long()[:, None, None])
+    return vis[:, None]
+
+
+def cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+    """CPU path: gather the pages, then the sequential CPU attention with the paged causal mask
+    (a sequential sum is unchanged by the masked keys, so this equals attention on the sequence)."""
+    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+    n_keys = block_table.shape[1] * k_cache.shape[1]
+    k = _gather_pages(k_cache, block_table, n_keys)
+    v = _gather_pages(v_cache, block_table, n_keys)
+    vis = paged_visibility(kv_lens, q.shape[2], n_keys)
+    return cpu_attention(q, k, v, vis, False, scale, q.shape[1] != k.shape[1], softcap)
+
+
 # ----------------------------------------------------------------------------------------------
 # Op registration.
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +865,41 @@ def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, so
     if not HAS_TRITON:
         raise UnsupportedError(f"detcompile.{OP}: the CUDA path needs Triton")
     return triton_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+
+
+@torch.library.custom_op(f"{_common.NAMESPACE}::{PAGED_OP}", mutates_args=())
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    kv_lens: Tensor,
+    scale: float | None = None,
+    softcap: float = 0.0,
+) -> Tensor:
+    """Causal attention of q [B, Hq, Lq, D] (the last Lq positions of each row) over a paged KV
+    cache [num_pages, page_size, Hkv, D]; ``block_table[b, j]`` is the page of row b's tokens
+    j*page_size ..., ``kv_lens[b]`` the row's token count (int32). Same kernel and tiles as
+    ``attention``, so a decoded token gets the bits that its row had in the full prefill."""
+    _common.check_inputs(PAGED_OP, q, k_cache, v_cache)
+    raise UnsupportedError(f"detcompile.{PAGED_OP}: device {q.device.type!r} is not supported (only cpu and cuda)")
+
+
+@paged_attention.register_fake
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+
+
+@paged_attention.register_kernel("cpu")
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+    return cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+
+
+@paged_attention.register_kernel("cuda")
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+    if not HAS_TRITON:
+        raise UnsupportedError(f"detcompile.{PAGED_OP}: the CUDA path needs Triton")
+    return triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Why it is batch-invariant:
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -28,18 +29,62 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _HAS_TENSOR_DESCRIPTOR = True
+    except ImportError:  # older Triton: pointer kernel only
+        _HAS_TENSOR_DESCRIPTOR = False
+else:
+    _HAS_TENSOR_DESCRIPTOR = False
+
 OP = "matmul"
 
-# Fixed launch configurations, one per dtype. BLOCK_K is the only constant that touches the
-# reduction order; BLOCK_M/BLOCK_N/num_warps/num_stages are fixed too because a different config
-# can make Triton pick a different MMA instruction (hence different bits) for the same element.
-_CONFIG_16BIT = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-_CONFIG_FP32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-_CONFIGS = {
-    torch.float16: _CONFIG_16BIT,
-    torch.bfloat16: _CONFIG_16BIT,
-    torch.float32: _CONFIG_FP32,
-}
+# BLOCK_K is fixed per dtype: 64 for 16-bit inputs, 32 for fp32. It is the only launch constant
+# along the reduced dimension. Everything else (BLOCK_M, BLOCK_N, warps, stages, TMA or pointer
+# loads, persistent grid size) is picked from M and N below for speed: it changes which program
+# computes an element and how data moves, never the element's reduction. Each output element is
+# one fp32 accumulator fed by the MMA instructions over K in ascending order (Triton chains the
+# k16 MMAs of each chunk into the accumulator); benchmarks/matmul_configs.py checked on the H100
+# that all of these configs, with mma.sync (BLOCK_M = 16/32) and wgmma (BLOCK_M >= 64) alike, give
+# identical bits, and tests/kernels/test_matmul.py checks row 0 across every M bucket on the GPU.
+BLOCK_K_16BIT = 64
+BLOCK_K_FP32 = 32
+_CONFIG_FP32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=BLOCK_K_FP32, GROUP_M=8, num_warps=8, num_stages=3, TMA=False)
+# Large-M 16-bit tiles: (config, relative cost of one tile) for the wave-quantisation estimate.
+# Measured on the H100 (benchmarks/matmul_configs.py): 128x128 tiles run ~7% below 128x256 per
+# flop, 64x128 tiles ~30% below; the smaller tiles win when they fill the last wave better.
+_LARGE_TILES = (
+    (dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3), 2.0),
+    (dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4), 1.075),
+    (dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=5), 0.7),
+)
+# Pointer-load fallback for M > 64 when TMA cannot describe an operand (odd strides): the big TMA
+# tiles need more shared memory without TMA, so this one (same bits, like every config) is used.
+_POINTER_LARGE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+
+
+def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
+    """Launch config for an [M, K] @ [K, N] product. BLOCK_K depends on the dtype only."""
+    if dtype == torch.float32:
+        return dict(_CONFIG_FP32)
+    base = dict(BLOCK_K=BLOCK_K_16BIT, GROUP_M=8)
+    if M <= 16:
+        # Memory-bound (weights stream once): many narrow N tiles to keep every SM loading.
+        # Small TMA boxes measured slower than pointer loads here.
+        bn = 64 if N >= 6144 else 32
+        return dict(base, BLOCK_M=16, BLOCK_N=bn, num_warps=4, num_stages=8, TMA=False)
+    if M <= 64:
+        if N >= 16384:
+            return dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True)
+        return dict(base, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=8, TMA=True)
+    # Compute-bound: the tile whose whole number of waves over the SMs costs least.
+    def cost(tile):
+        cfg, unit = tile
+        tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+        return -(-tiles // num_sms) * unit
+    cfg, _ = min(_LARGE_TILES, key=cost)
+    return dict(base, **cfg, TMA=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +172,60 @@ if HAS_TRITON:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+    # Hopper path: the same tiles and the same K loop as _matmul_kernel, with operands moved by
+    # TMA (tensor descriptors) instead of pointer loads. Only data movement differs, so every
+    # element gets the same MMA sequence and the same bits (checked by tests/kernels/test_matmul.py
+    # on the GPU). ``flatten`` lets the software pipeliner prefetch the next tile's K chunks while
+    # the current tile's epilogue runs.
+    @triton.jit(do_not_specialize=["M"])
+    def _matmul_tma_kernel(
+        a_desc, b_desc, c_desc, x_ptr,
+        M, N, K,
+        s_xm, s_xn,
+        alpha, beta,
+        HAS_BIAS: tl.constexpr,
+        B_KMAJOR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = tiles_m * tiles_n
+        num_k = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(pid, num_tiles, nprog, flatten=True):
+            in_group = GROUP_M * tiles_n
+            first_m = (tile // in_group) * GROUP_M
+            group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % in_group) % group_m
+            pid_n = (tile % in_group) // group_m
+            om = pid_m * BLOCK_M
+            on = pid_n * BLOCK_N
+
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # Whole K, ascending chunks, one accumulator (TMA loads out-of-range K as zeros).
+            for kb in range(0, num_k):
+                a = a_desc.load([om, kb * BLOCK_K])
+                if B_KMAJOR:
+                    b = b_desc.load([on, kb * BLOCK_K]).T
+                else:
+                    b = b_desc.load([kb * BLOCK_K, on])
+                acc = tl.dot(a, b, acc)
+
+            acc = acc * alpha
+            if HAS_BIAS:
+                offs_m = om + tl.arange(0, BLOCK_M)
+                offs_n = on + tl.arange(0, BLOCK_N)
+                mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_n.to(tl.int64)[None, :] * s_xn
+                bias = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+                acc = acc + bias * beta
+            c_desc.store([om, on], acc.to(c_desc.dtype))
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared checks and helpers
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +292,41 @@ def _epilogue(acc: Tensor, bias: Optional[Tensor], alpha: float, beta: float, dt
     return out.to(dtype)
 
 
+#: Set DETCOMPILE_MATMUL_TMA=0 to force the pointer-load kernel (debugging; same bits either way).
+_TMA_ENABLED = os.environ.get("DETCOMPILE_MATMUL_TMA", "1") != "0"
+
+
+def _tma_capable(a: Tensor) -> bool:
+    """TMA needs Hopper or newer and is used for 16-bit inputs only (fp32 keeps the pointer path)."""
+    return (
+        _TMA_ENABLED and _HAS_TENSOR_DESCRIPTOR and a.is_cuda
+        and a.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(a.device)[0] >= 9
+    )
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can describe: unit last stride, 16-byte aligned base and rows."""
+    es = t.element_size()
+    return t.stride(-1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _tma_descriptors(a: Tensor, b: Tensor, c: Tensor, cfg: dict):
+    """(a_desc, b_desc, c_desc, b_kmajor) for 2-D a [M, K], b [K, N], c [M, N], or None when a
+    layout does not suit TMA (the pointer kernel then runs; the bits are the same)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if not (_tma_ok(a) and _tma_ok(c)):
+        return None
+    bt = b.t()
+    if b.stride(0) == 1 and _tma_ok(bt):  # b = w.t() of an nn.Linear weight w [N, K]
+        b_desc, kmajor = TensorDescriptor.from_tensor(bt, [bn, bk]), True
+    elif _tma_ok(b):
+        b_desc, kmajor = TensorDescriptor.from_tensor(b, [bk, bn]), False
+    else:
+        return None
+    return TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, TensorDescriptor.from_tensor(c, [bm, bn]), kmajor
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
@@ -205,11 +339,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def triton_matmul(
-    a: Tensor, b: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0, beta: float = 1.0
+    a: Tensor, b: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0, beta: float = 1.0,
+    *, _config: Optional[dict] = None,
 ) -> Tensor:
     """Run the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
     a [M, K] @ b [K, N] -> [M, N], or a [B, M, K] @ b [B, K, N] -> [B, M, N]; any strides.
+    ``_config`` overrides the launch config (benchmarks/tests of config equivalence only).
     """
     _common.check_inputs(OP, a, b, bias)
     shape = _out_shape(a, b, bias)
@@ -218,7 +354,7 @@ def triton_matmul(
             f"detcompile.{OP}: the Triton kernel cannot run on {a.device} "
             "(needs CUDA, or TRITON_INTERPRET=1 with Triton installed)"
         )
-    if a.dtype not in _CONFIGS:
+    if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise UnsupportedError(f"detcompile.{OP}: dtype {a.dtype} is not supported by the Triton kernel")
     use_bias = bias is not None and beta != 0  # aten ignores bias (even NaN) when beta == 0
     xb = _expand_bias(bias, shape) if use_bias else None
@@ -245,11 +381,38 @@ def triton_matmul(
     nb, M, _ = a3.shape
     N = b3.shape[-1]
 
-    cfg = _CONFIGS[a.dtype]
+    num_sms = _common.num_sms(a.device)
+    cfg = select_config(M, N, a.dtype, num_sms)
+    if _config is not None:
+        cfg.update(_config)
+    use_tma = cfg.get("TMA", True) and nb == 1 and _tma_capable(a)
+    descs = _tma_descriptors(a3[0], b3[0], c3[0], cfg) if use_tma else None
+    if descs is None and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 128:
+        cfg.update(_POINTER_LARGE)
     num_tiles = nb * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    grid = (max(1, min(_common.num_sms(a.device), num_tiles)),)
+    # Persistent grid (one program per SM walking the tiles), or one program per tile when the
+    # config asks for it (several CTAs per SM overlap each other's epilogues); either way each
+    # tile runs the same instruction sequence.
+    grid = (max(1, min(num_sms, num_tiles)) if cfg.get("PERSISTENT", True) else num_tiles,)
     # Triton launches on the current CUDA device; make that a's device.
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        if descs is not None:
+            a_desc, b_desc, c_desc, b_kmajor = descs
+            _matmul_tma_kernel[grid](
+                a_desc, b_desc, c_desc, x3,
+                M, N, K,
+                *x_strides[1:],
+                float(alpha), float(beta),
+                HAS_BIAS=xb is not None,
+                B_KMAJOR=b_kmajor,
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"],
+                GROUP_M=cfg["GROUP_M"],
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            return out
         _matmul_kernel[grid](
             a3, b3, x3, c3,
             nb, M, N, K,

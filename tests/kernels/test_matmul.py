@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from detcompile.kernels import _common
-from detcompile.kernels.matmul import _CONFIGS, triton_matmul
+from detcompile.kernels.matmul import BLOCK_K_16BIT, BLOCK_K_FP32, select_config, triton_matmul
 from detcompile.kernels._common import UnsupportedError
 
 op = torch.ops.detcompile.matmul
@@ -280,7 +280,8 @@ def test_interp_multi_tile_persistent(gen):
     # More tiles than programs (num_sms is 4 in the interpreter): each program loops over tiles.
     M, K, N = 300, 40, 260
     a, b = rnd(gen, M, K), rnd(gen, K, N)
-    assert _common.num_sms(CPU) * 1 < (-(-M // 128)) * (-(-N // 128))
+    cfg = select_config(M, N, torch.float32, _common.num_sms(CPU))
+    assert _common.num_sms(CPU) < (-(-M // cfg["BLOCK_M"])) * (-(-N // cfg["BLOCK_N"]))
     out = triton_matmul(a, b)
     assert rel_err(out, reference(a, b)) < 1e-5
     assert torch.equal(out[257:260], triton_matmul(a[257:260], b))
@@ -296,10 +297,20 @@ def test_interp_empty_dims(gen):
     assert torch.equal(triton_matmul(a0, b0, bias, beta=2.0), (2.0 * bias).expand(4, 8))
 
 
-def test_block_k_fixed_by_dtype():
-    # The reduction chunk is a per-dtype constant (the batch-invariance contract).
-    assert _CONFIGS[torch.float16]["BLOCK_K"] == _CONFIGS[torch.bfloat16]["BLOCK_K"] == 64
-    assert _CONFIGS[torch.float32]["BLOCK_K"] == 32
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_block_k_fixed_by_dtype(dtype):
+    # The reduction chunk is a per-dtype constant (the batch-invariance contract): whatever tile
+    # the M bucket picks, BLOCK_K never changes with M, N or the SM count.
+    want = BLOCK_K_FP32 if dtype == torch.float32 else BLOCK_K_16BIT
+    picked = set()
+    for M in (1, 2, 15, 16, 17, 63, 64, 65, 255, 256, 1000, 1024, 4096, 8192, 100000):
+        for N in (8, 4096, 6144, 14336, 28672, 128256):
+            for sms in (4, 78, 132):
+                cfg = select_config(M, N, dtype, sms)
+                assert cfg["BLOCK_K"] == want
+                picked.add((cfg["BLOCK_M"], cfg["BLOCK_N"]))
+    # The 16-bit buckets really do pick different tiles (else this test would prove nothing).
+    assert len(picked) >= (1 if dtype == torch.float32 else 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,3 +406,40 @@ def test_gpu_bad_dtype():
         op(torch.ones(4, 4, device=CUDA, dtype=torch.int32), torch.ones(4, 4, device=CUDA, dtype=torch.int32))
     with pytest.raises(UnsupportedError, match="one device"):
         op(torch.ones(4, 4, device=CUDA), torch.ones(4, 4))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (28672, 4096), (300, 1000)])
+def test_gpu_row0_same_bits_across_m_buckets(gen, dtype, N, K):
+    # M from 1 to 8192 crosses every tile bucket (16-row mma.sync tiles, 64-row and 128-row wgmma
+    # tiles, TMA and pointer loads): row 0 must keep its bits in all of them.
+    W = rnd(gen, N, K, dtype=dtype, device=CUDA)
+    a = rnd(gen, 8192, K, dtype=dtype, device=CUDA)
+    want = op(a[:1], W.t())
+    sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    configs = set()
+    for M in (1, 2, 16, 17, 64, 65, 256, 1000, 1024, 4096, 8192):
+        cfg = select_config(M, N, dtype, sms)
+        configs.add((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["TMA"]))
+        assert torch.equal(op(a[:M], W.t())[:1], want), (M, cfg)
+    assert len(configs) >= 3
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_tma_and_pointer_kernels_agree(gen, dtype):
+    # The Hopper TMA kernel only moves data differently: forced pointer loads give the same bits,
+    # for both weight layouts, with bias/alpha/beta, and with ragged M, N, K tails.
+    if torch.cuda.get_device_capability(CUDA)[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    for M, N, K in [(300, 6144, 4096), (64, 4096, 4096), (1000, 520, 1000), (129, 264, 72)]:
+        a = rnd(gen, M, K, dtype=dtype, device=CUDA)
+        W = rnd(gen, N, K, dtype=dtype, device=CUDA)
+        bias = rnd(gen, N, dtype=dtype, device=CUDA)
+        for w in (W.t(), W.t().contiguous()):
+            for bb, alpha, beta in [(None, 1.0, 1.0), (bias, 0.5, 2.0)]:
+                got = triton_matmul(a, w, bb, alpha, beta, _config={"TMA": True})
+                ptr = triton_matmul(a, w, bb, alpha, beta, _config={"TMA": False})
+                assert torch.equal(got, ptr), (M, N, K, w.stride(), bb is None)
+                assert rel_err(got, reference(a, w, bb, alpha, beta)) < TOL[dtype]
