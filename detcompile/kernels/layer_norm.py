@@ -2,12 +2,21 @@
 
 Returns ``(out, mean, rstd)``: out in x.dtype; mean/rstd of shape
 ``x.shape[:axis] + [1] * len(normalized_shape)``, float32 for 16-bit x (x.dtype otherwise), as
-aten's meta/CUDA kernels give. Two passes: ``mean = sum(x) / N``, then the biased variance
-``sum((x - mean)^2) / N``; ``rstd = rsqrt(var + eps)``; ``out = (x - mean) * rstd * w + b`` in fp32.
+aten's meta/CUDA kernels give. ``rstd = rsqrt(var + eps)`` with the biased variance;
+``out = (x - mean) * rstd * w + b`` in fp32.
 
-GPU: one program per row (one normalized slice). Each sum reads the row in chunks of a fixed
-``BLOCK`` elements into an fp32 per-lane accumulator, chunks in ascending order, then one
-``tl.sum`` over the lanes: the order depends only on the row length, never on the number of rows.
+GPU (``reduce.row_plan``; the plan is a function of the normalized size N only): the row is cut
+into segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` (a row of
+N <= 8192 is one tile of ``next_pow2`` lanes/chunks). Sums are fixed pairwise trees over the
+chunks, then the lanes (``reduce.tile_sum``: ``tl.sum`` over axes of size 2, layout-independent).
+N <= 8192: one program per row (several for small N), two-pass statistics from registers,
+``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N``; one read, one write. Longer rows: one
+program per segment g, each computing ``sum_g`` and ``m2_g = sum((x - sum_g / n_g)^2)`` over its
+``n_g`` elements; the programs of a row exchange them (``reduce.row_arrive_and_wait``) and combine
+them by fixed pairwise trees over g (Chan et al.): ``mean = tree(sum_g) / N``,
+``var = tree(m2_g + n_g * (sum_g / n_g - mean)^2) / N``; each writes its segment from registers.
+Nothing depends on the number of rows or the alignment; FMA contraction is off. Rows longer than
+2**23 elements use the three-pass chunk-loop kernel.
 CPU: sequential left-to-right sums (``_common.cpu_seq_sum``), then elementwise ops.
 """
 from __future__ import annotations
@@ -19,18 +28,115 @@ import torch
 from torch import Tensor
 
 from . import _common
+from . import reduce as _rd
 
-#: Elements per chunk along the normalized dim. A constant: it fixes the reduction order.
+#: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
-#: Warps per program. Also a constant: tl.sum's tree depends on the layout, which depends on it.
+#: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
-    def _layer_norm_kernel(
+    def _segment_stats(x, mask, n, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """x [ROWS, LANES, CHUNKS] (0 where masked) of n elements -> (sum, m2 around sum / n)."""
+        sm = tile_sum(x, LOG2_LANES, LOG2_CHUNKS)
+        d = tl.where(mask, x - (sm / n)[:, None, None], 0.0)
+        return sm, tile_sum(d * d, LOG2_LANES, LOG2_CHUNKS)
+
+    @triton.jit
+    def _combine(sv, m2v, G, R, SEG: tl.constexpr, LOG2_GP2: tl.constexpr):
+        """Segment statistics [GP2] (0 past G) -> (mean, biased var) scalars."""
+        gi = tl.arange(0, sv.shape[0])
+        valid = gi < G
+        mean = tree_sum(sv, LOG2_GP2) / R
+        n = tl.where(valid, tl.minimum(R - gi * SEG, SEG), 1).to(tl.float32)
+        dm = sv / n - mean
+        var = tree_sum(tl.where(valid, m2v + n * (dm * dm), 0.0), LOG2_GP2) / R
+        return mean, var
+
+    @triton.jit
+    def _write(out_ptr, w_ptr, b_ptr, offs, col, mask, u, mean, rstd,
+               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        y = (u - mean) * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["T", "timeout_ns"])
+    def _layer_norm_rows_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, ws_ptr, cnt_ptr, R, eps, T, G, timeout_ns,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROWS: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+        CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
+        LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
+    ):
+        """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
+        SEG: tl.constexpr = LANES * CHUNKS
+        pid = tl.program_id(0)
+        seg = pid % G
+        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+        if not SPLIT:
+            u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sm, m2 = _segment_stats(u, mask, R, LOG2_LANES, LOG2_CHUNKS)
+            mean = sm / R
+            rstd = tl.math.rsqrt(m2 / R + eps)
+            rmask = rows < T
+            tl.store(mean_ptr + rows, mean.to(mean_ptr.dtype.element_ty), mask=rmask)
+            tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=rmask)
+            _write(out_ptr, w_ptr, b_ptr, offs, col, mask, u, mean[:, None, None],
+                   rstd[:, None, None], HAS_WEIGHT, HAS_BIAS)
+        else:
+            row = (pid // G).to(tl.int64)
+            ws_row = ws_ptr + row * (2 * G)
+            gi = tl.arange(0, GP2)
+            if PHASE != 2:
+                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                sm, m2 = _segment_stats(u, mask, tl.minimum(R - seg * SEG, SEG), LOG2_LANES, LOG2_CHUNKS)
+                tl.store(ws_row + 2 * seg, tl.sum(sm, axis=0))  # [1] -> scalar: exact
+                tl.store(ws_row + 2 * seg + 1, tl.sum(m2, axis=0))
+            if PHASE == 0:
+                ok = row_arrive_and_wait(cnt_ptr + row, G, timeout_ns)
+                if ok:
+                    sv = tl.load(ws_row + 2 * gi, mask=gi < G, other=0.0, cache_modifier=".cg")
+                    m2v = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0, cache_modifier=".cg")
+                    mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+                    rstd = tl.math.rsqrt(var + eps)
+                else:
+                    # The row's other programs did not arrive in time: compute every segment's
+                    # statistics here (the same function, so the same bits), then reload u.
+                    sv = tl.zeros([GP2], tl.float32)
+                    m2v = tl.zeros([GP2], tl.float32)
+                    for g in range(0, G):
+                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+                        ug = tl.load(x_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)
+                        n_g = tl.minimum(R - g * SEG, SEG)
+                        sg, m2g = _segment_stats(ug, mask_g, n_g, LOG2_LANES, LOG2_CHUNKS)
+                        sv = tl.where(gi == g, tl.sum(sg, axis=0), sv)
+                        m2v = tl.where(gi == g, tl.sum(m2g, axis=0), m2v)
+                    mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+                    rstd = tl.math.rsqrt(var + eps)
+                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                if PHASE == 2:
+                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    sv = tl.load(ws_row + 2 * gi, mask=gi < G, other=0.0)
+                    m2v = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0)
+                    mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+                    rstd = tl.math.rsqrt(var + eps)
+            if PHASE != 1:
+                if seg == 0:
+                    tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
+                    tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
+                _write(out_ptr, w_ptr, b_ptr, offs, col, mask, u, mean, rstd, HAS_WEIGHT, HAS_BIAS)
+
+    @triton.jit
+    def _layer_norm_loop_kernel(
         x_ptr,
         w_ptr,
         b_ptr,
@@ -42,22 +148,23 @@ if _common.HAS_TRITON:
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK: tl.constexpr,
+        LOG2_BLOCK: tl.constexpr,
     ):
+        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
+        (per-lane sums in ascending chunk order, then the fixed lane tree)."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * N
         o_row = out_ptr + row * N
         cols = tl.arange(0, BLOCK)
 
-        # Pass 1: mean. Per-lane sums across chunks in ascending order, one tree sum at the end.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             offs = start + cols
             mask = offs < N
             acc += tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / N
+        mean = tree_sum(acc, LOG2_BLOCK) / N
 
-        # Pass 2: biased variance around the mean (two-pass, as aten). Tail lanes must add 0,
-        # not (0 - mean)^2, so the centered value is masked.
+        # Biased variance around the mean (two-pass). Tail lanes must add 0, not (0 - mean)^2.
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             offs = start + cols
@@ -65,12 +172,11 @@ if _common.HAS_TRITON:
             u = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             d = tl.where(mask, u - mean, 0.0)
             acc2 += d * d
-        var = tl.sum(acc2, axis=0) / N
+        var = tree_sum(acc2, LOG2_BLOCK) / N
         rstd = tl.math.rsqrt(var + eps)
         tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
         tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
 
-        # Pass 3: normalize and apply the affine transform (elementwise).
         for start in range(0, N, BLOCK):
             offs = start + cols
             mask = offs < N
@@ -144,12 +250,23 @@ def triton_layer_norm(
     xc = _aligned(x)
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointers when absent
     b = _aligned(bias.reshape(-1)) if bias is not None else xc
+    plan = _rd.row_plan(n)
     with _on_device(x):
-        _layer_norm_kernel[(m,)](
-            xc, w, b, out, mean, rstd, n, float(eps),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
+        if plan is None:
+            _layer_norm_loop_kernel[(m,)](
+                xc, w, b, out, mean, rstd, n, float(eps),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK=BLOCK, LOG2_BLOCK=BLOCK.bit_length() - 1, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
+        else:
+            # No register cap: the split kernel takes 128 registers (4 programs per SM) and would
+            # spill at reduce.ROW_SPLIT_MAXNREG.
+            _rd.launch_rows(
+                _layer_norm_rows_kernel, plan, m, x.device, torch.float32, 2,
+                (xc, w, b, out, mean, rstd), (n, float(eps)),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            )
     return out, mean, rstd
 
 

@@ -7,10 +7,14 @@ is reduced by the same instruction sequence, which depends only on ``R``:
 * Triton: one program per row. The row is read in chunks of the fixed ``BLOCK`` (never derived from
   ``R`` or ``rows``); chunk ``c`` is added (max-ed) into a ``BLOCK``-wide lane accumulator, in
   ascending chunk order, and the lanes are then combined by a fixed pairwise tree (``tree_sum``):
-  lane ``2i`` with lane ``2i+1``, ten levels. The tree is written with reshape/split, so the
+  lane ``2i`` with lane ``2i+1``, ten levels. Each level is a reshape to pairs and a ``tl.sum``
+  over the axis of size 2 (one addition, whose result cannot depend on operand order), so the
   association is fixed by the program text and not by the register layout the compiler picks (which
   can change with the pointer-alignment / ``R % 16`` specialisation). Zero (sum) or -inf (max)
   padding at the end of a row only adds exact zeros to lanes, so it changes no bit.
+
+This module also holds the plan and helpers shared by the row kernels (rms_norm, layer_norm,
+softmax): ``row_plan``, ``launch_rows``, ``tile_sum``, ``row_arrive_and_wait``.
 * CPU: sequential left-to-right loop of elementwise ops (``_common.cpu_seq_sum``); amax/amin are
   exact in any order and use ``torch.amax``/``torch.amin``.
 
@@ -18,6 +22,8 @@ Integer/bool results are exact in any order, so those cases just call the aten o
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -39,10 +45,14 @@ if HAS_TRITON:
 
     @triton.jit
     def tree_sum(x, LOG2: tl.constexpr):
-        """Sum of a [2**LOG2] vector by a fixed pairwise tree (lane 2i + lane 2i+1 per level)."""
+        """Sum of a [2**LOG2] vector by a fixed pairwise tree (lane 2i + lane 2i+1 per level).
+
+        Each level is a ``tl.sum`` over an axis of size 2: the sum of two numbers has one possible
+        result (a + b == b + a bitwise), so the layout cannot change it, and it compiles to
+        in-register adds and warp shuffles (``tl.split`` made every thread redo the whole tree).
+        """
         for _ in tl.static_range(LOG2):
-            a, b = tl.split(tl.reshape(x, (x.shape[0] // 2, 2)))
-            x = a + b
+            x = tl.sum(tl.reshape(x, (x.shape[0] // 2, 2)), axis=1)
         # One element left: the 1-element reduction is just that element.
         return tl.sum(x, axis=0)
 
@@ -135,6 +145,211 @@ if HAS_TRITON:
         var = tree_sum(acc, LOG2) / divisor
         tl.store(var_ptr + row, var.to(var_ptr.dtype.element_ty))
         tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Row kernels (rms_norm, layer_norm, softmax): the shared plan, tile and tree helpers.
+# ----------------------------------------------------------------------------------------------
+#
+# The row (length R) is cut into *segments* of ROW_LANES * ROW_SEG_CHUNKS elements; a segment is
+# a register tile [lanes, chunks] with element ``c * ROW_LANES + l`` at (l, c). A segment is
+# reduced by a fixed pairwise tree over the chunk axis (chunk 2i + chunk 2i+1 per level), then a
+# fixed pairwise tree over the lanes; segments are combined by a fixed pairwise tree over segment
+# indices. Every tree is padded to a power of two with zero leaves, and a zero subtree adds an exact
+# +0, so trailing padding never changes a bit (softmax's -inf padding gives exp(-inf) = +0).
+# A row of R <= one segment is one tile held by one program (one read, one write); a longer row is
+# split over ``G = cdiv(R, segment)`` programs that exchange their segment statistics (see
+# ``row_arrive_and_wait``, opt-in) and then write their segment from registers (still one read,
+# one write), or (default) a second launch re-reads the row and writes it.
+# None of this depends on the number of rows, the alignment or the register layout.
+
+#: Lanes of a segment tile (rows shorter than this use next_pow2(R) lanes: the same tree).
+ROW_LANES = 1024
+#: Chunks of ROW_LANES per segment: a segment is 8192 elements (64 fp32 registers per thread).
+ROW_SEG_CHUNKS = 8
+#: Rows longer than this many segments (2**23 elements) use the chunk-loop kernels instead.
+ROW_MAX_SEGMENTS = 1024
+#: With DETCOMPILE_ROW_SYNC=1, rows of at most this many segments are split over cooperating
+#: programs in one launch; otherwise (the default) split rows use two launches: statistics, then
+#: the output. Both give the same bits. The one-launch schedule measured no faster on the H100
+#: (softmax [8192, 128256]: 2.07 ms either way, 2026-11-24), so the simpler one is the default.
+ROW_MAX_SYNC_SEGMENTS = 64
+#: A short row's program takes several rows (ROW_MIN_TILE // tile of one row): scheduling only.
+ROW_MIN_TILE = 2048
+#: Warps of a row program: with 4 warps the 1024 lanes cover every thread of the program, so the
+#: chunk tree stays inside each thread. (A function of nothing: the bits never depend on it.)
+ROW_NUM_WARPS = 4
+#: How long a split program waits for its row's other programs before it computes the whole
+#: row's statistics itself (same bits; never needed when the GPU runs the launch normally).
+ROW_SYNC_TIMEOUT_NS = 2_000_000
+
+#: Register cap of the one-launch split kernels of softmax and (16-bit) rms_norm. ptxas gives them
+#: 104-140 registers when free (3-4 programs of 4 warps per SM); they fit 96 (5 per SM) with at most
+#: 8 bytes of spill (ptxas for sm_90a, Triton 3.9). layer_norm (128, no spill) and rms_norm with
+#: fp32 data or weight (130-142; 96 would spill) run uncapped. Scheduling only: not in the bits.
+ROW_SPLIT_MAXNREG = 96
+
+def _has_atomic_poll() -> bool:
+    """``tl.atomic_poll`` with a timeout (Triton 3.9); without it split rows use two launches."""
+    try:
+        import inspect
+
+        return "timeout_ns" in inspect.signature(tl.atomic_poll).parameters
+    except Exception:  # pragma: no cover - depends on the Triton build
+        return False
+
+
+HAS_ATOMIC_POLL = HAS_TRITON and _has_atomic_poll()
+
+
+def _has_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "maxnreg" in CUDAOptions.__dataclass_fields__
+    except Exception:  # pragma: no cover - depends on the Triton build
+        return False
+
+
+_MAXNREG = HAS_TRITON and _has_maxnreg()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How a row of length R is tiled: a function of R (and the module constants) only."""
+
+    rows: int  # rows per program (1 when the row is split)
+    lanes: int  # lanes of the tile: min(ROW_LANES, next_pow2(R))
+    chunks: int  # chunks of the tile: next_pow2(cdiv(R, ROW_LANES)), ROW_SEG_CHUNKS when split
+    segments: int  # G: programs per row (1: the whole row in one program's registers)
+    num_warps: int
+
+    @property
+    def split(self) -> bool:
+        return self.segments > 1
+
+    def constexprs(self) -> dict:
+        gp2 = _next_pow2(self.segments)
+        return dict(
+            ROWS=self.rows, LANES=self.lanes, LOG2_LANES=self.lanes.bit_length() - 1,
+            CHUNKS=self.chunks, LOG2_CHUNKS=self.chunks.bit_length() - 1,
+            GP2=gp2, LOG2_GP2=gp2.bit_length() - 1, SPLIT=self.split,
+        )
+
+
+def row_plan(R: int) -> Optional[RowPlan]:
+    """The tile plan for rows of length ``R`` (> 0); None: longer than ROW_MAX_SEGMENTS segments."""
+    seg = ROW_LANES * ROW_SEG_CHUNKS
+    if R <= seg:
+        lanes = min(ROW_LANES, _next_pow2(R))
+        chunks = _next_pow2(-(-R // ROW_LANES))
+        rows = max(1, ROW_MIN_TILE // (lanes * chunks))
+        return RowPlan(rows, lanes, chunks, 1, ROW_NUM_WARPS)
+    g = -(-R // seg)
+    if g > ROW_MAX_SEGMENTS:
+        return None
+    return RowPlan(1, ROW_LANES, ROW_SEG_CHUNKS, g, ROW_NUM_WARPS)
+
+
+def row_sync(segments: int) -> bool:
+    """Whether a split row runs as one launch of cooperating programs (else: two launches)."""
+    return (
+        HAS_ATOMIC_POLL
+        and segments <= ROW_MAX_SYNC_SEGMENTS
+        and os.environ.get("DETCOMPILE_ROW_SYNC", "0") not in ("0", "")
+    )
+
+
+def launch_rows(kernel, plan: RowPlan, T: int, device, ws_dtype, ws_width: int, ptrs: tuple,
+                scalars: tuple, maxnreg: Optional[int] = None, **constexprs) -> None:
+    """Launch a row kernel with the signature ``(*ptrs, ws, cnt, R-first scalars..., T, G,
+    timeout_ns, *rest)``; ``scalars`` is ``(R, ...)`` up to, not including, T.
+
+    Register path: one program per ``plan.rows`` rows. Split path: T * G programs, program
+    ``row * G + g`` owns segment g of row ``row``; ``ws`` holds ``ws_width`` statistics per
+    segment, ``cnt`` one arrival counter per row (zeroed here, per call). ``maxnreg``: register
+    cap of the one-launch split kernel (scheduling only), where it does not make ptxas spill.
+    """
+    opts = dict(num_warps=plan.num_warps, enable_fp_fusion=False)
+    cx = dict(plan.constexprs(), **constexprs)
+    x = ptrs[0]
+    if not plan.split:
+        kernel[(triton.cdiv(T, plan.rows),)](*ptrs, x, x, *scalars, T, 1, 0, PHASE=0, **cx, **opts)
+        return
+    G = plan.segments
+    ws = torch.empty(T * G * ws_width, dtype=ws_dtype, device=device)
+    grid = (T * G,)
+    if row_sync(G):
+        cnt = torch.zeros(T, dtype=torch.int32, device=device)
+        timeout = 0 if _common.triton_interpret() else ROW_SYNC_TIMEOUT_NS
+        if maxnreg and _MAXNREG and scalars[0] % 16 == 0:
+            # Only for R % 16 == 0 (Triton's divisibility specialization, so 16-byte loads): with
+            # scalar loads the cap makes ptxas spill.
+            opts["maxnreg"] = maxnreg
+        kernel[grid](*ptrs, ws, cnt, *scalars, T, G, timeout, PHASE=0, **cx, **opts)
+    else:
+        kernel[grid](*ptrs, ws, x, *scalars, T, G, 0, PHASE=1, **cx, **opts)
+        kernel[grid](*ptrs, ws, x, *scalars, T, G, 0, PHASE=2, **cx, **opts)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def pair_sum_2d(x, LOG2: tl.constexpr):
+        """[A, 2**LOG2] -> [A]: fixed pairwise tree along the last axis (see ``tree_sum``)."""
+        for _ in tl.static_range(LOG2):
+            x = tl.sum(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)), axis=2)
+        return tl.reshape(x, (x.shape[0],))
+
+    @triton.jit
+    def pair_sum_3d(x, LOG2: tl.constexpr):
+        """[A, B, 2**LOG2] -> [A, B]: fixed pairwise tree along the last axis."""
+        for _ in tl.static_range(LOG2):
+            x = tl.sum(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)), axis=3)
+        return tl.reshape(x, (x.shape[0], x.shape[1]))
+
+    @triton.jit
+    def tile_sum(x, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """[ROWS, LANES, CHUNKS] -> [ROWS]: the chunk tree in each lane, then the lane tree."""
+        return pair_sum_2d(pair_sum_3d(x, LOG2_CHUNKS), LOG2_LANES)
+
+    @triton.jit
+    def tile_offsets(pid, seg, R, T, G, ROWS: tl.constexpr, LANES: tl.constexpr,
+                     CHUNKS: tl.constexpr, SPLIT: tl.constexpr):
+        """Offsets and mask of a program's tile [ROWS, LANES, CHUNKS] (element ``c * LANES + l``
+        of the row, plus ``seg * LANES * CHUNKS`` for segment ``seg`` of a split row), its rows
+        (int64) and the column of each element."""
+        lanes = tl.arange(0, LANES)
+        chunks = tl.arange(0, CHUNKS)
+        if SPLIT:
+            rows = (pid // G).to(tl.int64) + tl.arange(0, ROWS)
+            col = seg * (LANES * CHUNKS) + lanes[None, :, None] + chunks[None, None, :] * LANES
+        else:
+            rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            col = lanes[None, :, None] + chunks[None, None, :] * LANES
+        mask = (rows[:, None, None] < T) & (col < R)
+        offs = rows[:, None, None] * R + col
+        return rows, col, offs, mask
+
+    @triton.jit
+    def row_arrive_and_wait(cnt_ptr, G, timeout_ns):
+        """Publish this program's segment statistics (stored before the call) and wait until all
+        G programs of the row have. True when they have; False after ``timeout_ns`` (then the
+        caller computes the row's statistics itself, with the same arithmetic: same bits).
+
+        Thread 0 does a gpu-scope release add and an acquire poll; the barrier before it orders
+        every thread's stores, and the statistics are then read with ``.cg`` loads (L2, never a
+        stale L1 line). Forward progress: programs of a row have consecutive ids, so the GPU
+        dispatches them together in practice; the timeout makes any other order slow, never
+        wrong and never a hang.
+        """
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+        return tl.atomic_poll(cnt_ptr, G, sem="acquire", scope="gpu", timeout_ns=timeout_ns)
 
 
 # ----------------------------------------------------------------------------------------------

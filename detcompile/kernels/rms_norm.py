@@ -3,10 +3,18 @@
 Semantics of torch's composite ``rms_norm``: ``u = x.float()`` (float64 stays float64),
 ``y = u * rsqrt(mean(u * u) + eps)``, then ``y * weight`` (weight upcast), cast back to x.dtype.
 
-GPU: one program per row. The row is read in chunks of a fixed ``BLOCK`` elements; each lane of an
-fp32 vector accumulator adds its element of every chunk in ascending chunk order, and one
-``tl.sum`` reduces the lanes at the end. The reduction order therefore depends only on the row
-length (masked tail lanes add exact zeros), never on how many rows the batch holds.
+GPU (``reduce.row_plan``; the plan is a function of the hidden size R only): the row is cut into
+segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` (element
+``c * 1024 + l``; a row of R <= 8192 is one tile of ``next_pow2`` lanes/chunks). ``sum(u * u)`` of a
+segment is a fixed pairwise tree over the chunks, then over the lanes (``reduce.tile_sum``, built
+from ``tl.sum`` over axes of size 2, whose result cannot depend on the register layout); segments
+are added by a fixed pairwise tree over their index. R <= 8192 (every common hidden size): one
+program per row (several rows per program when R is small), one read and one write. Longer rows:
+one program per segment; the programs of a row exchange their partial sums through global memory
+(``reduce.row_arrive_and_wait``) and write their segment from registers: still one read, one write.
+Nothing depends on the number of rows or their alignment; FMA contraction is off, so the bits do
+not depend on the compiler's fusion choices either. Rows longer than 2**23 elements use the
+chunk-loop kernel (ascending chunks into 1024 lanes, then the lane tree).
 CPU: a sequential left-to-right sum (``_common.cpu_seq_sum``), then elementwise ops.
 """
 from __future__ import annotations
@@ -17,18 +25,74 @@ import torch
 from torch import Tensor
 
 from . import _common
+from . import reduce as _rd
 
-#: Elements per chunk along the reduced (last) dim. A constant: it fixes the reduction order.
+#: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
-#: Warps per program. Also a constant: tl.sum's tree depends on the layout, which depends on it.
+#: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
-    def _rms_norm_kernel(
+    def _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT: tl.constexpr):
+        y = u * r
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["T", "timeout_ns"])
+    def _rms_norm_rows_kernel(
+        x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, R, eps, T, G, timeout_ns,
+        HAS_WEIGHT: tl.constexpr,
+        ROWS: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+        CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
+        LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
+    ):
+        """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
+        pid = tl.program_id(0)
+        seg = pid % G
+        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+        if not SPLIT:
+            u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            ss = tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS)
+            r = tl.math.rsqrt(ss / R + eps)
+            _write(out_ptr, w_ptr, offs, col, mask, u, r[:, None, None], HAS_WEIGHT)
+        else:
+            ws_row = ws_ptr + (pid // G).to(tl.int64) * G
+            gi = tl.arange(0, GP2)
+            if PHASE != 2:
+                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                ss = tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS)
+                tl.store(ws_row + seg, tl.sum(ss, axis=0))  # [1] -> scalar: exact
+            if PHASE == 0:
+                ok = row_arrive_and_wait(cnt_ptr + pid // G, G, timeout_ns)
+                if ok:
+                    sv = tl.load(ws_row + gi, mask=gi < G, other=0.0, cache_modifier=".cg")
+                    r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+                    _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
+                else:
+                    # The row's other programs did not arrive in time: compute every segment's
+                    # partial sum here (the same function, so the same bits), then reload u.
+                    sv = tl.zeros([GP2], tl.float32)
+                    for g in range(0, G):
+                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+                        ug = tl.load(x_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)
+                        sv = tl.where(gi == g, tl.sum(tile_sum(ug * ug, LOG2_LANES, LOG2_CHUNKS), axis=0), sv)
+                    r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
+            elif PHASE == 2:
+                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                sv = tl.load(ws_row + gi, mask=gi < G, other=0.0)
+                r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+                _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
+
+    @triton.jit
+    def _rms_norm_loop_kernel(
         x_ptr,
         w_ptr,
         out_ptr,
@@ -36,23 +100,24 @@ if _common.HAS_TRITON:
         eps,
         HAS_WEIGHT: tl.constexpr,
         BLOCK: tl.constexpr,
+        LOG2_BLOCK: tl.constexpr,
     ):
+        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: per-lane sums of squares over
+        1024-chunks in ascending order, the fixed lane tree, then a second pass to normalize."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * N
         o_row = out_ptr + row * N
         cols = tl.arange(0, BLOCK)
 
-        # Pass 1: per-lane sum of squares across chunks, in ascending order; one tree sum at the end.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             offs = start + cols
             mask = offs < N
             u = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             acc += u * u
-        mean_sq = tl.sum(acc, axis=0) / N
+        mean_sq = tree_sum(acc, LOG2_BLOCK) / N
         r = tl.math.rsqrt(mean_sq + eps)
 
-        # Pass 2: normalize (elementwise, no reduction).
         for start in range(0, N, BLOCK):
             offs = start + cols
             mask = offs < N
@@ -94,6 +159,11 @@ def _check(x: Tensor, weight: Tensor | None) -> None:
             )
 
 
+def _all_half(*tensors: Tensor | None) -> bool:
+    """16-bit data and weight: the split kernel fits reduce.ROW_SPLIT_MAXNREG registers."""
+    return all(t is None or t.dtype in _common.HALF_DTYPES for t in tensors)
+
+
 def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """Launch the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, weight)
@@ -106,10 +176,19 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     if m == 0 or n == 0:
         return out
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointer when absent
+    plan = _rd.row_plan(n)
     with _on_device(x):
-        _rms_norm_kernel[(m,)](
-            xc, w, out, n, float(eps), HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS
-        )
+        if plan is None:
+            _rms_norm_loop_kernel[(m,)](
+                xc, w, out, n, float(eps), HAS_WEIGHT=weight is not None, BLOCK=BLOCK,
+                LOG2_BLOCK=BLOCK.bit_length() - 1, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+        else:
+            _rd.launch_rows(
+                _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out),
+                (n, float(eps)), maxnreg=_rd.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
+                HAS_WEIGHT=weight is not None,
+            )
     return out
 
 

@@ -1,14 +1,28 @@
 """Batch-invariant softmax / log-softmax: ``detcompile::softmax`` (aten ``_softmax`` / ``_log_softmax``).
 
 The softmax dim is moved last and the input flattened to ``[rows, R]``. Each row is computed by the
-same instruction sequence whatever the other rows are, and that sequence depends only on ``R``:
+same instruction sequence whatever the other rows are, and that sequence depends only on ``R``
+(and the dtype):
 
-* Triton: one program per row, three passes over the row in chunks of the fixed ``BLOCK``:
-  (1) lane-wise running max, then a max over the lanes (exact); (2) lane-wise running
-  ``sum(exp(x - max))`` in ascending chunk order, combined by the fixed pairwise lane tree of
-  ``reduce.tree_sum`` (layout-independent); (3) write ``exp(x - max) / sum`` or
-  ``x - max - log(sum)``. Right padding by -inf adds ``exp(-inf) = 0`` to lanes, an exact no-op,
-  so the real part of a padded row has the same bits (attention with right padding).
+* Triton (``reduce.row_plan``): the row is cut into segments of 8192 elements, each a register
+  tile ``[1024 lanes, 8 chunks]`` (element ``c * 1024 + l``; a row shorter than one segment uses
+  ``next_pow2`` lanes/chunks of it). Per segment g: the max ``m_g`` (exact; ``+ 0.0`` makes a -0
+  max +0), then ``s_g`` = the sum of ``exp(x - m_g)`` by a fixed pairwise tree over the chunks, then
+  over the lanes (``reduce.tile_sum``; ``s_g = 0`` for an all -inf segment). Row statistics:
+  ``M = max_g m_g``, ``S`` = fixed pairwise tree over g of ``s_g * f_g`` with ``f_g = 1`` exactly
+  when ``m_g == M``, else ``exp(m_g - M)``. Output ``exp(x - M) * (1 / S)`` or
+  ``(x - M) - log(S)``. Every tree step is one sum of two numbers (``tl.sum`` over an axis of
+  size 2), so no register layout, warp count, alignment or specialization can change a bit; FMA
+  contraction is off.
+  A row of one segment (R <= 8192) is one program: one read, one write. A longer row is split
+  over one program per segment, which exchange ``(m_g, s_g)`` through global memory and write their
+  segment from registers (``reduce.row_arrive_and_wait``): one read, one write.
+  **Right padding with -inf** (attention) is an exact no-op on the real part of a row, for every R:
+  padded lanes, chunks and segments add ``exp(-inf) = +0`` leaves to the trees (a zero subtree adds
+  an exact +0), padded segments have ``m_g = -inf``, ``s_g = 0``, ``f_g = 0``, and the max does not
+  move. This holds across the one-program / split boundary because both compute the same
+  definition (a one-segment row is the G = 1 case: ``M = m_0``, ``S = s_0 * 1``).
+  Rows longer than 2**23 elements use the old chunk-loop kernel (3 passes; its own fixed order).
 * CPU: max (exact), ``exp`` elementwise, then a sequential left-to-right sum
   (``_common.cpu_seq_sum``); trailing zeros from -inf padding leave a sequential sum unchanged.
 
@@ -17,21 +31,105 @@ A row that is entirely -inf gives NaN, as in torch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, reduce as _rd
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 from .reduce import BLOCK, LOG2_BLOCK, NUM_WARPS
 
 if HAS_TRITON:
-    from .reduce import tree_sum
+    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
-    def _softmax_kernel(
+    def _segment_stats(x, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """x [ROWS, LANES, CHUNKS] (-inf where masked) -> (m, s) [ROWS]."""
+        m = tl.max(tl.max(x, axis=2), axis=1) + 0.0
+        s = tile_sum(tl.exp(x - m[:, None, None]), LOG2_LANES, LOG2_CHUNKS)
+        return m, tl.where(m == float("-inf"), 0.0, s)
+
+    @triton.jit
+    def _combine(mv, sv, LOG2_GP2: tl.constexpr):
+        """Segment statistics [GP2] (m = -inf, s = 0 past G) -> (M, S) scalars."""
+        M = tl.max(mv, axis=0) + 0.0
+        f = tl.where(mv == M, 1.0, tl.exp(mv - M))
+        return M, tree_sum(sv * f, LOG2_GP2)
+
+    @triton.jit
+    def _write(out_ptr, offs, mask, x, M, S, LOG: tl.constexpr):
+        """M, S broadcast against x: [ROWS, 1, 1] (one-program rows) or scalars (split rows)."""
+        if LOG:
+            y = (x - M) - tl.log(S)
+        else:
+            y = tl.exp(x - M) * (1.0 / S)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["T", "timeout_ns"])
+    def _softmax_rows_kernel(
+        x_ptr, out_ptr, ws_ptr, cnt_ptr, R, T, G, timeout_ns,
+        LOG: tl.constexpr, ACC_FP64: tl.constexpr,
+        ROWS: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+        CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
+        LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
+    ):
+        """One-program rows (not SPLIT): ROWS rows per program. Split rows: program
+        ``row * G + g`` owns segment g; PHASE 0: the programs of a row exchange their segment
+        statistics in ``ws`` and each writes its segment; PHASE 1: statistics only; PHASE 2: the
+        output, from phase 1's statistics (a second launch)."""
+        ACC = tl.float64 if ACC_FP64 else tl.float32
+        NEG_INF = float("-inf")
+        pid = tl.program_id(0)
+        seg = pid % G
+        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+        if not SPLIT:
+            x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
+            m, s = _segment_stats(x, LOG2_LANES, LOG2_CHUNKS)
+            _write(out_ptr, offs, mask, x, m[:, None, None], s[:, None, None], LOG)
+        else:
+            ws_row = ws_ptr + (pid // G).to(tl.int64) * (2 * G)
+            gi = tl.arange(0, GP2)
+            if PHASE != 2:
+                x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
+                m, s = _segment_stats(x, LOG2_LANES, LOG2_CHUNKS)
+                tl.store(ws_row + 2 * seg, tl.max(m, axis=0))  # [1] -> scalar: exact
+                tl.store(ws_row + 2 * seg + 1, tl.max(s, axis=0))
+            if PHASE == 0:
+                ok = row_arrive_and_wait(cnt_ptr + pid // G, G, timeout_ns)
+                if ok:
+                    mv = tl.load(ws_row + 2 * gi, mask=gi < G, other=NEG_INF, cache_modifier=".cg")
+                    sv = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0, cache_modifier=".cg")
+                    M, S = _combine(mv, sv, LOG2_GP2)
+                    _write(out_ptr, offs, mask, x, M, S, LOG)
+                else:
+                    # The row's other programs did not arrive in time: compute every segment's
+                    # statistics here (the same function, so the same bits), then reload x.
+                    mv = tl.full([GP2], NEG_INF, ACC)
+                    sv = tl.zeros([GP2], ACC)
+                    for g in range(0, G):
+                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
+                        xg = tl.load(x_ptr + offs_g, mask=mask_g, other=NEG_INF).to(ACC)
+                        mg, sg = _segment_stats(xg, LOG2_LANES, LOG2_CHUNKS)
+                        mv = tl.where(gi == g, tl.max(mg, axis=0), mv)
+                        sv = tl.where(gi == g, tl.max(sg, axis=0), sv)
+                    M, S = _combine(mv, sv, LOG2_GP2)
+                    x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
+                    _write(out_ptr, offs, mask, x, M, S, LOG)
+            elif PHASE == 2:
+                x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
+                mv = tl.load(ws_row + 2 * gi, mask=gi < G, other=NEG_INF)
+                sv = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0)
+                M, S = _combine(mv, sv, LOG2_GP2)
+                _write(out_ptr, offs, mask, x, M, S, LOG)
+
+    @triton.jit
+    def _softmax_loop_kernel(
         x_ptr, out_ptr, R,
         LOG: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
     ):
+        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
+        (max; lane sums in ascending chunk order, then the lane tree; write)."""
         ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * R
@@ -98,20 +196,38 @@ def _restore(out2: Tensor, x: Tensor, dim: int) -> Tensor:
     return out2.reshape(moved).movedim(-1, dim).contiguous()
 
 
+def _on_device(x: Tensor):
+    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = False) -> Tensor:
     """Triton path of ``detcompile::softmax`` (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     if not _common.triton_launchable(x):
         raise UnsupportedError("detcompile.softmax: Triton cannot run on this tensor")
     dim = _check(x, dim)
-    x2 = _rows(x, dim)
+    # 16-byte aligned rows give vectorized loads (the bits do not depend on it).
+    x2 = _common.aligned16(_rows(x, dim))
     rows, R = x2.shape
     out2 = torch.empty((rows, R), dtype=_out_dtype(x, half_to_float), device=x.device)
     if rows > 0 and R > 0:
-        _softmax_kernel[(rows,)](
-            x2, out2, R,
-            LOG=bool(log), ACC_FP64=x.dtype == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        acc64 = x.dtype == torch.float64
+        plan = _rd.row_plan(R)
+        with _on_device(x):
+            if plan is None:
+                _softmax_loop_kernel[(rows,)](
+                    x2, out2, R,
+                    LOG=bool(log), ACC_FP64=acc64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
+                    num_warps=NUM_WARPS, enable_fp_fusion=False,
+                )
+            else:
+                _rd.launch_rows(
+                    _softmax_rows_kernel, plan, rows, x.device,
+                    torch.float64 if acc64 else torch.float32, 2, (x2, out2), (R,),
+                    # 16-bit in, fp32 out would spill at the register cap (ptxas, sm_90a).
+                    maxnreg=None if out2.dtype != x2.dtype else _rd.ROW_SPLIT_MAXNREG,
+                    LOG=bool(log), ACC_FP64=acc64,
+                )
     return _restore(out2, x, dim)
 
 

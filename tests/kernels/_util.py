@@ -51,3 +51,30 @@ def grouped_mm_ref(x, w, offs):
         out[start:end] = x[start:end].double() @ w[g].double()
         start = end
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-plan kernels (rms_norm, layer_norm, softmax): tiny test-only constants so that small rows
+# reach every path in the interpreter: 16 lanes x 2 chunks = 32-element segments, one program per
+# row up to 32, split rows of 2..8 segments (33..256, one launch or two), the chunk-loop kernel above.
+# ---------------------------------------------------------------------------------------------
+
+SMALL_PATHS = [5, 16, 17, 32, 33, 64, 129, 300]
+
+
+@pytest.fixture
+def small_rows(monkeypatch):
+    from detcompile.kernels import reduce as rd
+
+    monkeypatch.setattr(rd, "ROW_LANES", 16)
+    monkeypatch.setattr(rd, "ROW_SEG_CHUNKS", 2)
+    monkeypatch.setattr(rd, "ROW_MIN_TILE", 64)
+    monkeypatch.setattr(rd, "ROW_MAX_SEGMENTS", 8)
+    return rd
+
+
+@pytest.fixture
+def one_launch_row_sync(monkeypatch):
+    """Split rows default to two launches; these tests run the one-launch schedule by default and
+    set DETCOMPILE_ROW_SYNC=0 where they compare it with the two-launch one."""
+    monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")

@@ -5,7 +5,10 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels.layer_norm import BLOCK, triton_layer_norm
 
-from ._util import LAUNCH_DEV, needs_triton, rel_err
+from ._util import SMALL_PATHS, LAUNCH_DEV, needs_triton, rel_err
+from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
+
+pytestmark = pytest.mark.usefixtures("one_launch_row_sync")
 
 OP = torch.ops.detcompile.layer_norm
 EPS = 1e-5
@@ -207,3 +210,80 @@ def test_gpu_bad_inputs():
         OP(torch.ones(2, 8, device="cuda", dtype=torch.int64), [8], None, None, EPS)
     with pytest.raises(_common.UnsupportedError, match="weight is on"):
         OP(torch.randn(2, 8, device="cuda"), [8], torch.randn(8), None, EPS)
+
+
+# ------------------------------------------- row plan paths (interpreter/GPU, tiny test constants:
+# tests/kernels/_util.py small_rows)
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden", SMALL_PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_triton_paths_batch_invariant_and_accurate(small_rows, monkeypatch, hidden, dtype, tol, gen):
+    check_invariance(triton_layer_norm, dtype, hidden, 4, gen, device=LAUNCH_DEV)
+    x = (torch.randn(3, hidden, generator=gen) * 4 + 1).to(LAUNCH_DEV, dtype)
+    w = torch.randn(hidden, generator=gen).to(LAUNCH_DEV, dtype)
+    b = torch.randn(hidden, generator=gen).to(LAUNCH_DEV, dtype)
+    for weight, bias in ((w, b), (None, None)):
+        outs = triton_layer_norm(x, [hidden], weight, bias, EPS)
+        check_all(outs, x, [hidden], weight, bias, tol)
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # two launches: the same bits
+        for o, a in zip(outs, triton_layer_norm(x, [hidden], weight, bias, EPS)):
+            assert torch.equal(o, a)
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+
+
+@needs_triton
+def test_triton_split_rows_large_mean(small_rows, gen):
+    # Chan's combination of segment statistics has no cancellation with a large mean: the error is
+    # that of an fp32 mean (aten's fp32 kernel: 2.4e-5 here), not E[x^2] - mean^2 garbage.
+    hidden = 100
+    x = (torch.randn(4, hidden, generator=gen) + 1000.0).to(LAUNCH_DEV)
+    out, mean, rstd = triton_layer_norm(x, [hidden], None, None, EPS)
+    ro, rm, rr = ref64(x, [hidden], None, None)
+    assert rel_err(out, ro) < 1e-4 and rel_err(mean, rm) < 1e-6 and rel_err(rstd, rr) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 128256])
+def test_gpu_bf16_rows_invariant_and_accurate_wide(hidden):
+    g = torch.Generator(device="cuda").manual_seed(hidden)
+    target = (torch.randn(hidden, generator=g, device="cuda") * 2 + 0.75).bfloat16()
+    w = (torch.rand(hidden, generator=g, device="cuda") + 0.5).bfloat16()
+    bias = torch.randn(hidden, generator=g, device="cuda").bfloat16()
+    ref = OP(target[None], [hidden], w, bias, EPS)
+    for b in range(1, 65):
+        x = (torch.randn(b, hidden, generator=g, device="cuda") * 3 - 0.5).bfloat16()
+        pos = b - 1 - b // 3
+        x[pos] = target
+        outs = OP(x, [hidden], w, bias, EPS)
+        for o, r in zip(outs, ref):
+            assert torch.equal(o[pos : pos + 1], r), f"row changed at batch size {b}"
+        if b in (1, 17, 64):
+            for o, a in zip(outs, OP(x, [hidden], w, bias, EPS)):
+                assert torch.equal(o, a), "run-to-run change"
+            check_all(outs, x, [hidden], w, bias, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [8193, 16384, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = (torch.randn(37, hidden, generator=g, device="cuda") * 3 + 1).to(dtype)
+    w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    b = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    for weight, bias in ((w, b), (None, None)):
+        a = OP(x, [hidden], weight, bias, EPS)
+        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)  # most programs take the fallback
+        c1 = OP(x, [hidden], weight, bias, EPS)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # two launches
+        c2 = OP(x, [hidden], weight, bias, EPS)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+        for t1, t2, t3 in zip(a, c1, c2):
+            assert torch.equal(t1, t2) and torch.equal(t1, t3)
+        check_all(a, x, [hidden], weight, bias, 1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -6,7 +6,10 @@ import torch.nn.functional as F
 from detcompile.kernels import _common
 from detcompile.kernels.rms_norm import BLOCK, triton_rms_norm
 
-from ._util import LAUNCH_DEV, needs_triton, rel_err
+from ._util import SMALL_PATHS, LAUNCH_DEV, needs_triton, rel_err
+from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
+
+pytestmark = pytest.mark.usefixtures("one_launch_row_sync")
 
 OP = torch.ops.detcompile.rms_norm
 EPS = 1e-6
@@ -197,3 +200,79 @@ def test_gpu_bad_inputs():
         OP(torch.ones(2, 8, device="cuda", dtype=torch.int64), None, EPS)
     with pytest.raises(_common.UnsupportedError, match="weight is on"):
         OP(torch.randn(2, 8, device="cuda"), torch.randn(8), EPS)
+
+
+# ------------------------------------------- row plan paths (interpreter/GPU, tiny test constants:
+# tests/kernels/_util.py small_rows)
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden", SMALL_PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_triton_paths_batch_invariant_and_accurate(small_rows, monkeypatch, hidden, dtype, tol, gen):
+    first = check_invariance(triton_rms_norm, dtype, hidden, 4, gen, device=LAUNCH_DEV)
+    assert first.shape == (hidden,)
+    x = (torch.randn(3, hidden, generator=gen) * 4 + 1).to(LAUNCH_DEV, dtype)
+    w = torch.randn(hidden, generator=gen).to(LAUNCH_DEV, dtype)
+    for weight in (w, None):
+        out = triton_rms_norm(x, weight, EPS)
+        assert rel_err(out, ref64(x, weight)) < tol
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # two launches: the same bits
+        assert torch.equal(triton_rms_norm(x, weight, EPS), out)
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+
+
+@needs_triton
+def test_triton_many_small_rows_per_program(gen):
+    # R = 40: several rows per program (a function of R only); the rows past T are masked.
+    hidden = 40
+    x = torch.randn(37, hidden, generator=gen).to(LAUNCH_DEV)
+    w = torch.randn(hidden, generator=gen).to(LAUNCH_DEV)
+    out = triton_rms_norm(x, w, EPS)
+    for i in (0, 17, 36):
+        assert torch.equal(out[i : i + 1], triton_rms_norm(x[i : i + 1].clone(), w, EPS))
+    assert rel_err(out, ref64(x, w)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 128256])
+def test_gpu_bf16_rows_invariant_and_accurate_wide(hidden):
+    # [T, 4096]: one program per row; [T, 128256]: 16 cooperating programs per row.
+    g = torch.Generator(device="cuda").manual_seed(hidden)
+    target = (torch.randn(hidden, generator=g, device="cuda") * 2 + 0.25).bfloat16()
+    w = (torch.rand(hidden, generator=g, device="cuda") + 0.5).bfloat16()
+    ref = OP(target[None], w, EPS)[0]
+    for b in range(1, 65):
+        x = (torch.randn(b, hidden, generator=g, device="cuda") * 3).bfloat16()
+        pos = b - 1 - b // 3
+        x[pos] = target
+        out = OP(x, w, EPS)
+        assert torch.equal(out[pos], ref), f"row changed at batch size {b}"
+        if b in (1, 17, 64):
+            assert torch.equal(OP(x, w, EPS), out), "run-to-run change"
+            assert rel_err(out, ref64(x, w)) < 1e-2
+            assert rel_err(OP(x.float(), w.float(), EPS), ref64(x.float(), w.float())) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [8193, 16384, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
+    # One launch; one launch with a zero wait (most programs take the timeout fallback and compute
+    # the row's statistics themselves); two launches. Same bits.
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(37, hidden, generator=g, device="cuda") * 3).to(dtype)
+    w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    for weight in (w, None):
+        a = OP(x, weight, EPS)
+        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)
+        b = OP(x, weight, EPS)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")
+        c = OP(x, weight, EPS)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert rel_err(a, ref64(x, weight)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -5,9 +5,15 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels import softmax as sm
 
-from ._util import LAUNCH_DEV, check_batch_invariant, needs_triton, rel_err
+from ._util import SMALL_PATHS, LAUNCH_DEV, check_batch_invariant, needs_triton, rel_err
+from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 OP = torch.ops.detcompile.softmax
+# The Triton interpreter evaluates masked -inf lanes with numpy, which warns (-inf - -inf, log(0)).
+pytestmark = [
+    pytest.mark.usefixtures("one_launch_row_sync"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
 
 
 def ref_softmax(x, dim, log):
@@ -206,3 +212,172 @@ def test_gpu_opcheck_and_errors():
     # bf16 path agrees with the float64 reference
     xb = x.bfloat16()
     assert rel_err(OP(xb, -1, True, False).cpu(), ref_softmax(xb.cpu(), -1, False)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Row plan: one-program rows, split rows (one launch or two), the chunk-loop kernel, reached at small
+# row lengths through the tiny test-only constants of tests/kernels/_util.py (small_rows).
+# ---------------------------------------------------------------------------------------------
+
+
+def _sm(x, log, sync=True, monkeypatch=None):
+    if not sync:
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")
+    try:
+        return sm.triton_softmax(x.to(LAUNCH_DEV), -1, False, log).cpu()
+    finally:
+        if not sync:
+            monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+
+
+def test_row_plan_depends_on_length_only():
+    from detcompile.kernels import reduce as rd
+
+    seg = rd.ROW_LANES * rd.ROW_SEG_CHUNKS
+    for R in [1, 2, 3, 77, 1000, 1024, 1025, 4096, 5120, seg, seg + 1, 32000, 128256]:
+        p = rd.row_plan(R)
+        assert p == rd.row_plan(R)
+        for v in (p.lanes, p.chunks, p.segments and rd._next_pow2(p.segments)):
+            assert v & (v - 1) == 0
+        if R <= seg:
+            assert p.segments == 1 and p.lanes * p.chunks >= R and p.lanes == min(rd.ROW_LANES, rd._next_pow2(R))
+        else:
+            assert (p.rows, p.lanes, p.chunks) == (1, rd.ROW_LANES, rd.ROW_SEG_CHUNKS)
+            assert (p.segments - 1) * seg < R <= p.segments * seg
+    assert rd.row_plan(4096).segments == 1 and rd.row_plan(128256).segments == 16
+    assert rd.row_plan(rd.ROW_MAX_SEGMENTS * seg + 1) is None  # the chunk-loop kernel
+
+
+if _common.HAS_TRITON:
+    from detcompile.kernels.reduce import tree_sum
+
+    tl, triton = _common.tl, _common.triton
+
+    @triton.jit
+    def _tree_pair_vs_split(x_ptr, a_ptr, b_ptr, LOG2: tl.constexpr):
+        x = tl.load(x_ptr + tl.arange(0, 1 << LOG2))
+        tl.store(a_ptr, tree_sum(x, LOG2))
+        y = x
+        for _ in tl.static_range(LOG2):
+            u, v = tl.split(tl.reshape(y, (y.shape[0] // 2, 2)))
+            y = u + v
+        tl.store(b_ptr, tl.sum(y, axis=0))
+
+
+@needs_triton
+def test_tree_sum_is_the_split_tree(gen):
+    # reduce.tree_sum (pairs summed by tl.sum over an axis of 2) is the old split-based tree.
+    for _ in range(3):
+        x = (torch.randn(1024, generator=gen) * torch.logspace(-8, 8, 1024)).to(LAUNCH_DEV)
+        a = torch.empty(1, device=LAUNCH_DEV)
+        b = torch.empty(1, device=LAUNCH_DEV)
+        _tree_pair_vs_split[(1,)](x, a, b, LOG2=10)
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("R", SMALL_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("log", [False, True])
+def test_triton_paths_batch_invariant_and_accurate(small_rows, monkeypatch, gen, R, dtype, log):
+    target = (torch.randn(R, generator=gen) * 3).to(dtype)
+    ref = check_batch_invariant(lambda x: _sm(x, log), target, gen, (1, 3, 6))
+    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    assert rel_err(ref, ref_softmax(target, -1, log)) < tol
+    # Split rows: one launch (programs exchange statistics; in the interpreter most of them time
+    # out and compute the row's statistics themselves) and two launches give the same bits.
+    x = (torch.randn(3, R, generator=gen) * 3).to(dtype)
+    assert torch.equal(_sm(x, log), _sm(x, log, sync=False, monkeypatch=monkeypatch))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("real", [5, 20, 40])
+def test_triton_right_padding_across_paths(small_rows, gen, dtype, log, real):
+    # -inf right padding leaves the real part's bits unchanged, also when the padded length moves
+    # the row from one program to a split row, and across the segment boundaries of a split row.
+    x = (torch.randn(3, real, generator=gen) * 3).to(dtype)
+    x[1, real // 2:] = float("-inf")  # a row whose later segments are all -inf already
+    ref = _sm(x, log)
+    for total in (real + 1, 32, 33, 65, 200):
+        if total <= real:
+            continue
+        pad = torch.full((3, total - real), float("-inf"), dtype=dtype)
+        out = _sm(torch.cat([x, pad], -1), log)
+        assert torch.equal(out[:, :real], ref), f"padding {real} -> {total} changed the real part"
+
+
+@needs_triton
+@pytest.mark.parametrize("R", [7, 40, 100])
+def test_triton_paths_special_values(small_rows, R):
+    x = torch.randn(4, R)
+    x[0] = float("-inf")  # fully masked row: NaN, like torch
+    x[1, 3] = float("nan")
+    x[2, :] = 0.0
+    x[3, R - 1] = float("inf")
+    for log in (False, True):
+        out = _sm(x, log)
+        ref = torch.log_softmax(x.double(), -1) if log else torch.softmax(x.double(), -1)
+        assert torch.isnan(out[0]).all() and torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
+        assert torch.isnan(ref[0]).all() and torch.isnan(ref[1]).all() and torch.isnan(ref[3]).all()
+        assert rel_err(out[2], ref[2]) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", [4096, 128256])
+@pytest.mark.parametrize("log", [False, True])
+def test_gpu_bf16_rows_invariant_and_accurate(R, log):
+    # [T, 4096] (one program per row) and [T, 128256] (16 cooperating programs per row).
+    g = torch.Generator(device="cuda").manual_seed(R + int(log))
+    target = (torch.randn(R, device="cuda", generator=g) * 3).bfloat16()
+    ref = OP(target[None], -1, False, log)[0]
+    for b in range(1, 65):
+        x = (torch.randn(b, R, device="cuda", generator=g) * 3).bfloat16()
+        pos = (3 * b) // 4
+        x[pos] = target
+        out = OP(x, -1, False, log)
+        assert torch.equal(out[pos], ref), f"batch {b}"
+        if b in (1, 17, 64):
+            assert torch.equal(OP(x, -1, False, log), out), "run-to-run change"
+            assert rel_err(out, ref_softmax(x, -1, log)) < 1e-2
+            assert rel_err(OP(x, -1, True, log), ref_softmax(x, -1, log)) < 1e-5  # fp32 output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", [8193, 32000, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_split_schedules_agree(monkeypatch, R, dtype):
+    # One launch of cooperating programs; the same with a zero wait, so that most programs compute
+    # their row's statistics themselves (the timeout fallback); two launches. Same bits.
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(37, R, device="cuda", generator=g) * 3).to(dtype)
+    for log in (False, True):
+        a = OP(x, -1, False, log)
+        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)
+        b = OP(x, -1, False, log)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")
+        c = OP(x, -1, False, log)
+        monkeypatch.undo()
+        monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert rel_err(a, ref_softmax(x, -1, log)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_padding_across_split(dtype):
+    # Right padding with -inf from a one-program row (R <= 8192) to split rows, and from a split
+    # row to more segments: the real part keeps its bits.
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for real, totals in ((3000, (4096, 8192, 8193, 16384, 20000, 128256)), (9000, (9001, 16385, 40000))):
+        x = (torch.randn(2, 3, real, device="cuda", generator=g) * 3).to(dtype)
+        for log in (False, True):
+            ref = OP(x, -1, False, log)
+            for total in totals:
+                pad = torch.full((2, 3, total - real), float("-inf"), device="cuda", dtype=dtype)
+                out = OP(torch.cat([x, pad], -1), -1, False, log)
+                assert torch.equal(out[..., :real], ref), (real, total, log)
