@@ -20,6 +20,7 @@ beside it.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -99,6 +100,18 @@ def make_batch(target: torch.Tensor, bs: int, allowed: torch.Tensor, seed: int) 
     row = TARGET_ROW.get(bs, bs // 2)
     batch[row] = target
     return batch, row
+
+
+def half_precision_ok(err_vs_eager: float, tol: float, eager_vs_fp32: float, ours_vs_fp32: float) -> bool:
+    """The 16-bit accuracy verdict when the compiled logits are more than ``tol`` from eager's.
+
+    Both are 16-bit approximations of the float32 model; on models with discontinuities (top-k over a
+    dynamic mask, routing ties) eager 16-bit itself can be far from float32, and any other rounding then
+    lands elsewhere too. The compiled model passes when it is as close to float32 as eager is (within
+    2x, or within ``tol``)."""
+    if err_vs_eager < tol:
+        return True
+    return ours_vs_fp32 <= max(tol, 2.0 * eager_vs_fp32)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -259,8 +272,25 @@ def check_model(
             return "inaccurate", "compiled logits are not finite (eager's are)", None
         err = rel_err(ref, eager)
         if not err < tol:
-            return "inaccurate", f"relative error {err:.3g} vs eager (tolerance {tol:g})", err
+            fp32 = float32_reference() if dtype in (torch.bfloat16, torch.float16) else None
+            if fp32 is None:
+                return "inaccurate", f"relative error {err:.3g} vs eager (tolerance {tol:g})", err
+            e_eager, e_ours = rel_err(eager, fp32), rel_err(ref, fp32)
+            note = (f"relative error {err:.3g} vs eager; vs the float32 model: eager {e_eager:.3g}, "
+                    f"compiled {e_ours:.3g}")
+            if half_precision_ok(err, tol, e_eager, e_ours):
+                return "pass", note + " (as close as eager)", err
+            return "inaccurate", note + f" (tolerance {tol:g} or 2x eager's)", err
         return "pass", "", err
+
+    def float32_reference() -> torch.Tensor | None:
+        """Eager logits of a float32 copy of the model (same, upcast weights), or None if it fails."""
+        try:
+            m32 = copy.deepcopy(model).float()
+            with torch.no_grad():
+                return _logits(m32(target[None].to(device)))[0].float()
+        except Exception:  # noqa: BLE001 - then the plain verdict stands
+            return None
 
     # (2) compile (strict) and run
     stage("compile")
@@ -453,7 +483,10 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
         "(1) the eager forward works, (2) `torch.compile(model, backend=\"deterministic\", "
         "options={\"strict\": True})` compiles and runs, (3) the target row's logits are bitwise equal at batch "
         f"sizes {', '.join(map(str, BATCH_SIZES))} with different neighbours, (4) they are within "
-        f"{TOLERANCE.get(getattr(torch, env['dtype']), 3e-2):g} relative error of eager. Sequence length {SEQ}.",
+        f"{TOLERANCE.get(getattr(torch, env['dtype']), 3e-2):g} relative error of eager"
+        + ("" if env["dtype"] == "float32" else
+           " (or, 16-bit only, at most 2x as far from a float32 copy of the model as eager 16-bit is)")
+        + f". Sequence length {SEQ}.",
         "",
         f"- date: {env['date']}",
         f"- device: {env['device']} ({env['device_name']}), dtype {env['dtype']}",

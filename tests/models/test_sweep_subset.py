@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.model_sweep import check_arch, check_model, run_one
+from benchmarks.model_sweep import check_arch, check_model, half_precision_ok, run_one
 
 from ._util import ALL_ARCHS
 
@@ -91,3 +91,14 @@ def test_eager_failure_is_not_blamed_on_compile():
 def test_subprocess_time_limit_gives_timeout():
     res = run_one("llama", "cpu", "float32", time_budget=2)
     assert res.status == "timeout", res
+
+
+def test_half_precision_verdict():
+    tol = 3e-2
+    assert half_precision_ok(0.01, tol, 0.5, 9.0)  # close to eager: pass whatever the rest
+    # Far from eager 16-bit, but eager itself is that far from float32 (doge in bf16): pass.
+    assert half_precision_ok(0.56, tol, 1.41, 1.42)
+    assert half_precision_ok(0.2, tol, 0.001, 0.02)  # eager exact-ish, ours within tol of float32
+    # Far from both, and much farther from float32 than eager: inaccurate.
+    assert not half_precision_ok(0.5, tol, 0.01, 0.5)
+    assert not half_precision_ok(0.5, tol, 0.1, 0.21)
