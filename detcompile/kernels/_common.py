@@ -8,6 +8,7 @@ real terms, which makes masked (padded, packed) positions free on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,11 +63,27 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> tuple[int, tuple[int, int]]:
+    # Asked on every launch: read the device properties once per GPU.
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, (props.major, props.minor)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count for persistent grids (a fixed small number in the interpreter)."""
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_facts(_cuda_index(device))[0]
     return 4
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (cached)."""
+    return _cuda_facts(_cuda_index(device))[1]
 
 
 def triton_launchable(t: torch.Tensor) -> bool:

@@ -53,6 +53,13 @@ def _default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
+def _check_scale_softcap(op: str, scale, softcap) -> None:
+    if softcap < 0 or not math.isfinite(softcap):
+        raise ValueError(f"detcompile.{op}: softcap must be finite and >= 0 (0 disables it); got {softcap}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"detcompile.{op}: scale must be finite; got {scale}")
+
+
 def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap):
     """Clear errors for inputs torch would also reject (ValueError) or that we do not support
     (UnsupportedError). Returns 4-D views (3-D inputs get a leading batch of 1)."""
@@ -86,10 +93,7 @@ def _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap):
         raise ValueError(
             f"detcompile.{OP}: q has {Hq} heads but k/v have {Hkv}; pass enable_gqa=True for grouped-query attention"
         )
-    if softcap < 0 or not math.isfinite(softcap):
-        raise ValueError(f"detcompile.{OP}: softcap must be finite and >= 0 (0 disables it); got {softcap}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"detcompile.{OP}: scale must be finite; got {scale}")
+    _check_scale_softcap(OP, scale, softcap)
     if attn_mask is not None:
         if is_causal:
             raise ValueError(f"detcompile.{OP}: attn_mask and is_causal=True cannot be used together (like torch)")
@@ -213,6 +217,13 @@ if HAS_TRITON:
         ACC = tl.where(live[:, None], ACC * a[:, None] + acc_s * b[:, None], ACC)
         M = tl.where(live, M_new, M)
         return M, L, ACC
+
+    @triton.jit
+    def _finalize(L, ACC):
+        """Normalise the folded state; a row that saw no key gives zeros."""
+        seen = L > 0
+        res = ACC / tl.where(seen, L, 1.0)[:, None]
+        return tl.where(seen[:, None], res, 0.0)
 
     @triton.jit
     def _online_step(s, vv, m_i, l_i, acc, DOT_PREC: tl.constexpr):
@@ -430,9 +441,7 @@ if HAS_TRITON:
                 else:
                     M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
             if not PARALLEL_SPLITS:
-                seen = L > 0
-                res = ACC / tl.where(seen, L, 1.0)[:, None]
-                res = tl.where(seen[:, None], res, 0.0)  # no visible key -> zeros
+                res = _finalize(L, ACC)
                 tl.store(
                     Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
                     res.to(Out.dtype.element_ty),
@@ -469,9 +478,7 @@ if HAS_TRITON:
             l_s = tl.load(WsML + ws_row * 2 + 1, mask=row_ok, other=0.0)
             acc_s = tl.load(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
             M, L, ACC = _fold(M, L, ACC, m_s, l_s, acc_s)
-        seen = L > 0
-        res = ACC / tl.where(seen, L, 1.0)[:, None]
-        res = tl.where(seen[:, None], res, 0.0)
+        res = _finalize(L, ACC)
         tl.store(
             Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
             res.to(Out.dtype.element_ty),
@@ -487,9 +494,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _launch(
     q4, k4, v4, out, *, kv_strides, paged, block_table, kv_lens, page, Lk, mask_args, is_causal,
-    scale, softcap, parallel_splits, block_m=None, block_n=None, split=None,
+    scale, softcap, parallel_splits=None, block_m=None, block_n=None, split=None,
 ):
-    """Shared launcher of the SDPA-style and the paged entry points (one kernel, one config)."""
+    """Shared launcher of the SDPA-style and the paged entry points (one kernel, one config).
+    ``parallel_splits`` None picks the schedule (``_want_parallel_splits``); both give the same bits."""
     B, Hq, Lq, D = q4.shape
     Hkv, Dv = kv_strides["Hkv"], v4.shape[-1]
     G = Hq // Hkv
@@ -503,7 +511,10 @@ def _launch(
     row_blocks = triton.cdiv(G * Lq, bm)
     mask_kind, has_origin, mask_arg, mstr, origin_arg, gstr, mask_min = mask_args
     dev = q4.device
-    if parallel_splits and num_splits > 1:
+    if parallel_splits is None:  # auto: split over programs only where SMs would sit idle
+        parallel_splits = _want_parallel_splits(dev, B * Hkv * row_blocks, Lk, split)
+    # Segment origins (masked self-attention) need the one-program pass loop.
+    if parallel_splits and num_splits > 1 and not has_origin:
         ws_acc = torch.empty((B * Hq * Lq * num_splits, block_dv), dtype=torch.float32, device=dev)
         ws_ml = torch.empty((B * Hq * Lq * num_splits, 2), dtype=torch.float32, device=dev)
         grid = (B * Hkv, row_blocks, num_splits)
@@ -612,18 +623,13 @@ def triton_attention(
         mk = mk.expand(B, Hq, Lq, Lk)  # broadcast dims get stride 0 (no copy)
         mask_arg, mstr = mk, mk.stride()
 
-    G = Hq // Hkv
-    bm = _block_m or _tiles(D, Dv, q4.dtype, G * Lq)[0]
-    par = _parallel_splits
-    if par is None:
-        par = _want_parallel_splits(q4.device, B * Hkv * triton.cdiv(G * Lq, bm), Lk, _split or SPLIT)
     _launch(
         q4, k4, v4, out,
         kv_strides={"Hkv": Hkv, "k": k4.stride(), "v": v4.stride()},
         paged=False, block_table=None, kv_lens=None, page=1, Lk=Lk,
         mask_args=(mask_kind, has_origin, mask_arg, mstr, origin_arg, gstr, mask_min),
         is_causal=is_causal, scale=scale, softcap=softcap,
-        parallel_splits=par and not has_origin, block_m=_block_m, block_n=_block_n, split=_split,
+        parallel_splits=_parallel_splits, block_m=_block_m, block_n=_block_n, split=_split,
     )
     return out[0] if squeeze else out
 
@@ -664,10 +670,7 @@ def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap):
             f"detcompile.{PAGED_OP}: expected block_table [B, max_pages] and kv_lens [B] with B = {B}; "
             f"got {tuple(block_table.shape)} and {tuple(kv_lens.shape)}"
         )
-    if softcap < 0 or not math.isfinite(softcap):
-        raise ValueError(f"detcompile.{PAGED_OP}: softcap must be finite and >= 0 (0 disables it); got {softcap}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"detcompile.{PAGED_OP}: scale must be finite; got {scale}")
+    _check_scale_softcap(PAGED_OP, scale, softcap)
 
 
 def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0,
@@ -684,11 +687,6 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
     if scale is None:
         scale = _default_scale(D)
     max_kv = block_table.shape[1] * page  # a bound known without reading kv_lens (no host sync)
-    G = Hq // Hkv
-    bm = _block_m or _tiles(D, Dv, q.dtype, G * Lq)[0]
-    par = _parallel_splits
-    if par is None:
-        par = _want_parallel_splits(q.device, B * Hkv * triton.cdiv(G * Lq, bm), max_kv, _split or SPLIT)
     ks, vs = k_cache.stride(), v_cache.stride()
     # Paged addressing: the kernel's "row" stride is the stride of one token (page slot); a
     # page's base is page * page_size * row stride, which needs slots of one page to be evenly
@@ -701,7 +699,7 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
         paged=True, block_table=block_table, kv_lens=kv_lens, page=page, Lk=max_kv,
         mask_args=(0, False, q, (0, 0, 0, 0), torch.zeros(1, dtype=torch.int32, device=q.device), (0, 0, 0), 0.0),
         is_causal=True, scale=scale, softcap=softcap,
-        parallel_splits=par, block_m=_block_m, block_n=_block_n, split=_split,
+        parallel_splits=_parallel_splits, block_m=_block_m, block_n=_block_n, split=_split,
     )
     return out
 

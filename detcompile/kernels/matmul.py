@@ -93,6 +93,14 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _tile_coords(t, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of tile t: tiles grouped along M for L2 reuse (visiting order only)."""
+        in_group = GROUP_M * tiles_n
+        first_m = (t // in_group) * GROUP_M
+        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        return first_m + (t % in_group) % group_m, (t % in_group) // group_m
+
     # M and the batch count change with the batch size: not letting Triton specialize on them
     # (==1, divisible by 16) keeps M=1 from getting its own compiled variant. Strides, N and K
     # stay specialized: their alignment only decides how memory is moved (vector width, cp.async
@@ -127,12 +135,7 @@ if HAS_TRITON:
             # The batch is just the outermost tile coordinate; inside a batch element, tiles are
             # grouped along M for L2 reuse (only the visiting order changes, not any arithmetic).
             bid = tile // tiles_per_batch
-            t = tile % tiles_per_batch
-            in_group = GROUP_M * tiles_n
-            first_m = (t // in_group) * GROUP_M
-            group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-            pid_m = first_m + (t % in_group) % group_m
-            pid_n = (t % in_group) // group_m
+            pid_m, pid_n = _tile_coords(tile % tiles_per_batch, tiles_m, tiles_n, GROUP_M)
 
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,11 +200,7 @@ if HAS_TRITON:
         num_tiles = tiles_m * tiles_n
         num_k = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(pid, num_tiles, nprog, flatten=True):
-            in_group = GROUP_M * tiles_n
-            first_m = (tile // in_group) * GROUP_M
-            group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % in_group) % group_m
-            pid_n = (tile % in_group) // group_m
+            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
             om = pid_m * BLOCK_M
             on = pid_n * BLOCK_N
 
@@ -301,7 +300,7 @@ def _tma_capable(a: Tensor) -> bool:
     return (
         _TMA_ENABLED and _HAS_TENSOR_DESCRIPTOR and a.is_cuda
         and a.dtype in (torch.float16, torch.bfloat16)
-        and torch.cuda.get_device_capability(a.device)[0] >= 9
+        and _common.cuda_capability(a.device)[0] >= 9
     )
 
 
