@@ -1166,12 +1166,19 @@ def parse_args(argv: Sequence[str] | None):
     return p.parse_args(argv)
 
 
+def cuda_missing(prog: str) -> bool:
+    """True (after saying why on stderr) when there is no CUDA GPU for ``prog``."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{prog} needs a CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}). "
+          "Run it on the GPU machine.", file=sys.stderr)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"python -m benchmarks.kernels needs a CUDA GPU: torch.cuda.is_available() is False (torch "
-              f"{torch.__version__}). Run it on the GPU machine.", file=sys.stderr)
+    if cuda_missing("python -m benchmarks.kernels"):
         return 2
     grid = dataclasses.replace(QUICK_GRID if args.quick else FULL_GRID, page_size=args.page_size)
     timer = GraphTimer(target_s=0.005, replays=5) if args.quick else GraphTimer(target_s=0.01, replays=10)

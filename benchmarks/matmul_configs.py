@@ -83,18 +83,35 @@ MID_CANDIDATES = [
     (64, 128, 64, 4, 3, True, False),
     (64, 64, 64, 4, 4, True, False),
     (128, 256, 64, 8, 3, True),
+    # deeper pipelines (2026-11-24: 128x128 w4 s6 took qkv M=256 from 0.78x to 0.91x cuBLAS).
+    # Tried the same day and dropped: Hopper warp specialization (tl.range(warp_specialize=True),
+    # 8 warps: 0.51-0.77x) and two-part 96/192-column tiles (two accumulators: 0.34-0.57x).
+    (128, 128, 64, 4, 5, True),
+    (128, 128, 64, 4, 6, True),
+    (64, 64, 64, 4, 6, True, False),
+    (64, 128, 64, 4, 5, True, False),
+    (128, 256, 64, 8, 4, True),
+    (64, 64, 64, 4, 8, True, False),
+    (64, 128, 64, 4, 6, True),
+    (64, 128, 64, 4, 6, True, False),
+    (128, 64, 64, 4, 6, True),
+    # M = 64 (N = 4096 gives only 64 tiles of 64x64)
+    (64, 64, 64, 4, 8, True),
+    (64, 32, 64, 4, 8, True),
+    (64, 32, 64, 4, 10, True),
+    (64, 32, 64, 4, 8, True, False),
 ]
 
 
-def mid_m_table(mm, copies=4):
-    """Time MID_CANDIDATES at M in (256, 512) for the N <= 8192 shapes, cycling over weight copies
+def mid_m_table(mm, copies=4, shapes=("qkv", "o", "down"), ms=(256, 512)):
+    """Time MID_CANDIDATES at M in ``ms`` for the N <= 8192 shapes, cycling over weight copies
     so the weights do not sit in L2 (as in a real model)."""
     from triton.testing import do_bench_cudagraph
     out = {}
-    for sname in ("qkv", "o", "down"):
+    for sname in shapes:
         N, K = SHAPES[sname]
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        for M in (256, 512):
+        for M in ms:
             a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             flops = 2.0 * M * N * K * copies
 
@@ -193,12 +210,14 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--mid-only", action="store_true", help="only the mid-M study")
+    ap.add_argument("--mid-shapes", default="qkv,o,down", help="shapes of the mid-M study")
+    ap.add_argument("--mid-ms", default="256,512", help="M values of the mid-M study")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks.matmul_configs needs a CUDA GPU")
     from detcompile.kernels.matmul import triton_matmul as mm
     if args.mid_only:
-        mid = mid_m_table(mm)
+        mid = mid_m_table(mm, shapes=args.mid_shapes.split(","), ms=[int(m) for m in args.mid_ms.split(",")])
         with open(os.path.join(args.out, "configs_mid.json"), "w") as f:
             json.dump(mid, f, indent=1)
         return

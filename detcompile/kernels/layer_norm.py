@@ -10,11 +10,13 @@ into segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` 
 N <= 8192 is one tile of ``next_pow2`` lanes/chunks). Sums are fixed pairwise trees over the
 chunks, then the lanes (``reduce.tile_sum``: ``tl.sum`` over axes of size 2, layout-independent).
 N <= 8192: one program per row (several for small N), two-pass statistics from registers,
-``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N``; one read, one write. Longer rows: one
-program per segment g, each computing ``sum_g`` and ``m2_g = sum((x - sum_g / n_g)^2)`` over its
-``n_g`` elements; the programs of a row exchange them (``reduce.row_arrive_and_wait``) and combine
-them by fixed pairwise trees over g (Chan et al.): ``mean = tree(sum_g) / N``,
-``var = tree(m2_g + n_g * (sum_g / n_g - mean)^2) / N``; each writes its segment from registers.
+``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N``; one read, one write. Longer rows: per
+segment g, ``sum_g`` and ``m2_g = sum((x - sum_g / n_g)^2)`` over its ``n_g`` elements, combined by fixed pairwise trees over g (Chan et al.): ``mean = tree(sum_g) / N``,
+``var = tree(m2_g + n_g * (sum_g / n_g - mean)^2) / N``. The schedules of
+``reduce.choose_schedule`` share these per-segment helpers (same bits): one launch whose programs
+exchange them (``reduce.row_arrive_and_wait``; the GPU default), two launches of one program per
+segment (statistics to a workspace, then the output; longer rows and the interpreter), or one
+program per row looping over its segments twice (opt-in).
 Nothing depends on the number of rows or the alignment; FMA contraction is off. Rows longer than
 2**23 elements use the three-pass chunk-loop kernel.
 CPU: sequential left-to-right sums (``_common.cpu_seq_sum``), then elementwise ops.
@@ -38,7 +40,7 @@ NUM_WARPS = 4
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
-    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
+    from .reduce import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
     def _segment_stats(x, mask, n, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
@@ -68,6 +70,43 @@ if _common.HAS_TRITON:
             y = y + tl.load(b_ptr + col, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # Split rows: the helpers every schedule (PHASE 0..3) uses for a segment, so that they share
+    # the arithmetic by construction.
+
+    @triton.jit
+    def _segment_stats_of(x_ptr, row, g, R, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+                          CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """Segment g of split row ``row`` (n_g = min(R - g * SEG, SEG) elements): (u, col, offs,
+        mask, sum_g, m2_g), the statistics scalars (a [1] -> scalar sum: exact)."""
+        SEG: tl.constexpr = LANES * CHUNKS
+        u, col, offs, mask = load_segment_f32(x_ptr, row, g, R, LANES, CHUNKS)
+        sm, m2 = _segment_stats(u, mask, tl.minimum(R - g * SEG, SEG), LOG2_LANES, LOG2_CHUNKS)
+        return u, col, offs, mask, tl.sum(sm, axis=0), tl.sum(m2, axis=0)
+
+    @triton.jit
+    def _row_mean_var(x_ptr, row, R, G, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+                      CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
+                      LOG2_GP2: tl.constexpr):
+        """(mean, var) of split row ``row``, every segment's statistics computed by this program
+        into [GP2] vectors (exact selects), then combined by the same trees as from the workspace."""
+        SEG: tl.constexpr = LANES * CHUNKS
+        gi = tl.arange(0, GP2)
+        sv = tl.zeros([GP2], tl.float32)
+        m2v = tl.zeros([GP2], tl.float32)
+        for g in range(0, G):
+            _, _, _, _, sg, m2g = _segment_stats_of(x_ptr, row, g, R, LANES, LOG2_LANES, CHUNKS,
+                                                    LOG2_CHUNKS)
+            sv = tl.where(gi == g, sg, sv)
+            m2v = tl.where(gi == g, m2g, m2v)
+        return _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+
+    @triton.jit
+    def _write_segment(x_ptr, w_ptr, b_ptr, out_ptr, row, g, R, mean, rstd, LANES: tl.constexpr,
+                       CHUNKS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """(Re)load segment g of split row ``row`` and write its output."""
+        u, col, offs, mask = load_segment_f32(x_ptr, row, g, R, LANES, CHUNKS)
+        _write(out_ptr, w_ptr, b_ptr, offs, col, mask, u, mean, rstd, HAS_WEIGHT, HAS_BIAS)
+
     @triton.jit(do_not_specialize=["T", "timeout_ns"])
     def _layer_norm_rows_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, ws_ptr, cnt_ptr, R, eps, T, G, timeout_ns,
@@ -79,9 +118,8 @@ if _common.HAS_TRITON:
         """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
         SEG: tl.constexpr = LANES * CHUNKS
         pid = tl.program_id(0)
-        seg = pid % G
-        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
         if not SPLIT:
+            rows, col, offs, mask = tile_offsets(pid, R, T, ROWS, LANES, CHUNKS)
             u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             sm, m2 = _segment_stats(u, mask, R, LOG2_LANES, LOG2_CHUNKS)
             mean = sm / R
@@ -91,15 +129,26 @@ if _common.HAS_TRITON:
             tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=rmask)
             _write(out_ptr, w_ptr, b_ptr, offs, col, mask, u, mean[:, None, None],
                    rstd[:, None, None], HAS_WEIGHT, HAS_BIAS)
+        elif PHASE == 3:
+            row = pid.to(tl.int64)
+            mean, var = _row_mean_var(x_ptr, row, R, G, LANES, LOG2_LANES, CHUNKS, LOG2_CHUNKS,
+                                      GP2, LOG2_GP2)
+            rstd = tl.math.rsqrt(var + eps)
+            tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
+            tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
+            for g in range(0, G):
+                _write_segment(x_ptr, w_ptr, b_ptr, out_ptr, row, g, R, mean, rstd, LANES, CHUNKS,
+                               HAS_WEIGHT, HAS_BIAS)
         else:
             row = (pid // G).to(tl.int64)
+            seg = pid % G
             ws_row = ws_ptr + row * (2 * G)
             gi = tl.arange(0, GP2)
             if PHASE != 2:
-                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                sm, m2 = _segment_stats(u, mask, tl.minimum(R - seg * SEG, SEG), LOG2_LANES, LOG2_CHUNKS)
-                tl.store(ws_row + 2 * seg, tl.sum(sm, axis=0))  # [1] -> scalar: exact
-                tl.store(ws_row + 2 * seg + 1, tl.sum(m2, axis=0))
+                u, col, offs, mask, sm, m2 = _segment_stats_of(x_ptr, row, seg, R, LANES, LOG2_LANES,
+                                                               CHUNKS, LOG2_CHUNKS)
+                tl.store(ws_row + 2 * seg, sm)
+                tl.store(ws_row + 2 * seg + 1, m2)
             if PHASE == 0:
                 ok = row_arrive_and_wait(cnt_ptr + row, G, timeout_ns)
                 if ok:
@@ -109,26 +158,17 @@ if _common.HAS_TRITON:
                     rstd = tl.math.rsqrt(var + eps)
                 else:
                     # The row's other programs did not arrive in time: compute every segment's
-                    # statistics here (the same function, so the same bits), then reload u.
-                    sv = tl.zeros([GP2], tl.float32)
-                    m2v = tl.zeros([GP2], tl.float32)
-                    for g in range(0, G):
-                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
-                        ug = tl.load(x_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)
-                        n_g = tl.minimum(R - g * SEG, SEG)
-                        sg, m2g = _segment_stats(ug, mask_g, n_g, LOG2_LANES, LOG2_CHUNKS)
-                        sv = tl.where(gi == g, tl.sum(sg, axis=0), sv)
-                        m2v = tl.where(gi == g, tl.sum(m2g, axis=0), m2v)
-                    mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+                    # statistics here (the same functions, so the same bits), then reload u.
+                    mean, var = _row_mean_var(x_ptr, row, R, G, LANES, LOG2_LANES, CHUNKS,
+                                              LOG2_CHUNKS, GP2, LOG2_GP2)
                     rstd = tl.math.rsqrt(var + eps)
-                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                if PHASE == 2:
-                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    sv = tl.load(ws_row + 2 * gi, mask=gi < G, other=0.0)
-                    m2v = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0)
-                    mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
-                    rstd = tl.math.rsqrt(var + eps)
+                    u, _, _, _ = load_segment_f32(x_ptr, row, seg, R, LANES, CHUNKS)
+            elif PHASE == 2:
+                u, col, offs, mask = load_segment_f32(x_ptr, row, seg, R, LANES, CHUNKS)
+                sv = tl.load(ws_row + 2 * gi, mask=gi < G, other=0.0)
+                m2v = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0)
+                mean, var = _combine(sv, m2v, G, R, SEG, LOG2_GP2)
+                rstd = tl.math.rsqrt(var + eps)
             if PHASE != 1:
                 if seg == 0:
                     tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))

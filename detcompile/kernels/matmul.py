@@ -54,10 +54,13 @@ _CONFIG_FP32 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=BLOCK_K_FP32, GROUP_M=8, n
 # Large-M 16-bit tiles: (config, relative cost of one tile) for the wave-quantisation estimate.
 # Measured on the H100 (benchmarks/matmul_configs.py): 128x128 tiles run ~7% below 128x256 per
 # flop, 64x128 tiles ~30% below; the smaller tiles win when they fill the last wave better.
+# The 128x128 and 64x128 tiles run six stages deep (192 / 144 KB of operand buffers): where few
+# tiles leave SMs idle (M = 256) the deeper prefetch took qkv from 0.78x to 0.94x cuBLAS, o from
+# 0.85x to 0.96x and down from 0.88x to 1.0x (benchmarks/matmul_configs.py --mid-only, 2026-11-24).
 _LARGE_TILES = (
     (dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3), 2.0),
-    (dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4), 1.075),
-    (dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=5), 0.7),
+    (dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=6), 1.075),
+    (dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=6), 0.7),
 )
 # Pointer-load fallback for M > 64 when TMA cannot describe an operand (odd strides): the big TMA
 # tiles need more shared memory without TMA, so this one (same bits, like every config) is used.
@@ -77,7 +80,10 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
     if M <= 64:
         if N >= 16384:
             return dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True)
-        return dict(base, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=8, TMA=True)
+        # Narrower N tiles where 64-wide ones would leave half the SMs idle (N = 4096: 64 tiles of
+        # 64 vs 128 of 32; o and down at M = 64 went from 0.87x/0.94x to 0.90x/0.98x cuBLAS).
+        bn = 32 if -(-N // 64) * 2 <= num_sms else 64
+        return dict(base, BLOCK_M=64, BLOCK_N=bn, num_warps=4, num_stages=8, TMA=True)
     # Compute-bound: the tile whose whole number of waves over the SMs costs least.
     def cost(tile):
         cfg, unit = tile

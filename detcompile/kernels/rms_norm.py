@@ -9,9 +9,12 @@ segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` (elem
 segment is a fixed pairwise tree over the chunks, then over the lanes (``reduce.tile_sum``, built
 from ``tl.sum`` over axes of size 2, whose result cannot depend on the register layout); segments
 are added by a fixed pairwise tree over their index. R <= 8192 (every common hidden size): one
-program per row (several rows per program when R is small), one read and one write. Longer rows:
-one program per segment; the programs of a row exchange their partial sums through global memory
-(``reduce.row_arrive_and_wait``) and write their segment from registers: still one read, one write.
+program per row (several rows per program when R is small), one read and one write. Longer rows
+run one of ``reduce.choose_schedule``'s schedules, which share the per-segment helpers below (same
+bits): one launch whose programs exchange their partial sums (``reduce.row_arrive_and_wait``; the
+GPU default), two launches of one program per segment (partial sums to a workspace, then the
+output; longer rows and the interpreter), or one program per row looping over its segments twice
+(opt-in).
 Nothing depends on the number of rows or their alignment; FMA contraction is off, so the bits do
 not depend on the compiler's fusion choices either. Rows longer than 2**23 elements use the
 chunk-loop kernel (ascending chunks into 1024 lanes, then the lane tree).
@@ -35,7 +38,7 @@ NUM_WARPS = 4
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
-    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
+    from .reduce import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
     def _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT: tl.constexpr):
@@ -43,6 +46,41 @@ if _common.HAS_TRITON:
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # Split rows: the helpers every schedule (PHASE 0..3) uses for a segment, so that they share
+    # the arithmetic by construction.
+
+    @triton.jit
+    def _segment_sumsq(x_ptr, row, g, R, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+                       CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """Segment g of split row ``row``: (u, col, offs, mask, sum(u * u)), the sum a scalar (the
+        chunk tree, the lane tree, then a [1] -> scalar sum: exact)."""
+        u, col, offs, mask = load_segment_f32(x_ptr, row, g, R, LANES, CHUNKS)
+        return u, col, offs, mask, tl.sum(tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS), axis=0)
+
+    @triton.jit
+    def _row_sumsq(x_ptr, row, R, G, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
+                   CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr):
+        """Every segment's sum of squares of split row ``row``, computed by this program: [GP2]
+        (0 past G; exact selects)."""
+        gi = tl.arange(0, GP2)
+        sv = tl.zeros([GP2], tl.float32)
+        for g in range(0, G):
+            _, _, _, _, sg = _segment_sumsq(x_ptr, row, g, R, LANES, LOG2_LANES, CHUNKS, LOG2_CHUNKS)
+            sv = tl.where(gi == g, sg, sv)
+        return sv
+
+    @triton.jit
+    def _rstd(sv, R, eps, LOG2_GP2: tl.constexpr):
+        """Segment sums of squares [GP2] -> rsqrt(mean(u * u) + eps) (a fixed tree over g)."""
+        return tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+
+    @triton.jit
+    def _write_segment(x_ptr, w_ptr, out_ptr, row, g, R, r, LANES: tl.constexpr,
+                       CHUNKS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+        """(Re)load segment g of split row ``row`` and write its output."""
+        u, col, offs, mask = load_segment_f32(x_ptr, row, g, R, LANES, CHUNKS)
+        _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
 
     @triton.jit(do_not_specialize=["T", "timeout_ns"])
     def _rms_norm_rows_kernel(
@@ -54,41 +92,43 @@ if _common.HAS_TRITON:
     ):
         """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
         pid = tl.program_id(0)
-        seg = pid % G
-        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
         if not SPLIT:
+            rows, col, offs, mask = tile_offsets(pid, R, T, ROWS, LANES, CHUNKS)
             u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             ss = tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS)
             r = tl.math.rsqrt(ss / R + eps)
             _write(out_ptr, w_ptr, offs, col, mask, u, r[:, None, None], HAS_WEIGHT)
+        elif PHASE == 3:
+            row = pid.to(tl.int64)
+            r = _rstd(_row_sumsq(x_ptr, row, R, G, LANES, LOG2_LANES, CHUNKS, LOG2_CHUNKS, GP2),
+                      R, eps, LOG2_GP2)
+            for g in range(0, G):
+                _write_segment(x_ptr, w_ptr, out_ptr, row, g, R, r, LANES, CHUNKS, HAS_WEIGHT)
         else:
-            ws_row = ws_ptr + (pid // G).to(tl.int64) * G
+            row = (pid // G).to(tl.int64)
+            seg = pid % G
+            ws_row = ws_ptr + row * G
             gi = tl.arange(0, GP2)
             if PHASE != 2:
-                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                ss = tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS)
-                tl.store(ws_row + seg, tl.sum(ss, axis=0))  # [1] -> scalar: exact
+                u, col, offs, mask, ss = _segment_sumsq(x_ptr, row, seg, R, LANES, LOG2_LANES,
+                                                        CHUNKS, LOG2_CHUNKS)
+                tl.store(ws_row + seg, ss)
             if PHASE == 0:
                 ok = row_arrive_and_wait(cnt_ptr + pid // G, G, timeout_ns)
                 if ok:
                     sv = tl.load(ws_row + gi, mask=gi < G, other=0.0, cache_modifier=".cg")
-                    r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+                    r = _rstd(sv, R, eps, LOG2_GP2)
                     _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
                 else:
                     # The row's other programs did not arrive in time: compute every segment's
-                    # partial sum here (the same function, so the same bits), then reload u.
-                    sv = tl.zeros([GP2], tl.float32)
-                    for g in range(0, G):
-                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
-                        ug = tl.load(x_ptr + offs_g, mask=mask_g, other=0.0).to(tl.float32)
-                        sv = tl.where(gi == g, tl.sum(tile_sum(ug * ug, LOG2_LANES, LOG2_CHUNKS), axis=0), sv)
-                    r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
-                    u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
+                    # partial sum here (the same functions, so the same bits), then reload u.
+                    sv = _row_sumsq(x_ptr, row, R, G, LANES, LOG2_LANES, CHUNKS, LOG2_CHUNKS, GP2)
+                    r = _rstd(sv, R, eps, LOG2_GP2)
+                    _write_segment(x_ptr, w_ptr, out_ptr, row, seg, R, r, LANES, CHUNKS, HAS_WEIGHT)
             elif PHASE == 2:
-                u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                u, col, offs, mask = load_segment_f32(x_ptr, row, seg, R, LANES, CHUNKS)
                 sv = tl.load(ws_row + gi, mask=gi < G, other=0.0)
-                r = tl.math.rsqrt(tree_sum(sv, LOG2_GP2) / R + eps)
+                r = _rstd(sv, R, eps, LOG2_GP2)
                 _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT)
 
     @triton.jit

@@ -14,9 +14,12 @@ same instruction sequence whatever the other rows are, and that sequence depends
   ``(x - M) - log(S)``. Every tree step is one sum of two numbers (``tl.sum`` over an axis of
   size 2), so no register layout, warp count, alignment or specialization can change a bit; FMA
   contraction is off.
-  A row of one segment (R <= 8192) is one program: one read, one write. A longer row is split
-  over one program per segment, which exchange ``(m_g, s_g)`` through global memory and write their
-  segment from registers (``reduce.row_arrive_and_wait``): one read, one write.
+  A row of one segment (R <= 8192) is one program: one read, one write. A longer row runs one of
+  ``reduce.choose_schedule``'s schedules, all computing ``(m_g, s_g)`` and ``(M, S)`` with the same
+  helpers (same bits): one launch of one program per segment exchanging ``(m_g, s_g)``
+  (``reduce.row_arrive_and_wait``; the GPU default: one read, one write), two launches of one
+  program per segment (statistics to a workspace, then the output; longer rows and the
+  interpreter), or one program per row looping over its segments twice (opt-in).
   **Right padding with -inf** (attention) is an exact no-op on the real part of a row, for every R:
   padded lanes, chunks and segments add ``exp(-inf) = +0`` leaves to the trees (a zero subtree adds
   an exact +0), padded segments have ``m_g = -inf``, ``s_g = 0``, ``f_g = 0``, and the max does not
@@ -41,7 +44,7 @@ from ._common import HAS_TRITON, UnsupportedError, tl, triton
 from .reduce import BLOCK, LOG2_BLOCK, NUM_WARPS
 
 if HAS_TRITON:
-    from .reduce import row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
+    from .reduce import row_arrive_and_wait, segment_offsets, tile_offsets, tile_sum, tree_sum
 
     @triton.jit
     def _segment_stats(x, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
@@ -66,6 +69,51 @@ if HAS_TRITON:
             y = tl.exp(x - M) * (1.0 / S)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # Split rows: the helpers every schedule (PHASE 0..3) uses for a segment, so that they share
+    # the arithmetic by construction.
+
+    @triton.jit
+    def _load_segment(x_ptr, row, g, R, ACC_FP64: tl.constexpr, LANES: tl.constexpr,
+                      CHUNKS: tl.constexpr):
+        """Segment g of split row ``row``: x [1, LANES, CHUNKS] (-inf where masked), offs, mask."""
+        ACC = tl.float64 if ACC_FP64 else tl.float32
+        _, offs, mask = segment_offsets(row, g, R, LANES, CHUNKS)
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
+        return x, offs, mask
+
+    @triton.jit
+    def _segment_stats_of(x_ptr, row, g, R, ACC_FP64: tl.constexpr, LANES: tl.constexpr,
+                          LOG2_LANES: tl.constexpr, CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
+        """Statistics of segment g of split row ``row``: (x, offs, mask, m_g, s_g), m_g and s_g
+        scalars (a [1] -> scalar max: exact)."""
+        x, offs, mask = _load_segment(x_ptr, row, g, R, ACC_FP64, LANES, CHUNKS)
+        m, s = _segment_stats(x, LOG2_LANES, LOG2_CHUNKS)
+        return x, offs, mask, tl.max(m, axis=0), tl.max(s, axis=0)
+
+    @triton.jit
+    def _row_stats(x_ptr, row, R, G, ACC_FP64: tl.constexpr, LANES: tl.constexpr,
+                   LOG2_LANES: tl.constexpr, CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr,
+                   GP2: tl.constexpr, LOG2_GP2: tl.constexpr):
+        """(M, S) of split row ``row``, every segment's statistics computed by this program into
+        [GP2] vectors (exact selects), then combined by the same tree as from the workspace."""
+        ACC = tl.float64 if ACC_FP64 else tl.float32
+        gi = tl.arange(0, GP2)
+        mv = tl.full([GP2], float("-inf"), ACC)
+        sv = tl.zeros([GP2], ACC)
+        for g in range(0, G):
+            _, _, _, mg, sg = _segment_stats_of(x_ptr, row, g, R, ACC_FP64, LANES, LOG2_LANES,
+                                                CHUNKS, LOG2_CHUNKS)
+            mv = tl.where(gi == g, mg, mv)
+            sv = tl.where(gi == g, sg, sv)
+        return _combine(mv, sv, LOG2_GP2)
+
+    @triton.jit
+    def _write_segment(x_ptr, out_ptr, row, g, R, M, S, LOG: tl.constexpr, ACC_FP64: tl.constexpr,
+                       LANES: tl.constexpr, CHUNKS: tl.constexpr):
+        """(Re)load segment g of split row ``row`` and write its output."""
+        x, offs, mask = _load_segment(x_ptr, row, g, R, ACC_FP64, LANES, CHUNKS)
+        _write(out_ptr, offs, mask, x, M, S, LOG)
+
     @triton.jit(do_not_specialize=["T", "timeout_ns"])
     def _softmax_rows_kernel(
         x_ptr, out_ptr, ws_ptr, cnt_ptr, R, T, G, timeout_ns,
@@ -74,27 +122,35 @@ if HAS_TRITON:
         CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
         LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
     ):
-        """One-program rows (not SPLIT): ROWS rows per program. Split rows: program
-        ``row * G + g`` owns segment g; PHASE 0: the programs of a row exchange their segment
-        statistics in ``ws`` and each writes its segment; PHASE 1: statistics only; PHASE 2: the
-        output, from phase 1's statistics (a second launch)."""
+        """One-program rows (not SPLIT): ROWS rows per program. Split rows (reduce.launch_rows):
+        program ``row * G + g`` owns segment g in PHASE 0 (the programs of a row exchange their
+        segment statistics in ``ws`` and each writes its segment), PHASE 1 (statistics only) and
+        PHASE 2 (the output, from phase 1's statistics: a second launch); in PHASE 3 program
+        ``row`` loops over the row's segments for the statistics, then again for the output."""
         ACC = tl.float64 if ACC_FP64 else tl.float32
         NEG_INF = float("-inf")
         pid = tl.program_id(0)
-        seg = pid % G
-        rows, col, offs, mask = tile_offsets(pid, seg, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
         if not SPLIT:
+            rows, col, offs, mask = tile_offsets(pid, R, T, ROWS, LANES, CHUNKS)
             x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
             m, s = _segment_stats(x, LOG2_LANES, LOG2_CHUNKS)
             _write(out_ptr, offs, mask, x, m[:, None, None], s[:, None, None], LOG)
+        elif PHASE == 3:
+            row = pid.to(tl.int64)
+            M, S = _row_stats(x_ptr, row, R, G, ACC_FP64, LANES, LOG2_LANES, CHUNKS, LOG2_CHUNKS,
+                              GP2, LOG2_GP2)
+            for g in range(0, G):
+                _write_segment(x_ptr, out_ptr, row, g, R, M, S, LOG, ACC_FP64, LANES, CHUNKS)
         else:
-            ws_row = ws_ptr + (pid // G).to(tl.int64) * (2 * G)
+            row = (pid // G).to(tl.int64)
+            seg = pid % G
+            ws_row = ws_ptr + row * (2 * G)
             gi = tl.arange(0, GP2)
             if PHASE != 2:
-                x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
-                m, s = _segment_stats(x, LOG2_LANES, LOG2_CHUNKS)
-                tl.store(ws_row + 2 * seg, tl.max(m, axis=0))  # [1] -> scalar: exact
-                tl.store(ws_row + 2 * seg + 1, tl.max(s, axis=0))
+                x, offs, mask, m, s = _segment_stats_of(x_ptr, row, seg, R, ACC_FP64, LANES,
+                                                        LOG2_LANES, CHUNKS, LOG2_CHUNKS)
+                tl.store(ws_row + 2 * seg, m)
+                tl.store(ws_row + 2 * seg + 1, s)
             if PHASE == 0:
                 ok = row_arrive_and_wait(cnt_ptr + pid // G, G, timeout_ns)
                 if ok:
@@ -104,20 +160,12 @@ if HAS_TRITON:
                     _write(out_ptr, offs, mask, x, M, S, LOG)
                 else:
                     # The row's other programs did not arrive in time: compute every segment's
-                    # statistics here (the same function, so the same bits), then reload x.
-                    mv = tl.full([GP2], NEG_INF, ACC)
-                    sv = tl.zeros([GP2], ACC)
-                    for g in range(0, G):
-                        _, _, offs_g, mask_g = tile_offsets(pid, g, R, T, G, ROWS, LANES, CHUNKS, SPLIT)
-                        xg = tl.load(x_ptr + offs_g, mask=mask_g, other=NEG_INF).to(ACC)
-                        mg, sg = _segment_stats(xg, LOG2_LANES, LOG2_CHUNKS)
-                        mv = tl.where(gi == g, tl.max(mg, axis=0), mv)
-                        sv = tl.where(gi == g, tl.max(sg, axis=0), sv)
-                    M, S = _combine(mv, sv, LOG2_GP2)
-                    x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
-                    _write(out_ptr, offs, mask, x, M, S, LOG)
+                    # statistics here (the same functions, so the same bits), then reload x.
+                    M, S = _row_stats(x_ptr, row, R, G, ACC_FP64, LANES, LOG2_LANES, CHUNKS,
+                                      LOG2_CHUNKS, GP2, LOG2_GP2)
+                    _write_segment(x_ptr, out_ptr, row, seg, R, M, S, LOG, ACC_FP64, LANES, CHUNKS)
             elif PHASE == 2:
-                x = tl.load(x_ptr + offs, mask=mask, other=NEG_INF).to(ACC)
+                x, offs, mask = _load_segment(x_ptr, row, seg, R, ACC_FP64, LANES, CHUNKS)
                 mv = tl.load(ws_row + 2 * gi, mask=gi < G, other=NEG_INF)
                 sv = tl.load(ws_row + 2 * gi + 1, mask=gi < G, other=0.0)
                 M, S = _combine(mv, sv, LOG2_GP2)

@@ -75,6 +75,99 @@ def small_rows(monkeypatch):
 
 @pytest.fixture
 def one_launch_row_sync(monkeypatch):
-    """Split rows default to two launches; these tests run the one-launch schedule by default and
-    set DETCOMPILE_ROW_SYNC=0 where they compare it with the two-launch one."""
+    """Split rows run one launch on the GPU but two in the interpreter; these tests run the
+    one-launch schedule on both and set DETCOMPILE_ROW_SYNC=0 where they compare it with the
+    two-launch one. A
+    DETCOMPILE_ROW_SCHEDULE from the caller's environment would override both: it is cleared."""
+    monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE", raising=False)
     monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-row schedules (reduce.choose_schedule): the same bits whichever one runs.
+# ---------------------------------------------------------------------------------------------
+
+#: Rows under the small_rows constants (32-element segments): 20 is one program (no schedule);
+#: split into G = 2 (one element in the last segment), 3 (not a power of two, no ragged tail) and
+#: 5 (neither a power of two nor a multiple of the segment) segments.
+SCHEDULE_PATHS = [20, 33, 96, 129]
+
+
+def same_bits(a, b):
+    """Bitwise equality (torch.equal of the bit patterns: a NaN equals a NaN with the same bits,
+    -0.0 differs from 0.0), element by element for tuples."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def assert_close_to(out, ref, tol):
+    """``out`` against a float64 reference: the same non-finite entries (inf, -inf, NaN), a relative
+    error below ``tol`` over the finite ones."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(out[~fin & ~torch.isnan(ref)], ref[~fin & ~torch.isnan(ref)])
+    if fin.any():
+        assert rel_err(out[fin], ref[fin]) < tol
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records ``(grid, PHASE, num_warps)`` of every launch, then
+    launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append((tuple(grid), kwargs.get("PHASE"), kwargs.get("num_warps")))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def run_schedules(monkeypatch, module, kernel_name, fn, row_loop_warps=None):
+    """``fn()`` under every split-row schedule (``reduce.row_schedule``), with ``module``'s row
+    kernel ``kernel_name`` spied on: ``{schedule: (result, [(grid, PHASE, num_warps), ...])}``."""
+    from detcompile.kernels import reduce as rd
+
+    spy = LaunchSpy(getattr(module, kernel_name))
+    monkeypatch.setattr(module, kernel_name, spy)
+    results = {}
+    try:
+        for name in rd.ROW_SCHEDULES:
+            spy.launches = []
+            with rd.row_schedule(name, row_loop_warps=row_loop_warps if name == "row_loop" else None):
+                results[name] = (fn(), spy.launches)
+    finally:
+        monkeypatch.setattr(module, kernel_name, spy.kernel)
+    return results
+
+
+def check_schedules(results, T, R, row_loop_warps=None):
+    """The launches each schedule must make for T rows of length R (reduce.row_plan), and the
+    same bits from all of them. Returns the two-launch result."""
+    from detcompile.kernels import reduce as rd
+
+    plan = rd.row_plan(R)
+    G = plan.segments
+    warps = rd.ROW_LOOP_NUM_WARPS if row_loop_warps is None else row_loop_warps
+    if G == 1:  # one program per row, whatever the schedule
+        grid = (-(-T // plan.rows),)
+        expected = {name: [(grid, 0, plan.num_warps)] for name in rd.ROW_SCHEDULES}
+    else:
+        sync = [((T * G,), 0, plan.num_warps)] if rd.sync_possible(G) else None
+        two = [((T * G,), 1, plan.num_warps), ((T * G,), 2, plan.num_warps)]
+        expected = {"two_launch": two, "sync": sync or two, "row_loop": [((T,), 3, warps)]}
+    base = results["two_launch"][0]
+    for name, (res, launches) in results.items():
+        assert launches == expected[name], f"{name}: launched {launches}, expected {expected[name]}"
+        assert same_bits(res, base), f"{name} differs from two_launch (R={R}, G={G})"
+    return base

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from detcompile.kernels import _common
+from detcompile.kernels import layer_norm as ln
 from detcompile.kernels.layer_norm import BLOCK, triton_layer_norm
 
 from ._util import SMALL_PATHS, LAUNCH_DEV, needs_triton, rel_err
+from ._util import SCHEDULE_PATHS, check_schedules, run_schedules, same_bits
 from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 pytestmark = pytest.mark.usefixtures("one_launch_row_sync")
@@ -287,3 +289,52 @@ def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
         for t1, t2, t3 in zip(a, c1, c2):
             assert torch.equal(t1, t2) and torch.equal(t1, t3)
         check_all(a, x, [hidden], weight, bias, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ------------------------------------ split-row schedules: two launches, sync, row_loop (same bits)
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden", SCHEDULE_PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden, dtype, tol, gen):
+    from detcompile.kernels import reduce as rd
+
+    T = 3
+    x = (torch.randn(T, hidden, generator=gen) * 4 + 1).to(dtype)
+    x[1, hidden // 2:] += 50.0  # segments with very different means (Chan's combination)
+    w = torch.randn(hidden, generator=gen).to(dtype)
+    b = torch.randn(hidden, generator=gen).to(dtype)
+    warps = 16 if dtype == torch.float16 else None  # ROW_LOOP_NUM_WARPS, or 16 through row_schedule
+    for weight, bias in ((w, b), (None, None)):
+        def fn(x=x):
+            dev = lambda t: None if t is None else t.to(LAUNCH_DEV)  # noqa: E731
+            return tuple(t.cpu() for t in triton_layer_norm(dev(x), [hidden], dev(weight), dev(bias), EPS))
+
+        outs = check_schedules(run_schedules(monkeypatch, ln, "_layer_norm_rows_kernel", fn, warps), T, hidden, warps)
+        check_all(outs, x, [hidden], weight, bias, tol)
+        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+            assert same_bits(fn(x[1:2].clone()), tuple(t[1:2] for t in outs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [8193, 16384, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_row_loop_matches_other_schedules(hidden, dtype):
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = (torch.randn(37, hidden, generator=g, device="cuda") * 3 + 1).to(dtype)
+    w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    b = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    for weight, bias in ((w, b), (None, None)):
+        with rd.row_schedule("two_launch"):
+            ref = OP(x, [hidden], weight, bias, EPS)
+        with rd.row_schedule("sync"):
+            assert same_bits(OP(x, [hidden], weight, bias, EPS), ref)
+        for warps in (4, 8, 16):
+            with rd.row_schedule("row_loop", row_loop_warps=warps):
+                assert same_bits(OP(x, [hidden], weight, bias, EPS), ref), warps
+                alone = OP(x[5:6].clone(), [hidden], weight, bias, EPS)
+                assert same_bits(alone, tuple(t[5:6] for t in ref))
+        check_all(ref, x, [hidden], weight, bias, 1e-2 if dtype == torch.bfloat16 else 1e-5)

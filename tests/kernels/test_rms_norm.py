@@ -4,9 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from detcompile.kernels import _common
+from detcompile.kernels import rms_norm as rn
 from detcompile.kernels.rms_norm import BLOCK, triton_rms_norm
 
 from ._util import SMALL_PATHS, LAUNCH_DEV, needs_triton, rel_err
+from ._util import SCHEDULE_PATHS, assert_close_to, check_schedules, run_schedules, same_bits
 from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 pytestmark = pytest.mark.usefixtures("one_launch_row_sync")
@@ -276,3 +278,48 @@ def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
         monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
         assert torch.equal(a, b) and torch.equal(a, c)
         assert rel_err(a, ref64(x, weight)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ------------------------------------ split-row schedules: two launches, sync, row_loop (same bits)
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden", SCHEDULE_PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden, dtype, tol, gen):
+    from detcompile.kernels import reduce as rd
+
+    T = 3
+    x = (torch.randn(T, hidden, generator=gen) * 4 + 1).to(dtype)
+    x[1, hidden // 2:] = 0.0  # zero later segments
+    w = torch.randn(hidden, generator=gen).to(dtype)
+    warps = 16 if dtype == torch.float16 else None  # ROW_LOOP_NUM_WARPS, or 16 through row_schedule
+    for weight in (w, None):
+        def fn(x=x):
+            return triton_rms_norm(x.to(LAUNCH_DEV), None if weight is None else weight.to(LAUNCH_DEV), EPS).cpu()
+
+        out = check_schedules(run_schedules(monkeypatch, rn, "_rms_norm_rows_kernel", fn, warps), T, hidden, warps)
+        assert_close_to(out, ref64(x, weight), tol)
+        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+            assert same_bits(fn(x[1:2].clone()), out[1:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [8193, 16384, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_row_loop_matches_other_schedules(hidden, dtype):
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = (torch.randn(37, hidden, generator=g, device="cuda") * 3).to(dtype)
+    w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    for weight in (w, None, w.float()):
+        with rd.row_schedule("two_launch"):
+            ref = OP(x, weight, EPS)
+        with rd.row_schedule("sync"):
+            assert same_bits(OP(x, weight, EPS), ref)
+        for warps in (4, 8, 16):
+            with rd.row_schedule("row_loop", row_loop_warps=warps):
+                assert same_bits(OP(x, weight, EPS), ref), warps
+                assert same_bits(OP(x[5:6].clone(), weight, EPS), ref[5:6])
+        assert_close_to(ref, ref64(x, weight), 1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -6,6 +6,7 @@ from detcompile.kernels import _common
 from detcompile.kernels import softmax as sm
 
 from ._util import SMALL_PATHS, LAUNCH_DEV, check_batch_invariant, needs_triton, rel_err
+from ._util import SCHEDULE_PATHS, assert_close_to, check_schedules, run_schedules, same_bits
 from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 OP = torch.ops.detcompile.softmax
@@ -381,3 +382,128 @@ def test_gpu_padding_across_split(dtype):
                 pad = torch.full((2, 3, total - real), float("-inf"), device="cuda", dtype=dtype)
                 out = OP(torch.cat([x, pad], -1), -1, False, log)
                 assert torch.equal(out[..., :real], ref), (real, total, log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-row schedules: two launches, one launch of cooperating programs (sync), one program per row
+# (row_loop) give the same bits (reduce.choose_schedule).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_choice(monkeypatch):
+    from detcompile.kernels import reduce as rd
+
+    monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE", raising=False)
+    monkeypatch.delenv("DETCOMPILE_ROW_SYNC", raising=False)
+    G, many = 16, rd.ROW_MAX_SYNC_SEGMENTS + 1
+    default = "two_launch" if rd._common.triton_interpret() else "sync"  # programs meet only on a GPU
+    assert rd.requested_schedule() is None and rd.choose_schedule(8192, G) == default
+    monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # the old switch, off: two launches
+    assert rd.choose_schedule(1, G) == "two_launch"
+    monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")  # the old switch still works
+    assert rd.choose_schedule(1, G) == "sync" and rd.row_sync(G)
+    assert rd.choose_schedule(1, many) == "two_launch" and not rd.row_sync(many)
+    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "row_loop")  # wins over DETCOMPILE_ROW_SYNC
+    assert rd.choose_schedule(1, G) == "row_loop" and rd.choose_schedule(1, many) == "row_loop"
+    assert not rd.row_sync(G)
+    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "two_launch")
+    assert rd.choose_schedule(1, G) == "two_launch"
+    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "sync")
+    assert rd.choose_schedule(1, G) == "sync" and rd.choose_schedule(1, many) == "two_launch"
+    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "rowloop")
+    with pytest.raises(ValueError, match="DETCOMPILE_ROW_SCHEDULE"):
+        rd.choose_schedule(1, G)
+    # The in-process override wins over the environment, and is undone on exit (also on error).
+    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "two_launch")
+    warps = rd.ROW_LOOP_NUM_WARPS
+    with rd.row_schedule("row_loop", row_loop_warps=16):
+        assert rd.choose_schedule(1, G) == "row_loop" and rd.ROW_LOOP_NUM_WARPS == 16
+        with rd.row_schedule(None):  # None: the environment decides
+            assert rd.choose_schedule(1, G) == "two_launch" and rd.ROW_LOOP_NUM_WARPS == 16
+        assert rd.choose_schedule(1, G) == "row_loop"
+    assert rd.choose_schedule(1, G) == "two_launch" and rd.ROW_LOOP_NUM_WARPS == warps
+    with pytest.raises(RuntimeError):
+        with rd.row_schedule("sync"):
+            raise RuntimeError
+    assert rd.requested_schedule() == "two_launch"
+    for bad in (dict(name="fast"), dict(name="row_loop", row_loop_warps=6)):
+        with pytest.raises(ValueError):
+            with rd.row_schedule(**bad):
+                pass
+    # The default can move to row_loop for many rows (ROW_LOOP_MIN_ROWS); a request still wins.
+    monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE")
+    monkeypatch.delenv("DETCOMPILE_ROW_SYNC")
+    monkeypatch.setattr(rd, "ROW_LOOP_MIN_ROWS", 1024)
+    assert rd.choose_schedule(1023, G) == "two_launch" and rd.choose_schedule(1024, G) == "row_loop"
+    with rd.row_schedule("two_launch"):
+        assert rd.choose_schedule(4096, G) == "two_launch"
+
+
+@needs_triton
+def test_triton_sync_spin_wait_path(small_rows, monkeypatch, gen):
+    # Without tl.atomic_poll (Triton 3.6, the GPU machine's) the one-launch schedule waits in a
+    # bounded loop of acquire loads. The interpreter runs programs one at a time, so the loop
+    # gives up at once and each program computes its row's statistics itself: the bits of two
+    # launches. (A wait that wrongly reported success would read an unfilled workspace.)
+    from detcompile.kernels import reduce as rd
+
+    monkeypatch.setattr(rd, "HAS_ATOMIC_POLL", False)
+    monkeypatch.setattr(rd, "_HAS_ATOMIC_POLL_C", _common.tl.constexpr(False))
+    x = torch.randn(3, 129, generator=gen)  # 5 segments under small_rows
+    outs = {}
+    for name in ("sync", "two_launch"):
+        with rd.row_schedule(name):
+            outs[name] = sm.triton_softmax(x.to(LAUNCH_DEV), -1, False, True).cpu()
+    assert same_bits(outs["sync"], outs["two_launch"])
+    assert_close_to(outs["sync"], ref_softmax(x, -1, True), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("R", SCHEDULE_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, gen, R, dtype):
+    from detcompile.kernels import reduce as rd
+
+    T = 4
+    x = (torch.randn(T, R, generator=gen) * 3).to(dtype)
+    x[0, ::7] = float("-inf")  # scattered -inf
+    x[1, R // 2:] = float("-inf")  # later segments all -inf
+    x[2, : R // 3] = float("-inf")  # leading -inf (the whole first segment for R = 96, 129)
+    x[3] = float("-inf")  # a fully masked row: NaN in every schedule
+    warps = 16 if dtype == torch.float16 else None  # ROW_LOOP_NUM_WARPS, or 16 through row_schedule
+    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    for log, half_to_float in ((False, False), (True, dtype == torch.float16)):
+        def fn(x=x):
+            return sm.triton_softmax(x.to(LAUNCH_DEV), -1, half_to_float, log).cpu()
+
+        out = check_schedules(run_schedules(monkeypatch, sm, "_softmax_rows_kernel", fn, warps), T, R, warps)
+        assert out.dtype == (torch.float32 if half_to_float else dtype)
+        assert torch.isnan(out[3]).all()
+        assert_close_to(out[:3], ref_softmax(x[:3], -1, log), 1e-5 if half_to_float else tol)
+        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+            assert same_bits(fn(x[2:3].clone()), out[2:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R", [8193, 32000, 128256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_row_loop_matches_other_schedules(R, dtype):
+    from detcompile.kernels import reduce as rd
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(37, R, device="cuda", generator=g) * 3).to(dtype)
+    x[1, R // 2:] = float("-inf")
+    x[2, ::5] = float("-inf")
+    x[3, :8192] = float("-inf")  # a whole segment
+    for log in (False, True):
+        for half_to_float in (False, dtype == torch.bfloat16):
+            with rd.row_schedule("two_launch"):
+                ref = OP(x, -1, half_to_float, log)
+            with rd.row_schedule("sync"):
+                assert same_bits(OP(x, -1, half_to_float, log), ref)
+            for warps in (4, 8, 16):
+                with rd.row_schedule("row_loop", row_loop_warps=warps):
+                    assert same_bits(OP(x, -1, half_to_float, log), ref), (log, warps)
+                    assert same_bits(OP(x[5:6].clone(), -1, half_to_float, log), ref[5:6])
+            tol = 1e-2 if dtype == torch.bfloat16 and not half_to_float else 1e-5
+            assert_close_to(ref, ref_softmax(x, -1, log), tol)

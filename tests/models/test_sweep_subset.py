@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.model_sweep import check_arch, check_model, half_precision_ok, run_one
+from benchmarks.model_sweep import check_arch, check_model, half_precision_ok, run_one, stock_compile_explains
 
 from ._util import ALL_ARCHS
 
@@ -102,3 +102,59 @@ def test_half_precision_verdict():
     # Far from both, and much farther from float32 than eager: inaccurate.
     assert not half_precision_ok(0.5, tol, 0.01, 0.5)
     assert not half_precision_ok(0.5, tol, 0.1, 0.21)
+
+
+def test_resume_reruns_named_archs_and_keeps_the_rest(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import model_sweep
+
+    out = tmp_path / "models.md"
+    old = [model_sweep.Result("llama", "pass"), model_sweep.Result("doge", "inaccurate", "far")]
+    first_env = dict(model_sweep.environment("cpu", "float32"), date="2000-01-01 00:00 UTC", jobs=12)
+    model_sweep.write_reports(out, old, first_env, [], 1.0, 1.0)
+    model_sweep.notes_path(out).write_text("## Notes\n\nhand-written")
+    ran = []
+
+    def fake_run_one(arch, *a, **k):
+        ran.append(arch)
+        return model_sweep.Result(arch, "pass")
+
+    monkeypatch.setattr(model_sweep, "run_one", fake_run_one)
+    model_sweep.main(["--archs", "doge", "--out", str(out), "--resume"])
+    results = {r["arch"]: r["status"] for r in json.loads(out.with_suffix(".json").read_text())["results"]}
+    assert ran == ["doge"]
+    assert results == {"llama": "pass", "doge": "pass"}
+    # The first run's environment stays (the bulk of the table is from it); the re-run is recorded.
+    env = json.loads(out.with_suffix(".json").read_text())["environment"]
+    assert env["date"] == "2000-01-01 00:00 UTC" and env["jobs"] == 12
+    assert [r["archs"] for r in env["reruns"]] == [["doge"]]
+    md = out.read_text()
+    assert "- date: 2000-01-01 00:00 UTC" in md and "): doge" in md.split("re-run on", 1)[1]
+    assert md.rstrip().endswith("hand-written")  # the notes file is appended to every render
+    # Without --archs, --resume runs only what the JSON lacks (here: nothing of these two).
+    ran.clear()
+    model_sweep.main(["--out", str(out), "--resume", "--total-budget", "0"])
+    assert "llama" not in ran and "doge" not in ran
+
+
+class TracedBranchLM(PlainLM):
+    """Takes another branch under Dynamo (like a transformers mask that is only built when traced)."""
+
+    def forward(self, ids):
+        out = super().forward(ids)
+        return out * 2 if torch.compiler.is_compiling() else out
+
+
+def test_model_that_changes_under_dynamo_is_judged_against_stock_compile():
+    torch.manual_seed(0)
+    res = check_model(TracedBranchLM().eval(), vocab=32, name="traced-branch-lm")
+    assert res.status == "pass", res
+    assert "changes under Dynamo" in res.reason and "stock torch.compile" in res.reason
+
+
+def test_stock_compile_verdict():
+    tol = 1e-3
+    assert stock_compile_explains(tol, 0.65, 1e-7)  # doge on the GPU stack: Dynamo builds the causal mask
+    assert not stock_compile_explains(tol, 1e-7, 0.65)  # stock compile matches eager: ours is wrong
+    assert not stock_compile_explains(tol, 0.65, 0.3)  # far from both
