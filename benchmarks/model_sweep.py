@@ -618,8 +618,12 @@ def write_reports(out: Path, results: list[Result], env: dict, not_run: list[str
                   wall: float, in_progress: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
-    write_png(png, results, env)
-    write_markdown(out, results, env, not_run, time_budget, wall, png.name, in_progress)
+    try:
+        write_png(png, results, env)
+    except ImportError as e:  # matplotlib is in the [bench] extra; the table still gets written
+        warnings.warn(f"no plot ({e}); pip install -e '.[bench]' for {png.name}")
+        png = None
+    write_markdown(out, results, env, not_run, time_budget, wall, png.name if png else None, in_progress)
     payload = {"environment": env, "in_progress": in_progress, "time_budget_s": time_budget, "wall_s": round(wall, 1), "counts": counts(results),
                "not_run": not_run, "results": [r.to_json() for r in sorted(results, key=lambda r: r.arch)]}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
