@@ -174,7 +174,7 @@ def environment(device: torch.device, argv: Sequence[str], timer: GraphTimer) ->
                   f"inputs rotate over >= {timer.rotate_bytes / 2**20:.0f} MiB",
         "row_constants": {k: getattr(rd, k) for k in (
             "ROW_LANES", "ROW_SEG_CHUNKS", "ROW_NUM_WARPS", "ROW_LOOP_NUM_WARPS", "ROW_MAX_SYNC_SEGMENTS",
-            "ROW_SPLIT_MAXNREG", "ROW_LOOP_MIN_ROWS")},
+            "ROW_SPLIT_MAXNREG")},
         "has_atomic_poll": rd.HAS_ATOMIC_POLL,
     }
 

@@ -199,9 +199,6 @@ ROW_NUM_WARPS = 4
 ROW_LOOP_NUM_WARPS = 8
 #: Split-row schedules (see the block comment above and ``choose_schedule``).
 ROW_SCHEDULES = ("two_launch", "sync", "row_loop")
-#: ``choose_schedule`` picks "row_loop" by default for at least this many rows (None: never; it
-#: measured slower than both others). An explicit request (environment, ``row_schedule``) wins.
-ROW_LOOP_MIN_ROWS: Optional[int] = None
 #: How long a split program waits for its row's other programs before it computes the whole
 #: row's statistics itself (same bits; never needed when the GPU runs the launch normally).
 ROW_SYNC_TIMEOUT_NS = 2_000_000
@@ -324,8 +321,6 @@ def choose_schedule(T: int, G: int) -> str:
     An explicit request wins; "sync" falls back to "two_launch" where it cannot run.
     """
     name = requested_schedule()
-    if name is None and ROW_LOOP_MIN_ROWS is not None and T >= ROW_LOOP_MIN_ROWS:
-        name = "row_loop"
     if name is None:
         # The interpreter runs programs one at a time, so "sync" programs could never meet: each
         # would compute its whole row's statistics itself (same bits, G times the work).
@@ -333,11 +328,6 @@ def choose_schedule(T: int, G: int) -> str:
     if name == "sync" and not sync_possible(G):
         return "two_launch"
     return name
-
-
-def row_sync(segments: int) -> bool:
-    """Whether a split row runs as one launch of cooperating programs (the "sync" schedule)."""
-    return requested_schedule() == "sync" and sync_possible(segments)
 
 
 @contextlib.contextmanager

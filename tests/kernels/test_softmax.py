@@ -401,11 +401,10 @@ def test_schedule_choice(monkeypatch):
     monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # the old switch, off: two launches
     assert rd.choose_schedule(1, G) == "two_launch"
     monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")  # the old switch still works
-    assert rd.choose_schedule(1, G) == "sync" and rd.row_sync(G)
-    assert rd.choose_schedule(1, many) == "two_launch" and not rd.row_sync(many)
+    assert rd.choose_schedule(1, G) == "sync"
+    assert rd.choose_schedule(1, many) == "two_launch"
     monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "row_loop")  # wins over DETCOMPILE_ROW_SYNC
     assert rd.choose_schedule(1, G) == "row_loop" and rd.choose_schedule(1, many) == "row_loop"
-    assert not rd.row_sync(G)
     monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "two_launch")
     assert rd.choose_schedule(1, G) == "two_launch"
     monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "sync")
@@ -430,11 +429,9 @@ def test_schedule_choice(monkeypatch):
         with pytest.raises(ValueError):
             with rd.row_schedule(**bad):
                 pass
-    # The default can move to row_loop for many rows (ROW_LOOP_MIN_ROWS); a request still wins.
+    # A request wins over the default, whatever the row count.
     monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE")
     monkeypatch.delenv("DETCOMPILE_ROW_SYNC")
-    monkeypatch.setattr(rd, "ROW_LOOP_MIN_ROWS", 1024)
-    assert rd.choose_schedule(1023, G) == "two_launch" and rd.choose_schedule(1024, G) == "row_loop"
     with rd.row_schedule("two_launch"):
         assert rd.choose_schedule(4096, G) == "two_launch"
 
