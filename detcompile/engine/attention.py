@@ -1,0 +1,102 @@
+"""The engine's attention: Hugging Face models call it through transformers' ``AttentionInterface``.
+
+``Engine`` sets a model's attention implementation to ``"detcompile_paged"``. Each attention layer
+then calls :func:`paged_attention_forward`, which calls one custom op,
+``torch.ops.detcompile.engine_paged_attention``: it writes the step's new K/V into the layer's
+pages and attends over the pages with ``torch.ops.detcompile.paged_attention``. The pages and the
+step's layout (which tokens belong to which sequence) are not arguments of the op but live in a
+:class:`StepContext` set around the forward (as vLLM's forward context does), so that Dynamo never
+sees them: no guard on a Python int, no recompile when the batch changes, and the cache write is
+invisible to functionalization (no copy of the cache per layer).
+
+Bits: one-token rows of a step go in one paged call (``Lq = 1``); each longer chunk in its own
+call (``Lq = chunk``). The kernel reduces a query at absolute position p over keys 0..p in tiles
+fixed by p alone, so a token gets the same bits prefilled, chunked, after a prefix-cache hit or
+decoded, alone or in any batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+import detcompile.kernels  # noqa: F401  (registers torch.ops.detcompile.paged_attention)
+
+IMPLEMENTATION = "detcompile_paged"
+
+
+@dataclass
+class StepContext:
+    """What the attention op needs to know about the step being run."""
+
+    kv_caches: list[tuple[Tensor, Tensor]]  # per layer: [num_pages, page_size, Hkv, D] each
+    slot_mapping: Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
+    block_table: Tensor  # [B, W] int32: pages of each sequence of the step, one-token rows first
+    kv_lens: Tensor  # [B] int32: tokens of each sequence in the cache after this step
+    num_singles: int  # sequences (and tokens) 0..num_singles-1 have one query token each
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, length, row)
+
+
+_current: StepContext | None = None
+
+
+@contextlib.contextmanager
+def step_context(ctx: StepContext):
+    global _current
+    prev, _current = _current, ctx
+    try:
+        yield ctx
+    finally:
+        _current = prev
+
+
+@torch.library.custom_op("detcompile::engine_paged_attention", mutates_args=())
+def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: float, softcap: float) -> Tensor:
+    """q [1, Hq, T, D], new k/v [1, Hkv, T, D] -> [1, T, Hq, Dv] (the layout HF attention returns).
+
+    Writes k/v into the current step's cache of ``layer`` (hidden state, like vLLM's attention op:
+    the op is declared pure so that functionalization does not copy the cache)."""
+    ctx = _current
+    if ctx is None:
+        raise RuntimeError("detcompile: the engine's attention ran outside an engine step (no StepContext)")
+    k_cache, v_cache = ctx.kv_caches[layer]
+    T, hkv = q.shape[2], k.shape[1]
+    k_cache.view(-1, hkv, k_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
+    v_cache.view(-1, hkv, v_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
+    qt = q[0].transpose(0, 1)  # [T, Hq, D]
+    out = q.new_empty((T, q.shape[1], v_cache.shape[-1]))
+    paged = torch.ops.detcompile.paged_attention
+    n = ctx.num_singles
+    if n:
+        out[:n] = paged(qt[:n].unsqueeze(2), k_cache, v_cache, ctx.block_table[:n], ctx.kv_lens[:n], scale, softcap)[:, :, 0]
+    for start, length, row in ctx.chunks:
+        o = paged(qt[start:start + length].transpose(0, 1).unsqueeze(0), k_cache, v_cache,
+                  ctx.block_table[row:row + 1], ctx.kv_lens[row:row + 1], scale, softcap)
+        out[start:start + length] = o[0].transpose(0, 1)
+    return out.unsqueeze(0)
+
+
+@engine_paged_attention.register_fake
+def _(q, k, v, layer, scale, softcap):
+    return q.new_empty((1, q.shape[2], q.shape[1], v.shape[3]))
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function (``AttentionInterface``): same signature as its sdpa one."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("detcompile engine: attention sinks (s_aux) are not supported yet")
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out = torch.ops.detcompile.engine_paged_attention(query, key, value, module.layer_idx, float(scale),
+                                                      float(softcap or 0.0))
+    return out, None
+
+
+def register() -> None:
+    """Make ``attn_implementation="detcompile_paged"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, paged_attention_forward)

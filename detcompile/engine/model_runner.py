@@ -1,0 +1,279 @@
+"""Runs the model for one engine step: inputs of the flat batch, the paged KV cache, the compiled
+forward and, for decode steps on CUDA, its captured CUDA graphs.
+
+The model is any Hugging Face causal LM whose attention goes through transformers'
+``AttentionInterface``. In deterministic mode it is compiled once with
+``backend="deterministic"`` (strict) over a dynamic token dimension and warmed up on every graph
+Dynamo needs (1 token / many tokens, 1 logits row / many); after that a recompile is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import Tensor
+
+from . import attention
+from .scheduler import Work
+
+#: Decode batch sizes captured as CUDA graphs; a step of B one-token rows replays the smallest >= B.
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+_UNPAGEABLE_LAYERS = ("mamba", "linear_attention", "conv", "recurrent", "ssm", "mlstm", "slstm")
+
+
+def check_pageable(model) -> None:
+    """Refuse models the engine cannot page, naming why (the compile backend still serves them)."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"detcompile engine: {cfg.model_type} is an encoder-decoder model; the engine serves "
+                         "decoder-only causal LMs (torch.compile(model, backend='deterministic') still works)")
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    kinds = set(getattr(text, "layer_types", None) or [])
+    odd = sorted(k for k in kinds if any(u in str(k).lower() for u in _UNPAGEABLE_LAYERS))
+    if odd:
+        raise ValueError(f"detcompile engine: {cfg.model_type} has {odd} layers (state-space / hybrid), whose "
+                         "state the paged KV cache cannot hold; use torch.compile(model, backend='deterministic')")
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and any(
+        hasattr(m, p) for p in ("q_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack"))]
+    if not layers:
+        raise ValueError(f"detcompile engine: no attention layers with a layer_idx found in {type(model).__name__}; "
+                         "the engine needs a transformers model whose attention uses the AttentionInterface")
+    if any(getattr(m, "sinks", None) is not None for m in layers):
+        raise ValueError(f"detcompile engine: {cfg.model_type} uses attention sinks, not supported by the paged "
+                         "attention kernel yet")
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of the model's attention."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or heads
+    if getattr(cfg, "multi_query", False):  # falcon/gpt_bigcode style
+        hkv = 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, hkv, head_dim
+
+
+def sliding_windows(model) -> list[int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    w = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None)
+    if not w:
+        return []
+    if kinds and "sliding_attention" not in kinds:
+        return []
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return []
+    return [int(w)]
+
+
+class ModelRunner:
+    def __init__(self, model, *, block_size: int, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, deterministic: bool, cuda_graphs: bool,
+                 kv_cache_fraction: float, kv_cache_bytes: int | None, log=print):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.deterministic = deterministic
+        self.log = log
+        check_pageable(model)
+        for w in sliding_windows(model):
+            if w < max_model_len:
+                raise ValueError(
+                    f"detcompile engine: {model.config.model_type} uses a sliding window of {w} tokens, shorter than "
+                    f"max_model_len={max_model_len}; the paged kernel has no window yet: set max_model_len <= {w}")
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model)
+        self.max_pages = -(-max_model_len // block_size)
+        attention.register()
+        _set_attention(model, attention.IMPLEMENTATION)
+        t0 = time.perf_counter()
+        if deterministic:
+            self.forward = torch.compile(model, backend="deterministic", dynamic=True, options={"strict": True})
+        else:
+            self.forward = model
+        self.warmup()
+        self.compile_seconds = time.perf_counter() - t0
+        self.num_blocks = self._plan_cache(kv_cache_fraction, kv_cache_bytes)
+        shape = (self.num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        # zeros, not empty: masked-out slots are never NaN, whatever the kernel does with them
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.graphs: dict[int, tuple] = {}
+        self.graph_seconds = 0.0
+        if cuda_graphs and self.device.type == "cuda":
+            t0 = time.perf_counter()
+            self.capture_graphs()
+            self.graph_seconds = time.perf_counter() - t0
+
+    # -- memory --------------------------------------------------------------------------------
+    def page_bytes(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _plan_cache(self, fraction: float, nbytes: int | None) -> int:
+        if nbytes is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                # what the warm-up peaked at above the weights, kept free for activations
+                activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+                nbytes = int(free - (1 - fraction) * total - activations)
+            else:
+                nbytes = 256 << 20
+        pages = nbytes // self.page_bytes()
+        need = self.max_pages + 1
+        if pages < need:
+            raise ValueError(f"detcompile engine: the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages "
+                             f"of {self.block_size} tokens; one max_model_len={self.max_model_len} sequence needs {need}")
+        self.log(f"detcompile engine: KV cache {pages} pages x {self.block_size} tokens = {pages * self.block_size} "
+                 f"tokens, {pages * self.page_bytes() / 2**30:.2f} GiB on {self.device}")
+        return int(pages)
+
+    # -- one step ------------------------------------------------------------------------------
+    def _call(self, input_ids: Tensor, positions: Tensor, keep: Tensor) -> Tensor:
+        guard = torch.compiler.set_stance("fail_on_recompile") if self.deterministic and self.warm else contextlib.nullcontext()
+        with torch.no_grad(), guard:
+            out = self.forward(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=keep,
+                               use_cache=False)
+        return out.logits[0]
+
+    def prepare(self, work: list[Work], keep_rows: list[list[int]]):
+        """Host-side tensors of a step; ``keep_rows[i]`` are the chunk offsets of ``work[i]`` whose
+        logits are wanted. Returns (input_ids, positions, keep, StepContext)."""
+        ids, pos, slots, keep, chunks = [], [], [], [], []
+        bs = self.block_size
+        table = torch.zeros((len(work), self.max_pages), dtype=torch.int32)
+        lens = torch.empty(len(work), dtype=torch.int32)
+        singles = 0
+        for row, w in enumerate(work):
+            toks = w.seq.tokens
+            first = len(ids)
+            ids.extend(toks[w.start:w.end])
+            pos.extend(range(w.start, w.end))
+            bt = w.seq.block_table
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(w.start, w.end))
+            table[row, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
+            lens[row] = w.end
+            keep.extend(first + k for k in keep_rows[row])
+            if w.length == 1 and not chunks:
+                singles += 1
+            else:
+                chunks.append((first, w.length, row))
+        dev = self.device
+        ctx = attention.StepContext(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_table=table.to(dev, non_blocking=True),
+            kv_lens=lens.to(dev, non_blocking=True),
+            num_singles=singles,
+            chunks=chunks,
+        )
+        return (torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+                torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
+                torch.tensor(keep, dtype=torch.int64).to(dev, non_blocking=True), ctx)
+
+    def run(self, work: list[Work], keep_rows: list[list[int]]) -> Tensor:
+        """Logits [sum(len(k) for k in keep_rows), V] (float32) of the wanted rows, in order."""
+        n = len(work)
+        if self.graphs and all(w.length == 1 for w in work) and all(k == [0] for k in keep_rows) \
+                and n <= max(self.graphs):
+            return self._replay(work)
+        input_ids, positions, keep, ctx = self.prepare(work, keep_rows)
+        with attention.step_context(ctx):
+            return self._call(input_ids, positions, keep).float()
+
+    # -- warm-up and CUDA graphs -----------------------------------------------------------------
+    warm = False
+
+    def _scratch_context(self, tokens: int, caches) -> attention.StepContext:
+        return attention.StepContext(
+            kv_caches=caches,
+            slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=self.device),
+            block_table=torch.zeros((1, self.max_pages), dtype=torch.int32, device=self.device),
+            kv_lens=torch.full((1,), tokens, dtype=torch.int32, device=self.device),
+            num_singles=0, chunks=[(0, tokens, 0)])
+
+    def warmup(self) -> None:
+        """Compile every graph the engine uses (and measure activation memory) on a scratch cache."""
+        shape = (1, self.block_size, self.num_kv_heads, self.head_dim)
+        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.num_layers)]
+        big = min(self.max_tokens, self.max_model_len)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for tokens, kept in ((1, 1), (max(big, 2), 1), (max(big, 3), 2)):
+            ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+            ctx = self._scratch_context(tokens, scratch)
+            if tokens == 1:
+                ctx.num_singles, ctx.chunks = 1, []
+            keep = torch.arange(tokens - kept, tokens, device=self.device)
+            with attention.step_context(ctx):
+                self._call(ids, torch.arange(tokens, device=self.device), keep)
+        self.warm = True
+
+    def capture_graphs(self) -> None:
+        dev = self.device
+        buckets = [b for b in GRAPH_BUCKETS if b <= self.max_num_seqs]
+        if not buckets or buckets[-1] < self.max_num_seqs:
+            buckets.append(self.max_num_seqs)
+        top = buckets[-1]
+        self.g_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.g_slots = torch.zeros(top, dtype=torch.int64, device=dev)  # padding rows write slot 0 (page 0)
+        self.g_table = torch.zeros((top, self.max_pages), dtype=torch.int32, device=dev)
+        self.g_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.g_keep = torch.arange(top, device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(buckets):
+            ctx = attention.StepContext(self.kv_caches, self.g_slots[:b], self.g_table[:b], self.g_lens[:b], b, [])
+            with attention.step_context(ctx):
+                self._call(self.g_ids[:b], self.g_pos[:b], self.g_keep[:b])  # warm this size
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._call(self.g_ids[:b], self.g_pos[:b], self.g_keep[:b])
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize(dev)
+        self.log(f"detcompile engine: captured {len(buckets)} decode CUDA graphs (batch {buckets[0]}..{top})")
+
+    def _replay(self, work: list[Work]) -> Tensor:
+        n = len(work)
+        b = min(k for k in self.graphs if k >= n)
+        bs = self.block_size
+        ids = torch.zeros(b, dtype=torch.int64)
+        pos = torch.zeros(b, dtype=torch.int64)
+        slots = torch.zeros(b, dtype=torch.int64)
+        lens = torch.zeros(b, dtype=torch.int32)
+        table = torch.zeros((b, self.max_pages), dtype=torch.int32)
+        for i, w in enumerate(work):
+            p = w.start
+            ids[i] = w.seq.tokens[p]
+            pos[i] = p
+            bt = w.seq.block_table
+            slots[i] = bt[p // bs] * bs + p % bs
+            lens[i] = w.end
+            table[i, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        self.g_ids[:b].copy_(ids, non_blocking=True)
+        self.g_pos[:b].copy_(pos, non_blocking=True)
+        self.g_slots[:b].copy_(slots, non_blocking=True)
+        self.g_lens[:b].copy_(lens, non_blocking=True)
+        self.g_table[:b].copy_(table, non_blocking=True)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:n].float()
+
+
+def _set_attention(model, name: str) -> None:
+    """Point the model (and its sub-configs) at the engine's attention function."""
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # older transformers, or a model that validates names: set the config directly
+        for cfg in [model.config, *(getattr(model.config, k) for k in ("text_config",) if hasattr(model.config, k))]:
+            cfg._attn_implementation = name
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", name) != name:
+            cfg._attn_implementation = name
