@@ -10,7 +10,10 @@ from .kernels._common import UnsupportedError
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedError", "__version__", "audit", "deterministic_backend", "explain"]
+__all__ = ["Engine", "SamplingParams", "UnsupportedError", "__version__", "audit", "deterministic_backend", "explain",
+           "generate", "patch_generate"]
+
+_ENGINE_NAMES = {"Engine", "SamplingParams", "RequestOutput", "generate", "patch_generate"}
 
 
 def __getattr__(name):
@@ -28,4 +31,8 @@ def __getattr__(name):
         from .auditor import audit
 
         return audit
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        return getattr(engine, name)
     raise AttributeError(name)

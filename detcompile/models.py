@@ -396,3 +396,20 @@ def tiny_causal_lm(arch: str, dtype: torch.dtype = torch.float32, device: str | 
     if hasattr(model, "set_default_language") and getattr(cfg, "languages", None):
         model.set_default_language(cfg.default_language or cfg.languages[0])
     return model.to(device).eval()
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer built locally (no download): ids 0-3 are <pad>, <s>, </s>, <unk>;
+    printable ASCII and newline follow (100 ids, so it fits every tiny config's vocabulary). It gives
+    the tiny models and the demo text prompts, stop strings and decoded text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

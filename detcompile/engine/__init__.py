@@ -4,6 +4,7 @@ cache, CUDA graphs, counter-based seeded sampling and logprob scoring equal to s
 Read it top to bottom: ``sequence`` -> ``block_manager`` -> ``scheduler`` -> ``attention`` ->
 ``model_runner`` -> ``sampler`` -> ``engine``."""
 from .engine import CompletionOutput, Engine, RequestOutput
+from .hf_generate import generate, patch_generate
 from .sampling_params import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "generate", "patch_generate"]

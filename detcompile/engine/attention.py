@@ -54,7 +54,8 @@ def step_context(ctx: StepContext):
 
 
 @torch.library.custom_op("detcompile::engine_paged_attention", mutates_args=())
-def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: float, softcap: float) -> Tensor:
+def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: float, softcap: float, window: int,
+                           sinks: Tensor | None) -> Tensor:
     """q [1, Hq, T, D], new k/v [1, Hkv, T, D] -> [1, T, Hq, Dv] (the layout HF attention returns).
 
     Writes k/v into the current step's cache of ``layer`` (hidden state, like vLLM's attention op:
@@ -71,27 +72,28 @@ def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: f
     paged = torch.ops.detcompile.paged_attention
     n = ctx.num_singles
     if n:
-        out[:n] = paged(qt[:n].unsqueeze(2), k_cache, v_cache, ctx.block_table[:n], ctx.kv_lens[:n], scale, softcap)[:, :, 0]
+        out[:n] = paged(qt[:n].unsqueeze(2), k_cache, v_cache, ctx.block_table[:n], ctx.kv_lens[:n], scale, softcap,
+                        window, sinks)[:, :, 0]
     for start, length, row in ctx.chunks:
         o = paged(qt[start:start + length].transpose(0, 1).unsqueeze(0), k_cache, v_cache,
-                  ctx.block_table[row:row + 1], ctx.kv_lens[row:row + 1], scale, softcap)
+                  ctx.block_table[row:row + 1], ctx.kv_lens[row:row + 1], scale, softcap, window, sinks)
         out[start:start + length] = o[0].transpose(0, 1)
     return out.unsqueeze(0)
 
 
 @engine_paged_attention.register_fake
-def _(q, k, v, layer, scale, softcap):
+def _(q, k, v, layer, scale, softcap, window, sinks):
     return q.new_empty((1, q.shape[2], q.shape[1], v.shape[3]))
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            sliding_window=None, softcap=None, **kwargs):
-    """transformers attention function (``AttentionInterface``): same signature as its sdpa one."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("detcompile engine: attention sinks (s_aux) are not supported yet")
+                            sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """transformers attention function (``AttentionInterface``): same signature as its sdpa one.
+    ``sliding_window`` (query p sees keys p - w < k <= p, as transformers' masks), ``softcap`` and
+    ``s_aux`` (gpt-oss sinks) are honoured by the kernel."""
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     out = torch.ops.detcompile.engine_paged_attention(query, key, value, module.layer_idx, float(scale),
-                                                      float(softcap or 0.0))
+                                                      float(softcap or 0.0), int(sliding_window or 0), s_aux)
     return out, None
 
 

@@ -189,7 +189,7 @@ class Engine:
                 rows.append(w.length - 1)
             keep_rows.append(rows)
             prompt_rows.append(n_prompt_rows)
-        logits = self.runner.run(work, keep_rows) if any(keep_rows) else None
+        logits = self.runner.run(work, keep_rows)  # always: the forward writes the chunk's K/V
         self.scheduler.postprocess(work)
         self.stats["steps"] += 1
         # Split the logits rows: prompt-logprob rows, then the sampling rows.

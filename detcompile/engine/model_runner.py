@@ -4,7 +4,11 @@ forward and, for decode steps on CUDA, its captured CUDA graphs.
 The model is any Hugging Face causal LM whose attention goes through transformers'
 ``AttentionInterface``. In deterministic mode it is compiled once with
 ``backend="deterministic"`` (strict) over a dynamic token dimension and warmed up on every graph
-Dynamo needs (1 token / many tokens, 1 logits row / many); after that a recompile is an error.
+Dynamo needs; after that a recompile is an error.
+
+One graph: Dynamo specializes sizes 0 and 1, so a step of one token or one logits row would get
+graphs of its own. Steps are padded to at least two tokens and two logits rows instead (a padding
+token sits at position 0 of no sequence: it writes the reserved page 0 and attends to nothing).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from . import attention
 from .scheduler import Work
 
 #: Decode batch sizes captured as CUDA graphs; a step of B one-token rows replays the smallest >= B.
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+GRAPH_BUCKETS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 _UNPAGEABLE_LAYERS = ("mamba", "linear_attention", "conv", "recurrent", "ssm", "mlstm", "slstm")
 
@@ -40,9 +44,6 @@ def check_pageable(model) -> None:
     if not layers:
         raise ValueError(f"detcompile engine: no attention layers with a layer_idx found in {type(model).__name__}; "
                          "the engine needs a transformers model whose attention uses the AttentionInterface")
-    if any(getattr(m, "sinks", None) is not None for m in layers):
-        raise ValueError(f"detcompile engine: {cfg.model_type} uses attention sinks, not supported by the paged "
-                         "attention kernel yet")
 
 
 def kv_geometry(model) -> tuple[int, int, int]:
@@ -54,19 +55,6 @@ def kv_geometry(model) -> tuple[int, int, int]:
         hkv = 1
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, hkv, head_dim
-
-
-def sliding_windows(model) -> list[int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    w = getattr(cfg, "sliding_window", None)
-    kinds = getattr(cfg, "layer_types", None)
-    if not w:
-        return []
-    if kinds and "sliding_attention" not in kinds:
-        return []
-    if getattr(cfg, "use_sliding_window", True) is False:
-        return []
-    return [int(w)]
 
 
 class ModelRunner:
@@ -83,18 +71,20 @@ class ModelRunner:
         self.deterministic = deterministic
         self.log = log
         check_pageable(model)
-        for w in sliding_windows(model):
-            if w < max_model_len:
-                raise ValueError(
-                    f"detcompile engine: {model.config.model_type} uses a sliding window of {w} tokens, shorter than "
-                    f"max_model_len={max_model_len}; the paged kernel has no window yet: set max_model_len <= {w}")
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model)
         self.max_pages = -(-max_model_len // block_size)
         attention.register()
-        _set_attention(model, attention.IMPLEMENTATION)
+        _raise_recompile_limits()
+        # The model keeps its own attention outside engine steps (its plain forward still works);
+        # each step switches every config it has to the engine's attention.
+        self._configs = list({id(m.config): m.config for m in model.modules()
+                              if getattr(m, "config", None) is not None}.values())
         t0 = time.perf_counter()
         if deterministic:
-            self.forward = torch.compile(model, backend="deterministic", dynamic=True, options={"strict": True})
+            options = {"strict": True}
+            if _HAS_GUARD_FILTER:
+                options["guard_filter_fn"] = _guard_filter
+            self.forward = torch.compile(model, backend="deterministic", dynamic=True, options=options)
         else:
             self.forward = model
         self.warmup()
@@ -136,9 +126,16 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------
     def _call(self, input_ids: Tensor, positions: Tensor, keep: Tensor) -> Tensor:
         guard = torch.compiler.set_stance("fail_on_recompile") if self.deterministic and self.warm else contextlib.nullcontext()
-        with torch.no_grad(), guard:
-            out = self.forward(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=keep,
-                               use_cache=False)
+        saved = [c._attn_implementation for c in self._configs]
+        try:
+            for c in self._configs:
+                c._attn_implementation = attention.IMPLEMENTATION
+            with torch.no_grad(), guard:
+                out = self.forward(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=keep,
+                                   use_cache=False)
+        finally:
+            for c, name in zip(self._configs, saved):
+                c._attn_implementation = name
         return out.logits[0]
 
     def prepare(self, work: list[Work], keep_rows: list[list[int]]):
@@ -163,6 +160,15 @@ class ModelRunner:
                 singles += 1
             else:
                 chunks.append((first, w.length, row))
+        if len(ids) < 2:  # one token: pad with a second one-token row of no sequence (see the module doc)
+            ids.append(0)
+            pos.append(0)
+            slots.append(0)
+            table = torch.cat([table, torch.zeros((1, self.max_pages), dtype=torch.int32)])
+            lens = torch.cat([lens, torch.zeros(1, dtype=torch.int32)])
+            singles += 1
+        while len(keep) < 2:  # at least two logits rows (a step may want none: a mid-prompt chunk)
+            keep.append(keep[-1] if keep else 0)
         dev = self.device
         ctx = attention.StepContext(
             kv_caches=self.kv_caches,
@@ -184,7 +190,7 @@ class ModelRunner:
             return self._replay(work)
         input_ids, positions, keep, ctx = self.prepare(work, keep_rows)
         with attention.step_context(ctx):
-            return self._call(input_ids, positions, keep).float()
+            return self._call(input_ids, positions, keep)[: sum(map(len, keep_rows))].float()
 
     # -- warm-up and CUDA graphs -----------------------------------------------------------------
     warm = False
@@ -198,21 +204,17 @@ class ModelRunner:
             num_singles=0, chunks=[(0, tokens, 0)])
 
     def warmup(self) -> None:
-        """Compile every graph the engine uses (and measure activation memory) on a scratch cache."""
+        """Compile the engine's graph (and measure activation memory) on a scratch cache, then
+        check that another size runs without a recompile."""
         shape = (1, self.block_size, self.num_kv_heads, self.head_dim)
         scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.num_layers)]
-        big = min(self.max_tokens, self.max_model_len)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        for tokens, kept in ((1, 1), (max(big, 2), 1), (max(big, 3), 2)):
-            ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-            ctx = self._scratch_context(tokens, scratch)
-            if tokens == 1:
-                ctx.num_singles, ctx.chunks = 1, []
-            keep = torch.arange(tokens - kept, tokens, device=self.device)
-            with attention.step_context(ctx):
-                self._call(ids, torch.arange(tokens, device=self.device), keep)
-        self.warm = True
+        for tokens in (max(min(self.max_tokens, self.max_model_len), 3), 2):
+            with attention.step_context(self._scratch_context(tokens, scratch)):
+                self._call(torch.zeros(tokens, dtype=torch.int64, device=self.device),
+                           torch.arange(tokens, device=self.device), torch.arange(tokens - 2, tokens, device=self.device))
+            self.warm = True
 
     def capture_graphs(self) -> None:
         dev = self.device
@@ -266,14 +268,26 @@ class ModelRunner:
         return logits[:n].float()
 
 
-def _set_attention(model, name: str) -> None:
-    """Point the model (and its sub-configs) at the engine's attention function."""
-    try:
-        model.set_attn_implementation(name)
-    except Exception:  # older transformers, or a model that validates names: set the config directly
-        for cfg in [model.config, *(getattr(model.config, k) for k in ("text_config",) if hasattr(model.config, k))]:
-            cfg._attn_implementation = name
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and getattr(cfg, "_attn_implementation", name) != name:
-            cfg._attn_implementation = name
+def _raise_recompile_limits() -> None:
+    """Dynamo counts compiled entries per code object, and every HF model's forward shares a few
+    wrapper code objects: a process that builds several engines (tests, a sweep) would hit the
+    default limit of 8 and silently run the model eagerly. Each engine needs one entry; after its
+    warm-up a recompile is an error anyway (``fail_on_recompile``)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+
+
+_HAS_GUARD_FILTER = "guard_filter_fn" in (torch.compile.__doc__ or "")
+
+#: Process-wide registries of transformers that grow whenever another model class is built; a
+#: guard on their size would recompile the engine's graph (an error after warm-up) for nothing.
+_IGNORED_GLOBALS = ("_CAN_RECORD_REGISTRY",)
+
+
+def _guard_filter(entries) -> list[bool]:
+    return [not (e.is_global and any(g in e.name for g in _IGNORED_GLOBALS)) for e in entries]

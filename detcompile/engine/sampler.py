@@ -7,4 +7,4 @@ def token_logprobs(logits, targets, params, k):
 def sample_rows(logits, seqs, eos):
     lp = torch.ops.detcompile.softmax(logits, -1, False, True)
     toks = logits.argmax(-1)
-    return toks.tolist(), lp.gather(1, toks[:, None])[:, 0].tolist(), [None]*len(seqs)
+    return toks.tolist(), lp.gather(1, toks[:, None])[:, 0].tolist(), [[] for _ in seqs]

@@ -219,6 +219,16 @@ if HAS_TRITON:
         return M, L, ACC
 
     @triton.jit
+    def _fold_sink(M, L, ACC, sink):
+        """Add a per-row sink logit (natural-log domain, as the scaled scores) to the softmax
+        denominator: one more 'key' whose value is zero, folded after every real key."""
+        s2 = sink * _LOG2E_C
+        M_new = tl.maximum(M, s2)
+        a = tl.where(M == M_new, 1.0, tl.exp2(M - M_new))
+        b = tl.where(s2 == M_new, 1.0, tl.exp2(s2 - M_new))
+        return L * a + b, ACC * a[:, None]
+
+    @triton.jit
     def _finalize(L, ACC):
         """Normalise the folded state; a row that saw no key gives zeros."""
         seen = L > 0
@@ -270,13 +280,15 @@ if HAS_TRITON:
         sob, soh, som, sod,
         sbt, PAGE,
         Hkv, Lq, Lk, D, Dv, GROUP, NUM_SPLITS,
-        scale, softcap, mask_min,
+        scale, softcap, mask_min, WINDOW, Sinks,
         IS_CAUSAL: tl.constexpr,
         MASK_KIND: tl.constexpr,  # 0: none, 1: bool (stored as uint8), 2: additive float
         HAS_ORIGIN: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         PAGED: tl.constexpr,
         PARALLEL_SPLITS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,  # query p sees keys p - WINDOW < k <= p
+        HAS_SINKS: tl.constexpr,  # per-head sink logit in the softmax denominator (gpt-oss)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -334,13 +346,18 @@ if HAS_TRITON:
 
         # Keys this block may need: causal rows see nothing past the block's last query.
         last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n_rows - 1) // GROUP
+        first_q = (pid_m * BLOCK_M) // GROUP
         if IS_CAUSAL:
             kv_end = tl.minimum(kv_len, q_pos0 + last_q + 1)
-            first_q = (pid_m * BLOCK_M) // GROUP
             full_end = tl.minimum(kv_len, q_pos0 + first_q + 1)  # keys every row sees
         else:
             kv_end = kv_len
             full_end = kv_len
+        # Tiles wholly before every row's window are exact identities: start past them.
+        if HAS_WINDOW:
+            t_win = tl.maximum(q_pos0 + first_q - WINDOW + 1, 0) // BLOCK_N
+        else:
+            t_win = 0
 
         M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         L = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -357,7 +374,7 @@ if HAS_TRITON:
             ACC = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
             n_tiles = (tl.maximum(kv_end - o, 0) + BLOCK_N - 1) // BLOCK_N
             # Tiles every row of the block sees in full need no masking at all.
-            if MASK_KIND == 0 and not HAS_ORIGIN:
+            if MASK_KIND == 0 and not HAS_ORIGIN and not HAS_WINDOW:
                 n_full = tl.maximum(full_end, 0) // BLOCK_N
             else:
                 n_full = 0
@@ -384,13 +401,15 @@ if HAS_TRITON:
                     vr = _kv_offsets(offs_n, col_ok, BT, bt_row, PAGE, svn, PAGED)
                     vv = tl.load(v_base + vr[:, None] + offs_dv[None, :] * svd, mask=offs_dv[None, :] < Dv, other=0.0)
                     m_i, l_i, acc = _online_step(s, vv, m_i, l_i, acc, DOT_PREC)
-                # Tiles with masked keys (diagonal, tail, explicit mask, other origins).
-                for t in range(t_mid, t_hi):
+                # Tiles with masked keys (diagonal, tail, explicit mask, other origins, window).
+                for t in range(tl.maximum(t_mid, t_win), t_hi):
                     offs_n = o + t * BLOCK_N + offs_nn
                     col_ok = offs_n < kv_len
                     vis = in_pass[:, None] & col_ok[None, :]
                     if IS_CAUSAL:
                         vis = vis & (offs_n[None, :] <= qpos[:, None])
+                    if HAS_WINDOW:
+                        vis = vis & (offs_n[None, :] > qpos[:, None] - WINDOW)
                     if MASK_KIND != 0:
                         mv = tl.load(
                             mask_rows[:, None] + offs_n[None, :] * smn,
@@ -406,7 +425,7 @@ if HAS_TRITON:
                     # A tile nobody here can see is an exact identity: skip its work. Without a
                     # mask every tile below kv_end has a visible key, so the block-wide test
                     # (a CTA-wide reduction) is only paid when there is a mask.
-                    if MASK_KIND != 0:
+                    if MASK_KIND != 0 or HAS_WINDOW:
                         any_vis = tl.max(tl.max(vis.to(tl.int32), axis=1), axis=0)
                     else:
                         any_vis = 1
@@ -441,6 +460,8 @@ if HAS_TRITON:
                 else:
                     M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
             if not PARALLEL_SPLITS:
+                if HAS_SINKS:
+                    L, ACC = _fold_sink(M, L, ACC, tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32))
                 res = _finalize(L, ACC)
                 tl.store(
                     Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
@@ -453,7 +474,8 @@ if HAS_TRITON:
     def _merge_splits_kernel(
         WsAcc, WsML, Out,
         sob, soh, som, sod,
-        Hkv, Lq, Dv, GROUP, NUM_SPLITS,
+        Hkv, Lq, Dv, GROUP, NUM_SPLITS, Sinks,
+        HAS_SINKS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_DV: tl.constexpr,
     ):
@@ -478,6 +500,8 @@ if HAS_TRITON:
             l_s = tl.load(WsML + ws_row * 2 + 1, mask=row_ok, other=0.0)
             acc_s = tl.load(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
             M, L, ACC = _fold(M, L, ACC, m_s, l_s, acc_s)
+        if HAS_SINKS:
+            L, ACC = _fold_sink(M, L, ACC, tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32))
         res = _finalize(L, ACC)
         tl.store(
             Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
@@ -494,7 +518,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _launch(
     q4, k4, v4, out, *, kv_strides, paged, block_table, kv_lens, page, Lk, mask_args, is_causal,
-    scale, softcap, parallel_splits=None, block_m=None, block_n=None, split=None,
+    scale, softcap, parallel_splits=None, block_m=None, block_n=None, split=None, window=0, sinks=None,
 ):
     """Shared launcher of the SDPA-style and the paged entry points (one kernel, one config).
     ``parallel_splits`` None picks the schedule (``_want_parallel_splits``); both give the same bits."""
@@ -531,13 +555,15 @@ def _launch(
         *q4.stride(), *kv_strides["k"], *kv_strides["v"], *mstr, *gstr, *out.stride(),
         sbt, page,
         Hkv, Lq, Lk, D, Dv, G, num_splits,
-        float(scale), float(softcap), mask_min,
+        float(scale), float(softcap), mask_min, int(window), sinks if sinks is not None else out,
         IS_CAUSAL=bool(is_causal),
         MASK_KIND=mask_kind,
         HAS_ORIGIN=has_origin,
         HAS_SOFTCAP=softcap > 0,
         PAGED=paged,
         PARALLEL_SPLITS=parallel_splits,
+        HAS_WINDOW=window > 0,
+        HAS_SINKS=sinks is not None,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=block_d,
@@ -554,7 +580,8 @@ def _launch(
         _merge_splits_kernel[(B * Hkv, row_blocks)](
             ws_acc, ws_ml, out,
             *out.stride(),
-            Hkv, Lq, Dv, G, num_splits,
+            Hkv, Lq, Dv, G, num_splits, sinks if sinks is not None else out,
+            HAS_SINKS=sinks is not None,
             BLOCK_M=bm,
             BLOCK_DV=block_dv,
             num_warps=4,
@@ -642,7 +669,7 @@ def triton_attention(
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap):
+def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window=0, sinks=None):
     _common.check_inputs(PAGED_OP, q, k_cache, v_cache)
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError(
@@ -674,11 +701,16 @@ def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap):
             f"got {tuple(block_table.shape)} and {tuple(kv_lens.shape)}"
         )
     _check_scale_softcap(PAGED_OP, scale, softcap)
+    if window < 0:
+        raise ValueError(f"detcompile.{PAGED_OP}: window must be >= 0 (0: no sliding window); got {window}")
+    if sinks is not None and (sinks.shape != (Hq,) or not sinks.is_floating_point() or sinks.device != q.device):
+        raise ValueError(f"detcompile.{PAGED_OP}: sinks must be a float vector of the {Hq} query heads on {q.device}; "
+                         f"got {tuple(sinks.shape)} {sinks.dtype} on {sinks.device}")
 
 
-def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0,
+def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None,
                            *, _block_m=None, _block_n=None, _parallel_splits=None, _split=None):
-    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
     if q.dtype not in _common.GPU_DTYPES:
         raise UnsupportedError(f"detcompile.{PAGED_OP}: dtype {q.dtype} is not supported by the Triton kernel")
     B, Hq, Lq, D = q.shape
@@ -703,6 +735,7 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
         mask_args=(0, False, q, (0, 0, 0, 0), torch.zeros(1, dtype=torch.int32, device=q.device), (0, 0, 0), 0.0),
         is_causal=True, scale=scale, softcap=softcap,
         parallel_splits=_parallel_splits, block_m=_block_m, block_n=_block_n, split=_split,
+        window=window, sinks=None if sinks is None else sinks.float().contiguous(),
     )
     return out
 
@@ -771,7 +804,7 @@ def _visibility_and_bias(m4, is_causal, Lq, Lk, device):
     return vis, bias
 
 
-def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0):
+def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0, sinks=None):
     squeeze = q.dim() == 3
     q4, k4, v4, m4 = _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
     B, Hq, Lq, D = q4.shape
@@ -792,9 +825,14 @@ def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
     if vis is not None:
         s = torch.where(vis, s, torch.full_like(s, float("-inf")))
     m = _common.cpu_seq_max(s).unsqueeze(-1)  # max is exact in any order
+    if sinks is not None:  # a per-head logit in the denominator only (gpt-oss), added after the keys
+        sink = sinks.to(dt).view(1, Hq, 1, 1).expand_as(m)
+        m = torch.maximum(m, sink)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     p = _cpu_exp_nonpos(s - m)
     l = _common.cpu_seq_sum(p).unsqueeze(-1)
+    if sinks is not None:
+        l = l + _cpu_exp_nonpos(sink - m)
     acc = _common.cpu_seq_matmul(p, vf)  # sequential over keys: masked keys add exact zeros
     out = torch.where(l > 0, acc / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(acc))
     out = out.to(q4.dtype)
@@ -810,24 +848,27 @@ def _gather_pages(cache: Tensor, block_table: Tensor, n_keys: int) -> Tensor:
     return cache[pages, (pos % page).expand_as(pages)].permute(0, 2, 1, 3)
 
 
-def paged_visibility(kv_lens: Tensor, Lq: int, n_keys: int) -> Tensor:
+def paged_visibility(kv_lens: Tensor, Lq: int, n_keys: int, window: int = 0) -> Tensor:
     """Bool [B, 1, Lq, n_keys]: query i of row b sits at position kv_lens[b] - Lq + i and sees keys
-    0..position (bottom-right causal), none past kv_lens[b]."""
+    0..position (bottom-right causal; with a window only the last ``window`` of them), none past
+    kv_lens[b]."""
     pos = torch.arange(n_keys, device=kv_lens.device)
     qpos = kv_lens.long()[:, None] - Lq + torch.arange(Lq, device=kv_lens.device)[None, :]
     vis = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < kv_lens.long()[:, None, None])
+    if window > 0:
+        vis = vis & (pos[None, None, :] > qpos[:, :, None] - window)
     return vis[:, None]
 
 
-def cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+def cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None):
     """CPU path: gather the pages, then the sequential CPU attention with the paged causal mask
     (a sequential sum is unchanged by the masked keys, so this equals attention on the sequence)."""
-    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+    _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
     n_keys = block_table.shape[1] * k_cache.shape[1]
     k = _gather_pages(k_cache, block_table, n_keys)
     v = _gather_pages(v_cache, block_table, n_keys)
-    vis = paged_visibility(kv_lens, q.shape[2], n_keys)
-    return cpu_attention(q, k, v, vis, False, scale, q.shape[1] != k.shape[1], softcap)
+    vis = paged_visibility(kv_lens, q.shape[2], n_keys, window)
+    return cpu_attention(q, k, v, vis, False, scale, q.shape[1] != k.shape[1], softcap, sinks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -877,30 +918,35 @@ def paged_attention(
     kv_lens: Tensor,
     scale: float | None = None,
     softcap: float = 0.0,
+    window: int = 0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of q [B, Hq, Lq, D] (the last Lq positions of each row) over a paged KV
     cache [num_pages, page_size, Hkv, D]; ``block_table[b, j]`` is the page of row b's tokens
     j*page_size ..., ``kv_lens[b]`` the row's token count (int32). Same kernel and tiles as
-    ``attention``, so a decoded token gets the bits that its row had in the full prefill."""
+    ``attention``, so a decoded token gets the bits that its row had in the full prefill.
+    ``window`` > 0: query p sees keys p - window < k <= p (a sliding window; tiles wholly outside
+    it are skipped, an exact identity). ``sinks`` [Hq]: a per-head logit that joins the softmax
+    denominator only (gpt-oss), folded after every key."""
     _common.check_inputs(PAGED_OP, q, k_cache, v_cache)
     raise UnsupportedError(f"detcompile.{PAGED_OP}: device {q.device.type!r} is not supported (only cpu and cuda)")
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None):
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 
 @paged_attention.register_kernel("cpu")
-def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
-    return cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None):
+    return cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
 
 
 @paged_attention.register_kernel("cuda")
-def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
+def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None):
     if not HAS_TRITON:
         raise UnsupportedError(f"detcompile.{PAGED_OP}: the CUDA path needs Triton")
-    return triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap)
+    return triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
 
 
 # ----------------------------------------------------------------------------------------------

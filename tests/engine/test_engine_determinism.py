@@ -1,0 +1,158 @@
+"""The engine's promise: one distinct output (tokens and logprob bits) per prompt, whatever the
+batch, the arrival order, the chunking, the prefix cache or preemption (the reference system's
+test modes single / mixed / prefix / radix, plus prefill-vs-decode, chunked and preemption).
+
+Each test runs on the CPU (tiny float32 Llama) and, marked gpu, on CUDA (wider bf16 Llama, CUDA
+graphs on)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from detcompile.engine import SamplingParams
+
+from ._util import distinct, fingerprint, make_engine, prompts
+
+GPU_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                  head_dim=64, vocab_size=4096, num_hidden_layers=2, max_position_embeddings=1024)
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=2),
+    "sampled": SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_new_tokens=8, logprobs=2),
+}
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def engine(request):
+    if request.param == "cuda":
+        return make_engine(device="cuda", dtype=torch.bfloat16, config=GPU_CONFIG, kv_cache_bytes=1 << 30,
+                           max_model_len=512, chunked_prefill_size=64)
+    return make_engine()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(99)
+
+
+def alone(engine, prompt, params):
+    engine.flush_cache()
+    return fingerprint(engine.generate(prompt, params, use_tqdm=False)[0])
+
+
+@pytest.mark.parametrize("mode", sorted(PARAMS))
+def test_single_prompt_in_every_batch_size(engine, rng, mode):
+    params = PARAMS[mode]
+    target = prompts(rng, [21], engine.vocab_size)[0]
+    seen = [alone(engine, target, params)]
+    for bs in range(1, 7):
+        others = prompts(rng, [int(torch.randint(2, 40, (1,), generator=rng)) for _ in range(bs - 1)], engine.vocab_size)
+        at = [0, bs - 1, bs // 2][bs % 3]  # the target moves around the batch
+        batch = others[:at] + [target] + others[at:]
+        outs = engine.generate(batch, params, use_tqdm=False)
+        seen.append(fingerprint(outs[at]))
+    assert distinct(seen) == 1
+
+
+def test_mixed_lengths_random_batches_and_orders(engine, rng):
+    params = PARAMS["sampled"]
+    ps = prompts(rng, [3, 40, 9, 17, 1, 33, 26, 5], engine.vocab_size)
+    ref = [alone(engine, p, params) for p in ps]
+    order = random.Random(5)
+    for _ in range(3):
+        idx = order.sample(range(len(ps)), k=order.randint(2, len(ps)))
+        outs = engine.generate([ps[i] for i in idx], params, use_tqdm=False)
+        for i, out in zip(idx, outs):
+            assert fingerprint(out) == ref[i], f"prompt {i} changed in batch {idx}"
+
+
+def test_shared_prefix_cut_points_with_prefix_cache(engine, rng):
+    params = PARAMS["greedy"]
+    base = prompts(rng, [70], engine.vocab_size)[0]
+    suffixes = prompts(rng, [5, 3, 8, 6], engine.vocab_size)
+    ps = [base[:cut] + sfx for cut, sfx in zip((1, 11, 32, 49), suffixes)] + [base]
+    ref = [alone(engine, p, params) for p in ps]
+    engine.flush_cache()
+    engine.generate([base], params, use_tqdm=False)  # fills the cache with the shared prefix
+    outs = engine.generate(ps, params, use_tqdm=False)
+    assert [fingerprint(o) for o in outs] == ref
+    assert sum(o.num_cached_tokens for o in outs) > 0, "no prefix-cache hit: the test did not test the cache"
+
+
+def test_radix_cached_prefill_equals_uncached(engine, rng):
+    params = PARAMS["sampled"]
+    p = prompts(rng, [45], engine.vocab_size)[0]
+    engine.flush_cache()
+    cold = engine.generate(p, params, use_tqdm=False)[0]
+    warm = engine.generate(p, params, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens >= 40
+    engine.flush_cache()
+    again = engine.generate(p, params, use_tqdm=False)[0]
+    assert fingerprint(cold) == fingerprint(warm) == fingerprint(again)
+
+
+@pytest.mark.parametrize("mode", sorted(PARAMS))
+def test_score_equals_sampled_logprobs(engine, rng, mode):
+    """Prefill vs decode: re-scoring prompt + output gives bitwise the logprobs of generation."""
+    params = PARAMS[mode]
+    ps = prompts(rng, [6, 30, 13], engine.vocab_size)
+    outs = engine.generate(ps, params, use_tqdm=False)
+    scored = engine.score(ps, [o.token_ids for o in outs])
+    for out, lps in zip(outs, scored):
+        assert lps == out.logprobs
+    assert engine.score(ps[1], outs[1].token_ids) == outs[1].logprobs  # alone, after a cache fill
+
+
+def test_prompt_logprobs_equal_score(engine, rng):
+    p = prompts(rng, [25], engine.vocab_size)[0]
+    out = engine.generate(p, SamplingParams(temperature=0, max_new_tokens=2, prompt_logprobs=0), use_tqdm=False)[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    assert engine.score(p[:1], p[1:]) == out.prompt_logprobs[1:]
+
+
+def test_chunked_prefill_equals_unchunked(engine, rng):
+    params = PARAMS["sampled"]
+    ps = prompts(rng, [50, 7, 90], engine.vocab_size)
+    budget = engine.scheduler.max_num_batched_tokens
+    try:
+        results = []
+        for chunk in (3, 16, 256):
+            engine.scheduler.max_num_batched_tokens = chunk
+            engine.flush_cache()
+            results.append([fingerprint(o) for o in engine.generate(ps, params, use_tqdm=False)])
+    finally:
+        engine.scheduler.max_num_batched_tokens = budget
+    assert results[0] == results[1] == results[2]
+
+
+def test_kv_exhaustion_preempts_and_recomputes_same_bits(rng):
+    params = PARAMS["sampled"]
+    small = make_engine(max_model_len=64, kv_cache_bytes=None, max_num_seqs=8)
+    ps = prompts(rng, [30, 25, 28, 20, 26, 22], small.vocab_size)
+    ref = [alone(small, p, SamplingParams(**{**vars(params), "max_new_tokens": 24})) for p in ps]
+    # 40 pages of 4 tokens: six 50-token sequences need 75, so some must be preempted
+    from detcompile.engine.block_manager import BlockManager
+
+    small.blocks = small.scheduler.blocks = BlockManager(41, 4)
+    outs = small.generate(ps, SamplingParams(**{**vars(params), "max_new_tokens": 24}), use_tqdm=False)
+    assert small.scheduler.num_preemptions > 0
+    assert [fingerprint(o) for o in outs] == ref
+
+
+def test_seeds(engine, rng):
+    p = prompts(rng, [12], engine.vocab_size)[0]
+
+    def run(**kw):
+        return engine.generate(p, SamplingParams(temperature=1.0, max_new_tokens=12, logprobs=0, **kw),
+                               use_tqdm=False)[0]
+
+    a, b, c = run(seed=1), run(seed=1), run(seed=2)
+    assert fingerprint(a) == fingerprint(b)
+    assert a.token_ids != c.token_ids
+    assert fingerprint(run()) == fingerprint(run(seed=42)), "the documented default seed is 42"
+    group = run(seed=3, n=4)
+    assert len({tuple(o.token_ids) for o in group.outputs}) == 4, "n samples must differ"
+    assert fingerprint(group) == fingerprint(run(seed=3, n=4))
+    assert group.outputs[0].token_ids == run(seed=3).token_ids  # sample 0 is the plain request
