@@ -12,9 +12,9 @@ from typing import Iterable, Sequence as Seq
 
 import torch
 
-from . import sampler as sampling
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
+from .sampler import SamplingBatch, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, Work
 from .sequence import Sequence, Status
@@ -146,8 +146,7 @@ class Engine:
         self._next_id += 1
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        seed = params.seed if params.seed is not None else sampling.DEFAULT_SEED
-        seqs = [Sequence(list(ids), params, SamplingParams.sample_seed_of(seed, i), request_id=rid, sample_index=i)
+        seqs = [Sequence(list(ids), params, params.sample_seed(i), request_id=rid, sample_index=i)
                 for i in range(params.n)]
         self.requests[rid] = seqs
         for s in seqs:
@@ -212,19 +211,41 @@ class Engine:
                 w.seq.finish_reason = "score"
         return [w.seq for w in work]
 
+    def _banned(self, seq: Sequence, num_output: int) -> list[int]:
+        """Tokens that would end ``seq`` before its ``min_new_tokens``: masked while it is short."""
+        p = seq.params
+        if num_output >= p.min_new_tokens:
+            return []
+        return sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_token_ids))
+
     def _record_prompt_logprobs(self, w: Work, rows: list[int], logits: torch.Tensor) -> None:
         seq = w.seq
         positions = [w.start + r for r in rows]
         targets = torch.tensor([seq.prompt[p + 1] for p in positions], device=logits.device)
         k = 0 if seq.score_only else (seq.params.prompt_logprobs or 0)
-        lps, tops = sampling.token_logprobs(logits, targets, seq.params, k)
-        lps = lps.tolist()
+        batch = None
+        if seq.score_only and seq.params.logprobs_mode == "processed":
+            # Replay the state generation had at each scored token: its output so far, its position.
+            out = [seq.prompt[seq.score_from:p + 1] for p in positions]
+            batch = SamplingBatch.from_params(
+                [seq.params] * len(positions), [p + 1 for p in positions], seeds=[0] * len(positions),
+                prompt_ids=[seq.prompt[:seq.score_from]] * len(positions), output_ids=out,
+                banned_ids=[self._banned(seq, len(o)) for o in out], device=logits.device)
+        res = token_logprobs(logits, targets, k, batch)
+        lps = res.logprobs.tolist()
+        tops = _tops(res, [k] * len(positions))
         for i, p in enumerate(positions):
-            seq.prompt_logprobs_by_pos[p + 1] = (lps[i], tops[i] if tops is not None else None)
+            seq.prompt_logprobs_by_pos[p + 1] = (lps[i], tops[i])
 
     def _sample(self, work: list[Work], logits: torch.Tensor) -> None:
         seqs = [w.seq for w in work]
-        tokens, lps, tops = sampling.sample_rows(logits, seqs, self.eos_token_ids)
+        batch = SamplingBatch.from_params(
+            [s.params for s in seqs], [len(s) for s in seqs], seeds=[s.seed for s in seqs],
+            prompt_ids=[s.prompt for s in seqs], output_ids=[s.output for s in seqs],
+            banned_ids=[self._banned(s, len(s.output)) for s in seqs], device=logits.device)
+        res = sample(logits, batch)
+        tokens, lps = res.token_ids.tolist(), res.logprobs.tolist()
+        tops = _tops(res, [s.params.logprobs or 0 for s in seqs])
         for seq, tok, lp, top in zip(seqs, tokens, lps, tops):
             seq.output.append(tok)
             self.stats["generated_tokens"] += 1
@@ -360,6 +381,14 @@ class Engine:
             seq = self.requests.pop(rid)[0]
             result.append([seq.prompt_logprobs_by_pos[p][0] for p in range(seq.score_from, len(seq.prompt))])
         return result if batched else result[0]
+
+
+def _tops(res, ks: list[int]) -> list[list[tuple[int, float]] | None]:
+    """Per row, its first k (token id, logprob) alternatives (None where k is 0)."""
+    if res.top_ids is None:
+        return [None] * len(ks)
+    ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()
+    return [list(zip(i[:k], l[:k])) if k else None for i, l, k in zip(ids, lps, ks)]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
