@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 from torch import Tensor
@@ -147,9 +148,8 @@ class ModelRunner:
         lens = torch.empty(len(work), dtype=torch.int32)
         singles = 0
         for row, w in enumerate(work):
-            toks = w.seq.tokens
             first = len(ids)
-            ids.extend(toks[w.start:w.end])
+            ids.extend(w.seq.token_at(p) for p in range(w.start, w.end))
             pos.extend(range(w.start, w.end))
             bt = w.seq.block_table
             slots.extend(bt[p // bs] * bs + p % bs for p in range(w.start, w.end))
@@ -217,53 +217,55 @@ class ModelRunner:
             self.warm = True
 
     def capture_graphs(self) -> None:
+        """One graph per decode batch size; each has its own static inputs, allocated at their exact
+        size (Dynamo guards on a view's base size, so slices of one big buffer would recompile)."""
         dev = self.device
         buckets = [b for b in GRAPH_BUCKETS if b <= self.max_num_seqs]
         if not buckets or buckets[-1] < self.max_num_seqs:
-            buckets.append(self.max_num_seqs)
-        top = buckets[-1]
-        self.g_ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.g_pos = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.g_slots = torch.zeros(top, dtype=torch.int64, device=dev)  # padding rows write slot 0 (page 0)
-        self.g_table = torch.zeros((top, self.max_pages), dtype=torch.int32, device=dev)
-        self.g_lens = torch.zeros(top, dtype=torch.int32, device=dev)
-        self.g_keep = torch.arange(top, device=dev)
+            buckets.append(max(self.max_num_seqs, 2))
         pool = torch.cuda.graph_pool_handle()
-        for b in reversed(buckets):
-            ctx = attention.StepContext(self.kv_caches, self.g_slots[:b], self.g_table[:b], self.g_lens[:b], b, [])
-            with attention.step_context(ctx):
-                self._call(self.g_ids[:b], self.g_pos[:b], self.g_keep[:b])  # warm this size
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._call(self.g_ids[:b], self.g_pos[:b], self.g_keep[:b])
-            self.graphs[b] = (graph, logits)
+        try:
+            for b in reversed(buckets):
+                inputs = dict(ids=torch.zeros(b, dtype=torch.int64, device=dev),
+                              pos=torch.zeros(b, dtype=torch.int64, device=dev),
+                              keep=torch.arange(b, device=dev),
+                              slots=torch.zeros(b, dtype=torch.int64, device=dev),  # padding rows write page 0
+                              table=torch.zeros((b, self.max_pages), dtype=torch.int32, device=dev),
+                              lens=torch.zeros(b, dtype=torch.int32, device=dev))
+                ctx = attention.StepContext(self.kv_caches, inputs["slots"], inputs["table"], inputs["lens"], b, [])
+                with attention.step_context(ctx):
+                    self._call(inputs["ids"], inputs["pos"], inputs["keep"])  # warm this size
+                    torch.cuda.synchronize(dev)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._call(inputs["ids"], inputs["pos"], inputs["keep"])
+                self.graphs[b] = (graph, inputs, logits)
+        except RuntimeError as e:  # e.g. a host sync inside the step (MoE group sizes read on the host)
+            self.graphs.clear()
+            torch.cuda.synchronize(dev)
+            warnings.warn(f"detcompile engine: CUDA graphs disabled for {type(self.model).__name__}, decode runs "
+                          f"eagerly (same bits, slower): capture failed with: {str(e).splitlines()[0]}", stacklevel=3)
+            return
         torch.cuda.synchronize(dev)
-        self.log(f"detcompile engine: captured {len(buckets)} decode CUDA graphs (batch {buckets[0]}..{top})")
+        self.log(f"detcompile engine: captured {len(buckets)} decode CUDA graphs (batch {buckets[0]}..{buckets[-1]})")
 
     def _replay(self, work: list[Work]) -> Tensor:
         n = len(work)
         b = min(k for k in self.graphs if k >= n)
+        graph, inputs, logits = self.graphs[b]
         bs = self.block_size
-        ids = torch.zeros(b, dtype=torch.int64)
-        pos = torch.zeros(b, dtype=torch.int64)
-        slots = torch.zeros(b, dtype=torch.int64)
-        lens = torch.zeros(b, dtype=torch.int32)
+        pad = b - n
+        pos = [w.start for w in work]
+        ids = [w.seq.token_at(p) for w, p in zip(work, pos)] + [0] * pad
+        slots = [w.seq.block_table[p // bs] * bs + p % bs for w, p in zip(work, pos)] + [0] * pad
+        lens = [w.end for w in work] + [0] * pad
         table = torch.zeros((b, self.max_pages), dtype=torch.int32)
         for i, w in enumerate(work):
-            p = w.start
-            ids[i] = w.seq.tokens[p]
-            pos[i] = p
-            bt = w.seq.block_table
-            slots[i] = bt[p // bs] * bs + p % bs
-            lens[i] = w.end
-            table[i, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
-        self.g_ids[:b].copy_(ids, non_blocking=True)
-        self.g_pos[:b].copy_(pos, non_blocking=True)
-        self.g_slots[:b].copy_(slots, non_blocking=True)
-        self.g_lens[:b].copy_(lens, non_blocking=True)
-        self.g_table[:b].copy_(table, non_blocking=True)
-        graph, logits = self.graphs[b]
+            table[i, :len(w.seq.block_table)] = torch.tensor(w.seq.block_table, dtype=torch.int32)
+        ids, pos, slots = (torch.tensor(x, dtype=torch.int64) for x in (ids, pos + [0] * pad, slots))
+        lens = torch.tensor(lens, dtype=torch.int32)
+        for name, host in (("ids", ids), ("pos", pos), ("slots", slots), ("lens", lens), ("table", table)):
+            inputs[name].copy_(host, non_blocking=True)
         graph.replay()
         return logits[:n].float()
 

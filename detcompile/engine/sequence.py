@@ -52,6 +52,10 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[pos] if pos < n else self.output[pos - n]
+
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
 
