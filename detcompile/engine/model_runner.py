@@ -144,7 +144,10 @@ class ModelRunner:
         logits are wanted. Returns (input_ids, positions, keep, StepContext)."""
         ids, pos, slots, keep, chunks = [], [], [], [], []
         bs = self.block_size
-        table = torch.zeros((len(work), self.max_pages), dtype=torch.int32)
+        # Only the pages this step reaches: the kernel's result does not depend on the table's width
+        # (tiles past a row's length are never visited), and the CPU path gathers the whole width.
+        width = max(-(-w.end // self.block_size) for w in work)
+        table = torch.zeros((len(work), width), dtype=torch.int32)
         lens = torch.empty(len(work), dtype=torch.int32)
         singles = 0
         for row, w in enumerate(work):
@@ -164,7 +167,7 @@ class ModelRunner:
             ids.append(0)
             pos.append(0)
             slots.append(0)
-            table = torch.cat([table, torch.zeros((1, self.max_pages), dtype=torch.int32)])
+            table = torch.cat([table, torch.zeros((1, width), dtype=torch.int32)])
             lens = torch.cat([lens, torch.zeros(1, dtype=torch.int32)])
             singles += 1
         while len(keep) < 2:  # at least two logits rows (a step may want none: a mid-prompt chunk)
