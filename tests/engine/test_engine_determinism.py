@@ -156,3 +156,46 @@ def test_seeds(engine, rng):
     assert len({tuple(o.token_ids) for o in group.outputs}) == 4, "n samples must differ"
     assert fingerprint(group) == fingerprint(run(seed=3, n=4))
     assert group.outputs[0].token_ids == run(seed=3).token_ids  # sample 0 is the plain request
+
+
+def test_logprobs_equal_the_compiled_hf_forward_on_a_right_padded_batch(engine, rng):
+    """The trainer's side: ``torch.compile(model, backend="deterministic")`` on a right-padded
+    batch of prompt + output gives bitwise the engine's logprobs (KL exactly 0)."""
+    ps = prompts(rng, [7, 19, 12], engine.vocab_size)
+    outs = engine.generate(ps, PARAMS["sampled"], use_tqdm=False)
+    seqs = [p + o.token_ids for p, o in zip(ps, outs)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=engine.runner.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=ids.device)
+    compiled = torch.compile(engine.model, backend="deterministic", options={"strict": True})
+    with torch.no_grad():
+        logits = compiled(input_ids=ids, attention_mask=mask).logits.float()
+    lp = torch.ops.detcompile.softmax(logits, -1, False, True)
+    for b, (p, out) in enumerate(zip(ps, outs)):
+        pos = torch.arange(len(p) - 1, len(seqs[b]) - 1, device=ids.device)
+        got = lp[b, pos].gather(1, torch.tensor(out.token_ids, device=ids.device)[:, None])[:, 0].tolist()
+        assert got == out.logprobs, b
+
+
+def test_same_seed_in_a_new_process_gives_the_same_bits(engine, rng):
+    import json
+    import subprocess
+    import sys
+
+    if engine.runner.device.type != "cpu":
+        pytest.skip("the CPU variant covers the process boundary")
+    p = prompts(rng, [9], engine.vocab_size)[0]
+    params = dict(temperature=0.8, top_p=0.95, seed=5, max_new_tokens=6, logprobs=0)
+    here = engine.generate(p, SamplingParams(**params), use_tqdm=False)[0]
+    code = (
+        "import json, sys, torch\n"
+        "from tests.engine._util import make_engine\n"
+        "from detcompile.engine import SamplingParams\n"
+        f"out = make_engine().generate({p!r}, SamplingParams(**{params!r}), use_tqdm=False)[0]\n"
+        "print(json.dumps([out.token_ids, [float(x).hex() for x in out.logprobs]]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    tokens, lps = json.loads(res.stdout.strip().splitlines()[-1])
+    assert tokens == here.token_ids and lps == [float(x).hex() for x in here.logprobs]
