@@ -14,7 +14,7 @@ import torch
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .sampler import SamplingBatch, sample, token_logprobs
+from .sampler import SamplingBatch, allowed_mask, process_logits, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, Work
 from .sequence import Sequence, Status
@@ -31,6 +31,8 @@ class CompletionOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str | None  # "stop" (EOS, stop token or string), "length", "abort"
     seed: int
+    logits: list | None = None  # keep_logits: per step, the raw logits row [V] (float32, CPU)
+    scores: list | None = None  # keep_logits: per step, the processed row the sampler chose from
 
 
 @dataclass
@@ -137,8 +139,11 @@ class Engine:
                              f"{self.max_model_len - 1} prompt tokens leave room for one generated token")
         params.validate(self.vocab_size)
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Queue a request (validated first: a bad one raises ValueError and changes nothing)."""
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    keep_logits: bool = False) -> str:
+        """Queue a request (validated first: a bad one raises ValueError and changes nothing).
+        ``keep_logits`` keeps each step's raw and processed logits rows (HF's output_logits /
+        output_scores); they cost a vocabulary-sized row per token."""
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         self._check(ids, params)
@@ -146,8 +151,8 @@ class Engine:
         self._next_id += 1
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        seqs = [Sequence(list(ids), params, params.sample_seed(i), request_id=rid, sample_index=i)
-                for i in range(params.n)]
+        seqs = [Sequence(list(ids), params, params.sample_seed(i), request_id=rid, sample_index=i,
+                         keep_logits=keep_logits) for i in range(params.n)]
         self.requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -244,6 +249,8 @@ class Engine:
             prompt_ids=[s.prompt for s in seqs], output_ids=[s.output for s in seqs],
             banned_ids=[self._banned(s, len(s.output)) for s in seqs], device=logits.device)
         res = sample(logits, batch)
+        if any(s.keep_logits for s in seqs):
+            self._keep_logits(seqs, logits, batch)
         tokens, lps = res.token_ids.tolist(), res.logprobs.tolist()
         tops = _tops(res, [s.params.logprobs or 0 for s in seqs])
         for seq, tok, lp, top in zip(seqs, tokens, lps, tops):
@@ -257,6 +264,16 @@ class Engine:
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
+
+    @staticmethod
+    def _keep_logits(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch) -> None:
+        raw, z = process_logits(logits, batch)
+        if batch.use_filters:  # what top-k / top-p / min-p left to sample from; -inf elsewhere
+            z = torch.where(allowed_mask(z, batch) | (batch.temperature[:, None] == 0), z, float("-inf"))
+        for i, seq in enumerate(seqs):
+            if seq.keep_logits:
+                seq.step_logits.append(raw[i].cpu())
+                seq.step_scores.append(z[i].cpu())
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
@@ -296,7 +313,8 @@ class Engine:
             want = s.params.logprobs is not None
             outs.append(CompletionOutput(s.sample_index, list(s.output), text, list(s.logprobs) if want else None,
                                          list(s.top_logprobs) if want and s.params.logprobs else None,
-                                         s.finish_reason, s.seed))
+                                         s.finish_reason, s.seed, s.step_logits if s.keep_logits else None,
+                                         s.step_scores if s.keep_logits else None))
         first = seqs[0]
         plp = ptop = None
         if first.params.prompt_logprobs is not None:
@@ -311,7 +329,7 @@ class Engine:
         return out
 
     def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, keep_logits: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); outputs in input order."""
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
@@ -329,7 +347,7 @@ class Engine:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             checked.append((ids, sp))
-        rids = [self.add_request(ids, sp) for ids, sp in checked]
+        rids = [self.add_request(ids, sp, keep_logits=keep_logits) for ids, sp in checked]
         self._run_until_done(rids, use_tqdm, "generate")
         outs = [self.pop_output(r) for r in rids]
         return outs[0:1] if single else outs

@@ -92,8 +92,9 @@ def _params_from_hf(model, kwargs: dict) -> tuple[SamplingParams, dict]:
 def hf_generate(model, input_ids=None, attention_mask=None, **kwargs):
     """``model.generate`` through the engine, returning what HF returns: the sequences tensor
     [B * n, prompt + new] (prompt kept as given, finished rows padded with ``pad_token_id``), or a
-    ``GenerateDecoderOnlyOutput`` (sequences only) when ``return_dict_in_generate=True``. Per-step
-    ``scores``/``logits`` are refused with a clear error: the engine reports logprobs instead."""
+    ``GenerateDecoderOnlyOutput`` when ``return_dict_in_generate=True``, with per-step ``scores``
+    (the processed logits the sampler chose from: penalties, temperature, -inf outside top-k /
+    top-p / min-p) and ``logits`` (raw) when asked; rows of samples that finished hold -inf."""
     engine_options = getattr(model, "_detcompile_engine_options", {})
     engine = engine_for(model, **engine_options)
     if input_ids is None:
@@ -101,9 +102,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, **kwargs):
     if input_ids is None:
         raise ValueError("detcompile generate: input_ids are required")
     params, extra = _params_from_hf(model, kwargs)
-    if extra["output_scores"] or extra["output_logits"]:
-        raise NotImplementedError("detcompile generate: output_scores/output_logits are not supported; ask the "
-                                  "engine for logprobs instead (SamplingParams(logprobs=k))")
+    keep = extra["output_scores"] or extra["output_logits"]
     pad = extra["pad_token_id"]
     if pad is None:
         pad = next(iter(sorted(engine.eos_token_ids)), 0)
@@ -116,7 +115,7 @@ def hf_generate(model, input_ids=None, attention_mask=None, **kwargs):
     if extra["eos"] is not None:
         eos = [extra["eos"]] if isinstance(extra["eos"], int) else list(extra["eos"])
         params.stop_token_ids = eos
-    outs = engine.generate(prompts, params, use_tqdm=False)
+    outs = engine.generate(prompts, params, use_tqdm=False, keep_logits=keep)
     rows = []
     for prompt_row, out in zip(input_ids.reshape(-1, width), outs):
         for sample in out.outputs:
@@ -127,8 +126,24 @@ def hf_generate(model, input_ids=None, attention_mask=None, **kwargs):
     if extra["return_dict_in_generate"]:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        samples = [o for out in outs for o in out.outputs]
+        per_step = {}
+        if extra["output_scores"]:
+            per_step["scores"] = _stack_steps([o.scores for o in samples], longest, engine.vocab_size)
+        if extra["output_logits"]:
+            per_step["logits"] = _stack_steps([o.logits for o in samples], longest, engine.vocab_size)
+        per_step = {k: tuple(t.to(input_ids.device) for t in v) for k, v in per_step.items()}
+        return GenerateDecoderOnlyOutput(sequences=sequences, **per_step)
     return sequences
+
+
+def _stack_steps(rows_per_sample: list[list[torch.Tensor]], steps: int, vocab: int) -> tuple:
+    """HF's layout: one [B * n, V] tensor per step; a sample that finished earlier holds -inf."""
+    out = []
+    for t in range(steps):
+        out.append(torch.stack([rows[t] if t < len(rows) else torch.full((vocab,), float("-inf"))
+                                for rows in rows_per_sample]))
+    return tuple(out)
 
 
 def patch_generate(model, **engine_options):

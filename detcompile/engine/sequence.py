@@ -47,6 +47,9 @@ class Sequence:
     text: str = ""
     stopped_by_string: bool = False
     num_preemptions: int = 0
+    keep_logits: bool = False
+    step_logits: list = field(default_factory=list)
+    step_scores: list = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:

@@ -61,3 +61,21 @@ def test_one_call_generate_reuses_its_engine(model):
     b = detcompile.generate(model, [8, 9], seed=7, max_new_tokens=4, temperature=0.8, **kw)
     assert model._detcompile_engine[1] is engine
     assert a[1].token_ids == b[0].token_ids and len(a) == 2
+
+
+def test_scores_and_logits_when_asked(model):
+    detcompile.patch_generate(model, max_num_seqs=8, block_size=4, max_model_len=128, kv_cache_bytes=8 << 20,
+                              log=lambda m: None)
+    ids = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    out = model.generate(ids, do_sample=True, temperature=0.5, top_k=3, max_new_tokens=4, seed=2, pad_token_id=0,
+                         return_dict_in_generate=True, output_scores=True, output_logits=True)
+    assert len(out.scores) == len(out.logits) == out.sequences.shape[1] - 3
+    with torch.no_grad():
+        plain = model(out.sequences[:, :-1]).logits[:, 2:]  # stock forward: close, not bitwise
+    for t, (score, logit) in enumerate(zip(out.scores, out.logits)):
+        assert score.shape == logit.shape == (2, model.config.vocab_size)
+        assert torch.allclose(logit, plain[:, t].float(), atol=1e-4)
+        assert ((score > float("-inf")).sum(-1) <= 3).all()  # top-k = 3 left at most 3 tokens
+        chosen = out.sequences[:, 3 + t]
+        assert torch.isfinite(score.gather(1, chosen[:, None])).all()
+        assert torch.equal(score[score > float("-inf")], (logit / 0.5)[score > float("-inf")])
