@@ -68,9 +68,12 @@ def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: f
     k_cache.view(-1, hkv, k_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
     v_cache.view(-1, hkv, v_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
     qt = q[0].transpose(0, 1)  # [T, Hq, D]
-    out = q.new_empty((T, q.shape[1], v_cache.shape[-1]))
     paged = torch.ops.detcompile.paged_attention
     n = ctx.num_singles
+    if n == T:  # a decode step: one call, whose [T, Hq, 1, Dv] output is already the layout wanted
+        out = paged(qt.unsqueeze(2), k_cache, v_cache, ctx.block_table, ctx.kv_lens, scale, softcap, window, sinks)
+        return out.view(1, T, q.shape[1], v_cache.shape[-1])
+    out = q.new_empty((T, q.shape[1], v_cache.shape[-1]))
     if n:
         out[:n] = paged(qt[:n].unsqueeze(2), k_cache, v_cache, ctx.block_table[:n], ctx.kv_lens[:n], scale, softcap,
                         window, sinks)[:, :, 0]
