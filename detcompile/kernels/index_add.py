@@ -6,23 +6,38 @@ time in ascending source position ``i``; the result is rounded to the tensor dty
 So a destination's bits depend only on its own ``self`` value and its own contributions, never on
 other destinations or sources (e.g. the other tokens of a Mixtral expert loop).
 
-Algorithm (device-agnostic torch ops, no atomics, no ``accumulate=True``): the contributions are
-processed in *rounds*; round ``r`` takes the r-th occurrence (in source order) of every destination.
-Within a round the destinations are unique, so ``gather -> add -> put`` (``acc[dest] =
-acc[dest] + src``, an index_put_ without accumulate) is an exact, race-free update; the number
-of rounds is the largest multiplicity of an index. Every add is one elementwise op, exactly
-rounded on CPU and CUDA. There is no Triton kernel: the CUDA implementation runs this same
-algorithm with torch ops.
+CPU (torch ops, no atomics, no ``accumulate=True``): the contributions are processed in *rounds*;
+round ``r`` takes the r-th occurrence (in source order) of every destination. Within a round the
+destinations are unique, so ``gather -> add -> put`` (``acc[dest] = acc[dest] + src``, an
+index_put_ without accumulate) is an exact, race-free update; the number of rounds is the largest
+multiplicity of an index, read on the host (fine on the CPU). Every add is one exactly rounded
+elementwise op.
+
+CUDA (one Triton kernel, no host sync, shapes fixed by the inputs' shapes, so it can be captured in
+a CUDA graph): a stable sort of the index lists each destination's sources in ascending position
+and ``searchsorted`` gives each destination its segment of that list, all on the device. One
+program per (destination, column block) starts from ``self`` in fp32 and adds the segment's rows
+one at a time, then rounds once. Why the bits equal the round algorithm's: each element sees the
+same fp32 adds (exactly rounded, nothing to fuse: ``alpha * source`` is still computed first by the
+same torch op) in the same order, and the same single round-to-nearest-even at the end. Indices
+out of range trip a device-side assert (as aten's CUDA index_add does) instead of a host check.
 
 Integer/bool tensors are exact in any order and use aten.index_add.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 from torch import Tensor
 
 from . import _common
-from ._common import UnsupportedError
+from ._common import HAS_TRITON, UnsupportedError
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def occurrence_rank(keys: Tensor) -> Tensor:
@@ -83,17 +98,8 @@ def _check(self: Tensor, dim: int, index: Tensor, source: Tensor) -> int:
     return dim % n
 
 
-def index_add_rounds(self: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
-    """The round algorithm (CPU and CUDA); inputs already checked, ``dim`` wrapped."""
-    if not self.is_floating_point():
-        return torch.index_add(self, dim, index, source, alpha=alpha)
-    out_shape = self.shape
-    if self.dim() <= 1:
-        self, source = self.reshape(-1), source.reshape(-1)
-    acc_dt = _common.acc_dtype(self.dtype)
-    acc = torch.empty(self.shape, dtype=acc_dt, device=self.device)
-    acc.copy_(self)  # fresh buffer: the output never aliases self
-    idx = index.reshape(-1).to(torch.int64)
+def _check_shapes(self: Tensor, dim: int, idx: Tensor, source: Tensor) -> None:
+    """Host-side shape checks shared by both algorithms (shapes only: no sync)."""
     if idx.numel() != source.shape[dim]:
         raise RuntimeError(
             "detcompile.index_add: index length must equal source.size(dim) "
@@ -105,6 +111,21 @@ def index_add_rounds(self: Tensor, dim: int, index: Tensor, source: Tensor, alph
                 f"detcompile.index_add: source {tuple(source.shape)} and self "
                 f"{tuple(self.shape)} differ in dim {d} (only dim {dim} may differ)"
             )
+
+
+def index_add_rounds(self: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
+    """The round algorithm (the CPU path; on CUDA the reference of the Triton kernel); inputs
+    already checked, ``dim`` wrapped. Reads the number of rounds on the host."""
+    if not self.is_floating_point():
+        return torch.index_add(self, dim, index, source, alpha=alpha)
+    out_shape = self.shape
+    if self.dim() <= 1:
+        self, source = self.reshape(-1), source.reshape(-1)
+    acc_dt = _common.acc_dtype(self.dtype)
+    acc = torch.empty(self.shape, dtype=acc_dt, device=self.device)
+    acc.copy_(self)  # fresh buffer: the output never aliases self
+    idx = index.reshape(-1).to(torch.int64)
+    _check_shapes(self, dim, idx, source)
     if idx.numel() > 0:
         size = self.shape[dim]
         if bool(((idx < 0) | (idx >= size)).any()):  # advanced indexing would wrap negatives
@@ -123,6 +144,84 @@ def index_add_rounds(self: Tensor, dim: int, index: Tensor, source: Tensor, alph
             # under torch.use_deterministic_algorithms) of exactly rounded sums.
             acc_m[dest] = acc_m[dest] + contrib
     return acc.to(self.dtype).reshape(out_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel (CUDA, or the interpreter in tests)
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    # Tensors are seen as [P, D, Q] (self, out) and [P, n, Q] (source), contiguous, with dim in
+    # the middle; a destination's "row" is its P*Q elements, split into BLOCK-wide column blocks.
+    @triton.jit(do_not_specialize=["D", "n_src"])
+    def _index_add_kernel(
+        self_ptr, src_ptr, out_ptr, order_ptr, seg_ptr,
+        D, n_src, Q, PQ,
+        BLOCK: tl.constexpr,
+    ):
+        d = tl.program_id(0).to(tl.int64)
+        # This destination's sources: order[lo:hi], in ascending source position (n < 2**31).
+        lo = tl.load(seg_ptr + d).to(tl.int32)
+        hi = tl.load(seg_ptr + d + 1).to(tl.int32)
+        n_blocks = tl.cdiv(PQ, BLOCK)
+        for cb in range(tl.program_id(1), n_blocks, tl.num_programs(1)):
+            cols = tl.arange(0, BLOCK).to(tl.int64) + cb * BLOCK
+            mask = cols < PQ
+            p = cols // Q
+            q = cols % Q
+            dst = p * D * Q + d * Q + q
+            acc = tl.load(self_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+            src_row = p * n_src * Q + q
+            # One fp32 add per contribution, in ascending source position: the round
+            # algorithm's sequence of exactly rounded adds.
+            for j in range(lo, hi):
+                i = tl.load(order_ptr + j)
+                acc = acc + tl.load(src_ptr + src_row + i * Q, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_index_add(self: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
+    """The sync-free algorithm (CUDA, or CPU tensors under TRITON_INTERPRET=1); inputs already
+    checked, ``dim`` wrapped."""
+    if not self.is_floating_point():
+        return torch.index_add(self, dim, index, source, alpha=alpha)
+    if not _common.triton_launchable(self) or self.dtype not in _common.GPU_DTYPES:
+        raise UnsupportedError(
+            f"detcompile.index_add: the Triton kernel cannot run on {self.device} / {self.dtype}"
+        )
+    out_shape = self.shape
+    if self.dim() <= 1:
+        self, source = self.reshape(-1), source.reshape(-1)
+    idx = index.reshape(-1).to(torch.int64)
+    _check_shapes(self, dim, idx, source)
+    out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+    if out.numel() == 0:
+        return out.reshape(out_shape)
+    D, n = self.shape[dim], idx.numel()
+    P = math.prod(self.shape[:dim])
+    Q = math.prod(self.shape[dim + 1:])
+    if n > 0:
+        if alpha != 1:
+            # The same torch op as the round algorithm: alpha * source rounded to fp32 first.
+            source = source.to(_common.acc_dtype(self.dtype)) * alpha
+        sorted_idx, order = torch.sort(idx, stable=True)
+        seg = torch.searchsorted(sorted_idx, torch.arange(D + 1, device=idx.device))
+        # Every index in [0, D) <=> the segments hold all n sources; checked on the device.
+        torch._assert_async(seg[D] - seg[0] == n, "detcompile.index_add: index out of range")
+    else:
+        order = idx
+        seg = torch.zeros(D + 1, dtype=torch.int64, device=idx.device)
+    block = min(1024, triton.next_power_of_2(P * Q))
+    grid = (D, min(triton.cdiv(P * Q, block), 65535))
+    with torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext():
+        _index_add_kernel[grid](
+            self.contiguous(), source.contiguous(), out, order, seg,
+            D, n, Q, P * Q,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out.reshape(out_shape)
 
 
 @torch.library.custom_op(
@@ -149,6 +248,7 @@ def _(self, dim, index, source, alpha=1):
 
 @index_add.register_kernel("cuda")
 def _(self, dim, index, source, alpha=1):
-    # No Triton kernel: the same round algorithm in torch ops (gather, add, plain put; no atomics).
     dim = _check(self, dim, index, source)
-    return index_add_rounds(self, dim, index, source, alpha)
+    if not HAS_TRITON:
+        raise UnsupportedError("detcompile.index_add: Triton is required on CUDA")
+    return triton_index_add(self, dim, index, source, alpha)

@@ -1,12 +1,19 @@
 """detcompile::index_add: documented order rule (bitwise), duplicates, batch invariance of a
-destination (Mixtral-like expert loop), accuracy, opcheck, errors."""
+destination (Mixtral-like expert loop), accuracy, opcheck, errors; the sync-free Triton path (CUDA)
+equal bit for bit to the round algorithm, and captured in a CUDA graph."""
 import pytest
 import torch
 
 from detcompile.kernels import _common
 from detcompile.kernels import index_add as ia
 
+from ._host_sync import HostSyncRecorder
 from ._util import rel_err, tol
+
+CAN_INTERPRET = _common.triton_launchable(torch.empty(0))
+needs_interp = pytest.mark.skipif(
+    not CAN_INTERPRET, reason="Triton interpreter unavailable (needs triton and TRITON_INTERPRET=1)"
+)
 
 OP = torch.ops.detcompile.index_add
 
@@ -161,8 +168,143 @@ def test_deterministic_algorithms_mode(gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU (same round algorithm, torch ops on CUDA)
+# Sync-free Triton path vs the round algorithm (interpreter on CPU: fp32 / fp16, since the
+# interpreter truncates fp32 -> bf16 instead of rounding to nearest; bf16 runs on the GPU tests)
 # ---------------------------------------------------------------------------------------------
+
+
+def _case(gen, shape, dim, n, dtype, n_dest=None):
+    self_ = torch.randn(shape, generator=gen).to(dtype)
+    hi = self_.shape[dim] if self_.dim() else 1
+    index = torch.randint(0, n_dest or hi, (n,), generator=gen)  # n_dest small: many repeats
+    sshape = list(shape)
+    if sshape:
+        sshape[dim] = n
+    else:
+        sshape = [n]
+    source = (torch.randn(sshape, generator=gen) * 4).to(dtype)
+    return self_, index, source
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [1, 0.1, -3])
+def test_interp_kernel_equals_rounds(gen, dtype, dim, alpha):
+    for shape, n, n_dest in [((7, 9, 5), 40, None), ((6, 5, 4), 60, 2), ((4, 3, 2), 7, 1)]:
+        self_, index, source = _case(gen, shape, dim, n, dtype, n_dest)
+        got = ia.triton_index_add(self_, dim, index, source, alpha)
+        assert torch.equal(got, ia.index_add_rounds(self_, dim, index, source, alpha)), (shape, n)
+        assert torch.equal(got, sequential_ref(self_, dim, index, source, alpha))
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_kernel_special_shapes(gen, dtype):
+    R = ia.index_add_rounds
+    K = ia.triton_index_add
+    # destination rows longer than one column block (1500 > 1024), int32 index
+    s, idx, src = _case(gen, (5, 1500), 0, 30, dtype, 3)
+    assert torch.equal(K(s, 0, idx.int(), src), R(s, 0, idx.int(), src))
+    # empty index: a fresh copy of self
+    s = torch.randn(3, 2, generator=gen).to(dtype)
+    out = K(s, 0, torch.empty(0, dtype=torch.int64), torch.empty(0, 2, dtype=dtype))
+    assert torch.equal(out, s) and out.data_ptr() != s.data_ptr()
+    # 0-d and 1-d self
+    z = K(torch.tensor(1.5, dtype=dtype), 0, torch.tensor([0, 0]), torch.tensor([2.0, 0.25], dtype=dtype))
+    assert z.shape == () and z.item() == 3.75
+    s, idx, src = _case(gen, (9,), 0, 20, dtype, 4)
+    assert torch.equal(K(s, 0, idx, src), R(s, 0, idx, src))
+    # empty self along dim / empty other dims
+    assert K(torch.empty(0, 3, dtype=dtype), 1, torch.tensor([1]), torch.empty(0, 1, dtype=dtype)).shape == (0, 3)
+    # integer tensors keep aten's exact path
+    x = torch.randint(0, 10, (5, 3), generator=gen)
+    assert torch.equal(K(x, 0, torch.tensor([0, 4, 0]), torch.ones(3, 3, dtype=torch.int64), 2),
+                       torch.index_add(x, 0, torch.tensor([0, 4, 0]), torch.ones(3, 3, dtype=torch.int64), alpha=2))
+
+
+@needs_interp
+def test_interp_equality_check_sees_another_order(gen):
+    # The bitwise comparisons above can fail: the same contributions added in descending source
+    # order give other bits for this data.
+    self_, index, source = _case(gen, (6, 64), 0, 80, torch.float32, 3)
+    got = ia.triton_index_add(self_, 0, index, source)
+    rev = sequential_ref(self_, 0, index.flip(0), source.flip(0))
+    assert not torch.equal(got, rev)
+
+
+@needs_interp
+def test_interp_out_of_range_index_asserts(gen):
+    # Checked on the device (_assert_async; on the CPU it raises at once, on CUDA it is a
+    # device-side assert like aten's index_add).
+    s = torch.randn(4, 3, generator=gen)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError):
+            ia.triton_index_add(s, 0, torch.tensor([0, bad]), torch.randn(2, 3))
+
+
+@needs_interp
+def test_interp_no_host_sync(gen):
+    self_, index, source = _case(gen, (6, 8), 0, 20, torch.float32, 3)
+    with HostSyncRecorder() as rec:
+        ia.triton_index_add(self_, 0, index, source, 0.5)
+    assert rec.calls == []
+    with HostSyncRecorder() as rec:  # the recorder does see the round algorithm's syncs
+        ia.index_add_rounds(self_, 0, index, source, 0.5)
+    assert "item" in rec.calls and "nonzero" in rec.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (the Triton kernel)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_kernel_equals_rounds_bitwise(dtype):
+    # The former CUDA algorithm (rounds of torch ops) is the reference, on every layout and with
+    # heavy repeats; fp32 sources include subnormals (an FTZ add would show).
+    g = torch.Generator().manual_seed(11)
+    for shape, dim, n, n_dest in [((300, 4096), 0, 2000, None), ((64, 2048), 0, 512, 4),
+                                  ((8, 50, 96), 1, 300, 7), ((6, 40, 33), 2, 100, None),
+                                  ((1000,), 0, 5000, 10), ((17, 1), 0, 64, 1)]:
+        self_, index, source = _case(g, shape, dim, n, dtype, n_dest)
+        if dtype == torch.float32:
+            source.view(-1)[::7] *= 1e-39
+            self_.view(-1)[::5] *= 1e-39
+        self_, index, source = self_.cuda(), index.cuda(), source.cuda()
+        for alpha in (1, 0.5, 0.1):
+            want = ia.index_add_rounds(self_, dim, index, source, alpha)
+            assert torch.equal(OP(self_, dim, index, source, alpha), want), (shape, dim, alpha)
+            assert torch.equal(ia.triton_index_add(self_, dim, index.int(), source, alpha), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_cuda_graph_capture_replays_new_indices(dtype):
+    # Captured once, replayed with other indices (other repeat patterns) and values in the same
+    # buffers: the round algorithm's bits every time.
+    g = torch.Generator().manual_seed(2)
+    T, H, n = 48, 1024, 96
+    final = torch.zeros(T, H, dtype=dtype, device="cuda")
+    index = torch.randint(0, T, (n,), generator=g).cuda()
+    source = torch.randn(n, H, generator=g).to(dtype).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and warm up outside the capture
+            OP(final, 0, index, source)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP(final, 0, index, source)
+    for n_dest in (T, 5, 1, T):
+        index.copy_(torch.randint(0, n_dest, (n,), generator=g))
+        source.copy_(torch.randn(n, H, generator=g).to(dtype))
+        final.copy_(torch.randn(T, H, generator=g).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ia.index_add_rounds(final, 0, index, source)), n_dest
 
 
 @pytest.mark.gpu
