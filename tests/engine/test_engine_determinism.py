@@ -199,3 +199,17 @@ def test_same_seed_in_a_new_process_gives_the_same_bits(engine, rng):
     assert res.returncode == 0, res.stderr[-2000:]
     tokens, lps = json.loads(res.stdout.strip().splitlines()[-1])
     assert tokens == here.token_ids and lps == [float(x).hex() for x in here.logprobs]
+
+
+def test_processed_logprobs_score_equals_generation(engine, rng):
+    """logprobs_mode="processed": penalties, banned EOS before min_new_tokens and temperature are
+    replayed by score() from the generation state, bit for bit."""
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=21, max_new_tokens=10, min_new_tokens=6,
+                            repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, logprobs=0,
+                            logprobs_mode="processed", stop_token_ids=[5, 6, 7])
+    ps = prompts(rng, [9, 14], engine.vocab_size)
+    outs = engine.generate(ps, params, use_tqdm=False)
+    raw = engine.generate(ps, SamplingParams(**{**vars(params), "logprobs_mode": "raw"}), use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in raw]
+    assert [o.logprobs for o in outs] != [o.logprobs for o in raw]
+    assert engine.score(ps, [o.token_ids for o in outs], params) == [o.logprobs for o in outs]
