@@ -990,6 +990,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "465 for llama8b, none for tiny; 0: none)")
     p.add_argument("--concurrency", default=None, help="comma-separated request counts (default 32,256)")
     p.add_argument("--kv-cache-fraction", type=float, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=None, help="engine token budget per step")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -1008,6 +1009,8 @@ def main(argv: list[str] | None = None) -> dict:
         sizes.max_num_seqs = max(sizes.max_num_seqs, *sizes.concurrency)
     if args.kv_cache_fraction is not None:
         sizes.kv_cache_fraction = args.kv_cache_fraction
+    if args.chunked_prefill_size is not None:
+        sizes.chunked_prefill_size = args.chunked_prefill_size
     return run_benchmark(args.model, parts, args.out, sizes, args.seed, argv, t0=_T_IMPORT)
 
 
