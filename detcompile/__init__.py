@@ -7,10 +7,11 @@ attention, index_add/scatter_add) into the batch-invariant ops of ``detcompile.k
 """
 from . import kernels  # noqa: F401  (registers torch.ops.detcompile.*)
 from .kernels._common import UnsupportedError
+from .passes.audit import NondeterminismError
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedError", "__version__", "audit", "deterministic_backend", "explain"]
+__all__ = ["NondeterminismError", "UnsupportedError", "__version__", "audit", "deterministic_backend", "explain"]
 
 
 def __getattr__(name):
