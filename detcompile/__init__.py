@@ -7,7 +7,7 @@ attention, index_add/scatter_add) into the batch-invariant ops of ``detcompile.k
 """
 from . import kernels  # noqa: F401  (registers torch.ops.detcompile.*)
 from .kernels._common import UnsupportedError
-from .passes.audit import NondeterminismError
+from .passes.classify import NondeterminismError
 
 __version__ = "0.1.0"
 
@@ -25,8 +25,8 @@ def __getattr__(name):
 
         return explain
     if name == "audit":
-        # The module is detcompile.auditor: a submodule named "audit" would shadow this function.
-        from .auditor import audit
+        # The module is detcompile.divergence: a submodule named "audit" would shadow this function.
+        from .divergence import audit
 
         return audit
     raise AttributeError(name)

@@ -64,7 +64,7 @@ def _cmd_explain(args) -> int:
 def _cmd_audit(args) -> int:
     import torch
 
-    from .auditor import audit
+    from .divergence import audit
 
     model, device = _load_model(args)
     vocab = model.config.vocab_size

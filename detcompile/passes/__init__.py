@@ -4,7 +4,7 @@
 AOTAutograd hands to the compiler. The audit runs last and reports whatever is left.
 """
 from .cpu_pointwise import cpu_pointwise_pass
-from .audit import NondeterminismError, audit_pass, classify
+from .classify import NondeterminismError, audit_pass, classify
 from .convolution import convolution_pass
 from .group_norm import group_norm_pass
 from .grouped_mm import grouped_mm_pass

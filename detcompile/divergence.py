@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .passes.audit import classify
+from .passes.classify import classify
 from .passes.manager import op_name, source_line
 
 

@@ -3,7 +3,7 @@ import operator
 import torch
 
 from detcompile.passes import PassContext, Report
-from detcompile.passes.audit import audit_pass, classify
+from detcompile.passes.classify import audit_pass, classify
 
 from ._util import aten_graph
 

@@ -1,4 +1,4 @@
-"""The last pass: classify every op left in the graph and report what is not batch-invariant.
+"""The static classifier: the last pass, which sorts every op left in the graph into batch-invariant or not.
 
 Safe: detcompile ops, pointwise ops (``torch.Tag.pointwise``), views and data movement, and order-free
 ops (max/argmax/topk/sort are exact; integer and bool reductions are exact). Flagged: floating-point
