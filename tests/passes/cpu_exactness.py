@@ -107,7 +107,7 @@ CASES: list[tuple[str, str, object, tuple[str, ...]]] = [
         ("round(decimals=2)", "round", _u(lambda x: torch.round(x, decimals=2))),
         ("trunc", "trunc", _u(torch.trunc)),
         ("frac", "frac", _u(torch.frac)),
-        ("square", "pow", _u(torch.square)),
+        ("square", "square", _u(torch.square)),
         ("pow(2)", "pow", _u(lambda x: torch.pow(x, 2))),
         ("pow(0.5)", "pow", _u(lambda x: torch.pow(x, 0.5), "pos")),
         ("pow(-1)", "pow", _u(lambda x: torch.pow(x, -1))),
