@@ -35,7 +35,23 @@ SPECS: dict[str, PassSpec] = {s.name: s for s in TORCH_SPECS + ATEN_SPECS}
 TORCH_PASSES = [(s.name, s.fn) for s in TORCH_SPECS]
 ATEN_PASSES = [(s.name, s.fn) for s in ATEN_SPECS] + [("audit", audit_pass)]  # the audit always last
 
+
+def coverage_table() -> str:
+    """The passes' declarations as the markdown table of docs/design.md (a test keeps the two equal)."""
+    def ops(names):
+        return ", ".join(f"`{n}`" for n in names)
+
+    rows = ["| pass | runs on | rewrites | into | which calls |", "| --- | --- | --- | --- | --- |"]
+    for spec in SPECS.values():
+        where = ("Dynamo graph" if spec.level == "torch" else "aten graph") + (
+            "" if set(spec.devices) == {"cpu", "cuda"} else f", {'/'.join(spec.devices).upper()} only")
+        rows.append(f"| `{spec.name}` | {where} | {ops(spec.targets)} | {ops(spec.into)} | {spec.when or 'all'} |")
+    rows.append("| `audit` | aten graph, last | nothing: classifies every op left | report / warning / "
+                "`NondeterminismError` | all |")
+    return "\n".join(rows)
+
+
 __all__ = [
-    "ATEN_PASSES", "SPECS", "TORCH_PASSES", "Leftover", "NondeterminismError", "PassContext", "PassManager",
+    "ATEN_PASSES", "SPECS", "coverage_table", "TORCH_PASSES", "Leftover", "NondeterminismError", "PassContext", "PassManager",
     "PassSpec", "Report", "Rewrite", "classify",
 ]

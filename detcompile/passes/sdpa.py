@@ -64,6 +64,7 @@ SPEC = PassSpec(
              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math"),
     into=("detcompile.attention",),
-    when="no dropout",
+    when="F.scaled_dot_product_attention on the Dynamo graph (the aten names are what AOT would lower it to); "
+         "no dropout",
     level="torch",
 )

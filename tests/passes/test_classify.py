@@ -192,3 +192,14 @@ def test_graph_constant_pointwise_is_exempt_unless_static_shapes(gen):
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         left = [lo.op for lo in _pipeline_leftovers(fn, x).leftovers]
     assert left == ["aten.pow.Tensor_Tensor"] * 2, left
+
+
+def test_design_doc_pass_table_is_the_declarations():
+    import os
+
+    from detcompile.passes import coverage_table
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "design.md")
+    text = open(path).read()
+    block = text.split("<!-- pass-table:start -->\n", 1)[1].split("\n<!-- pass-table:end -->", 1)[0]
+    assert block == coverage_table(), "regenerate the table in docs/design.md from coverage_table()"
