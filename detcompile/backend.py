@@ -24,7 +24,7 @@ import torch.fx as fx
 import detcompile.kernels  # noqa: F401  (registers torch.ops.detcompile.*)
 
 from . import fallbacks
-from .passes import ATEN_PASSES, TORCH_PASSES, NondeterminismError, PassContext, PassManager, Report
+from .passes import ATEN_PASSES, SPECS, TORCH_PASSES, NondeterminismError, PassContext, PassManager, Report
 
 #: Inductor settings that keep the pointwise code it generates batch-invariant: no split reductions,
 #: no shape-keyed autotuning, and eager-like rounding of fused intermediates (``emulate_precision_casts``),
@@ -116,6 +116,7 @@ def rewrite_aten_graph(gm: fx.GraphModule, opts: Options, before: Report | None 
         report.rewrites.extend(before.rewrites)
         report.leftovers.extend(before.leftovers)
     passes = [(n, fn) for n, fn in ATEN_PASSES if n not in opts.disable_passes]
+    report.pass_versions = {n: s.version for n, s in SPECS.items() if n not in opts.disable_passes}
     PassManager(passes).run(gm, PassContext(opts, report))
     if opts.report_sink is not None:
         opts.report_sink(report)

@@ -123,6 +123,7 @@ def test_explain_reports_rewrites_and_leftovers(capsys, gen):
     new_ops = {r.new for r in result.rewrites}
     assert {"detcompile.matmul.default", "detcompile.layer_norm.default", "detcompile.softmax.default"} <= new_ops
     assert "detcompile.matmul.default" in printed and "batch-invariant" in printed
+    assert "matmul@" + detcompile.passes.SPECS["matmul"].version in printed  # which pass version rewrote it
     torch._dynamo.reset()
     bad = detcompile.explain(_cumprod_model, torch.randn(4, 4, generator=gen), verbose=False)
     assert not bad.ok and any("cumprod" in lo.op for lo in bad.leftovers)

@@ -41,6 +41,8 @@ class Report:
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
     graph_id: int = 0
+    #: pass name -> PassSpec.version of each rewriting pass that ran (which rewrite produced the graph)
+    pass_versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
