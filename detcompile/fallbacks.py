@@ -35,7 +35,7 @@ CONVERT_FRAME_LOGGER = "torch._dynamo.convert_frame"
 # "'fn' (file:line)" of every frame the deterministic backend compiled (Dynamo's own format in the
 # recompile-limit message), and the functions already warned about.
 _compiled_frames: set[str] = set()
-_warned: set[tuple[str, bool]] = set()
+_warned: set[tuple] = set()
 _handler: logging.Handler | None = None
 
 
@@ -98,7 +98,8 @@ class _RecompileLimitWatch(logging.Handler):
         # Only frames this backend compiled; if none could be recorded, every fallback is suspect.
         if _compiled_frames and func not in _compiled_frames:
             return
-        raising = bool(getattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False))
+        dyn = torch._dynamo.config
+        raising = bool(getattr(dyn, "fail_on_recompile_limit_hit", getattr(dyn, "fail_on_cache_limit_hit", False)))
         if (func, raising) in _warned:
             return
         _warned.add((func, raising))
@@ -129,8 +130,19 @@ def watch_recompile_limit(strict: bool) -> None:
                 UserWarning,
                 stacklevel=3,
             )
-        elif hasattr(dyn, "fail_on_recompile_limit_hit"):
-            dyn.fail_on_recompile_limit_hit = True
+        else:
+            # The flag's older name first had "cache" for "recompile".
+            flag = next((f for f in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(dyn, f)), None)
+            if flag is not None:
+                setattr(dyn, flag, True)
+            elif ("no fail flag", True) not in _warned:
+                _warned.add(("no fail flag", True))
+                warnings.warn(
+                    "detcompile (strict): this torch has no fail_on_recompile_limit_hit, so a frame past "
+                    "Dynamo's recompile limit runs eagerly with a warning instead of an error",
+                    UserWarning,
+                    stacklevel=3,
+                )
     if _handler is None:
         _handler = _RecompileLimitWatch(level=logging.WARNING)
         logging.getLogger(CONVERT_FRAME_LOGGER).addHandler(_handler)
