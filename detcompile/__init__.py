@@ -7,11 +7,12 @@ attention, index_add/scatter_add) into the batch-invariant ops of ``detcompile.k
 """
 from . import kernels  # noqa: F401  (registers torch.ops.detcompile.*)
 from .kernels._common import UnsupportedError
+from .passes.classify import NondeterminismError
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "SamplingParams", "UnsupportedError", "__version__", "audit", "deterministic_backend", "explain",
-           "generate", "patch_generate"]
+__all__ = ["Engine", "NondeterminismError", "SamplingParams", "UnsupportedError", "__version__", "audit",
+           "deterministic_backend", "explain", "generate", "patch_generate"]
 
 _ENGINE_NAMES = {"Engine", "SamplingParams", "RequestOutput", "generate", "patch_generate"}
 
@@ -27,8 +28,8 @@ def __getattr__(name):
 
         return explain
     if name == "audit":
-        # The module is detcompile.auditor: a submodule named "audit" would shadow this function.
-        from .auditor import audit
+        # The module is detcompile.divergence: a submodule named "audit" would shadow this function.
+        from .divergence import audit
 
         return audit
     if name in _ENGINE_NAMES:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 
 
@@ -45,8 +47,32 @@ def _load_model(args):
     if args.model:
         from transformers import AutoModelForCausalLM
 
+        _check_model_dir(args.model)
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval(), device
+    _check_arch(args.arch)
     return tiny_model(args.arch, dtype=dtype, device=device, attn_implementation=args.attn), device
+
+
+def _check_model_dir(path: str) -> None:
+    # from_pretrained would take a missing directory for a hub repo id and fail with a hub error.
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path}: no such directory (--model takes a local Hugging Face checkpoint "
+                         "directory; detcompile downloads nothing)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {path}: no config.json there, so it is not a Hugging Face checkpoint directory")
+
+
+def _check_arch(arch: str) -> None:
+    """An unknown --arch: suggest the closest model types instead of listing all of them."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # a transformers without this table: tiny_model reports it
+        return
+    if arch in CONFIG_MAPPING_NAMES:
+        return
+    close = difflib.get_close_matches(arch.lower().replace("-", "_"), list(CONFIG_MAPPING_NAMES), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. llama, mistral, qwen2, gpt2, mixtral"
+    raise ValueError(f"unknown model architecture {arch!r} (a transformers model type): {hint}")
 
 
 def _cmd_explain(args) -> int:
@@ -64,7 +90,7 @@ def _cmd_explain(args) -> int:
 def _cmd_audit(args) -> int:
     import torch
 
-    from .auditor import audit
+    from .divergence import audit
 
     model, device = _load_model(args)
     vocab = model.config.vocab_size
@@ -137,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"detcompile: error: {err}", file=sys.stderr)
         return 2
 

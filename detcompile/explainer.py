@@ -33,6 +33,9 @@ class ExplainResult:
             f"{len(self.leftovers)} left -> " + ("batch-invariant" if self.ok else "NOT fully batch-invariant")
         )
         body = "\n".join(rep.format() for rep in self.reports)
+        versions = self.reports[0].pass_versions if self.reports else {}
+        if versions:  # which version of each pass produced these graphs (a hash of its source)
+            head += "\npasses: " + " ".join(f"{n}@{v}" for n, v in versions.items())
         tail = "" if self.ok else (
             "\nLeft ops run with their stock kernels (the default fallback); options={'strict': True} makes them errors."
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import detcompile
-from detcompile.auditor import AuditResult
+from detcompile.divergence import AuditResult
 from detcompile.cli import main
 
 

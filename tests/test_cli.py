@@ -19,6 +19,21 @@ def test_explain_cli_unknown_arch_is_clear_error(capsys):
     assert "unknown model architecture" in capsys.readouterr().err
 
 
+def test_unknown_arch_suggests_close_names_not_every_name(capsys):
+    assert main(["explain", "--arch", "lama", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" in err and "llama" in err and len(err) < 400, err
+
+
+@pytest.mark.parametrize("cmd", ["explain", "audit"])
+def test_missing_model_dir_is_a_one_line_error(cmd, capsys, tmp_path):
+    assert main([cmd, "--model", "/nonexistent/checkpoint", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert main([cmd, "--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
 def test_demo_deterministic_gives_one_output():
     res = run_demo(device="cpu", batch_sizes=(1, 3, 5), prompt_len=8, new_tokens=3,
                    ways=("eager", "deterministic"), progress=False)

@@ -1,41 +1,57 @@
 """The FX passes, one per file, in the order they run.
 
 ``TORCH_PASSES`` run on the Dynamo graph (before AOTAutograd); ``ATEN_PASSES`` on the aten graph that
-AOTAutograd hands to the compiler. The audit runs last and reports whatever is left.
+AOTAutograd hands to the compiler. The audit runs last and reports whatever is left. Each rewriting pass
+declares what it rewrites in a ``PassSpec`` (``SPECS``); the classifier and ``detcompile.audit`` read
+their coverage from there.
 """
-from .cpu_pointwise import cpu_pointwise_pass
-from .audit import NondeterminismError, audit_pass, classify
-from .convolution import convolution_pass
-from .group_norm import group_norm_pass
-from .grouped_mm import grouped_mm_pass
-from .index_add import index_add_pass
-from .layer_norm import layer_norm_pass
-from .manager import Leftover, PassContext, PassManager, Report, Rewrite
-from .matmul import matmul_pass
-from .reductions import reductions_pass
-from .rms_norm import rms_norm_pass
-from .sdpa import sdpa_pass
-from .softmax import softmax_pass
-from .solve_triangular import solve_triangular_pass
+from . import (
+    convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, matmul, reductions, rms_norm,
+    sdpa, softmax, solve_triangular, sort,
+)
+from .classify import NondeterminismError, audit_pass, classify
+from .manager import Leftover, PassContext, PassManager, PassSpec, Report, Rewrite
 
-TORCH_PASSES = [("sdpa", sdpa_pass)]
+TORCH_SPECS = [sdpa.SPEC]
 
-ATEN_PASSES = [
-    ("matmul", matmul_pass),
-    ("grouped_mm", grouped_mm_pass),
-    ("rms_norm", rms_norm_pass),  # before reductions: it needs to see the written-out mean
-    ("layer_norm", layer_norm_pass),
-    ("group_norm", group_norm_pass),
-    ("softmax", softmax_pass),
-    ("reductions", reductions_pass),
-    ("index_add", index_add_pass),
-    ("convolution", convolution_pass),
-    ("solve_triangular", solve_triangular_pass),
-    ("cpu_pointwise", cpu_pointwise_pass),  # after the norms/softmax patterns, which read rsqrt/exp
-    ("audit", audit_pass),  # always last
+ATEN_SPECS = [
+    matmul.SPEC,
+    grouped_mm.SPEC,
+    rms_norm.SPEC,  # before reductions: it needs to see the written-out mean
+    layer_norm.SPEC,
+    group_norm.SPEC,
+    softmax.SPEC,
+    reductions.SPEC,
+    index_add.SPEC,
+    convolution.SPEC,
+    solve_triangular.SPEC,
+    sort.SPEC,
+    cpu_pointwise.SPEC,  # after the norms/softmax patterns, which read rsqrt/exp
 ]
 
+#: Every rewriting pass by name, in the order they run.
+SPECS: dict[str, PassSpec] = {s.name: s for s in TORCH_SPECS + ATEN_SPECS}
+
+TORCH_PASSES = [(s.name, s.fn) for s in TORCH_SPECS]
+ATEN_PASSES = [(s.name, s.fn) for s in ATEN_SPECS] + [("audit", audit_pass)]  # the audit always last
+
+
+def coverage_table() -> str:
+    """The passes' declarations as the markdown table of docs/design.md (a test keeps the two equal)."""
+    def ops(names):
+        return ", ".join(f"`{n}`" for n in names)
+
+    rows = ["| pass | runs on | rewrites | into | which calls |", "| --- | --- | --- | --- | --- |"]
+    for spec in SPECS.values():
+        where = ("Dynamo graph" if spec.level == "torch" else "aten graph") + (
+            "" if set(spec.devices) == {"cpu", "cuda"} else f", {'/'.join(spec.devices).upper()} only")
+        rows.append(f"| `{spec.name}` | {where} | {ops(spec.targets)} | {ops(spec.into)} | {spec.when or 'all'} |")
+    rows.append("| `audit` | aten graph, last | nothing: classifies every op left | report / warning / "
+                "`NondeterminismError` | all |")
+    return "\n".join(rows)
+
+
 __all__ = [
-    "ATEN_PASSES", "TORCH_PASSES", "Leftover", "NondeterminismError", "PassContext", "PassManager",
-    "Report", "Rewrite", "classify",
+    "ATEN_PASSES", "SPECS", "coverage_table", "TORCH_PASSES", "Leftover", "NondeterminismError", "PassContext", "PassManager",
+    "PassSpec", "Report", "Rewrite", "classify",
 ]

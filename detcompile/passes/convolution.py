@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import _common
-from .manager import PassContext, is_call, meta_val, replace_with
+from .manager import PassContext, PassSpec, is_call, meta_val, replace_with
 
 aten = torch.ops.aten
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
@@ -58,3 +58,11 @@ def convolution_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             _single_int(a["stride"]), _single_int(a["padding"]), _single_int(a["dilation"]), int(a["groups"]),
         )
         replace_with(gm, node, op, args, {}, ctx, "convolution")
+
+
+SPEC = PassSpec(
+    "convolution", convolution_pass,
+    targets=("convolution",),
+    into=("detcompile.conv1d",),
+    when="one spatial dim, not transposed (Mamba/SSM causal conv1d, grouped or dense)",
+)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import GETITEM, PassContext, _propagate_fake, is_call, meta_val, replace_with
+from .manager import GETITEM, NodeBuilder, PassContext, PassSpec, is_call, meta_val, replace_with
 
 aten = torch.ops.aten
 
@@ -59,6 +59,10 @@ def cpu_pointwise_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         elif name == "elu" and overload == "default":
             a = [float(v) for v in node.args[1:4]] + [1.0, 1.0, 1.0][len(node.args[1:4]) :]
             replace_with(gm, node, op, (x, "elu", a), {}, ctx, "cpu_pointwise")
+        elif name == "celu" and overload == "default":
+            # ATen defines celu(x, a) as elu(x, alpha=a, scale=1, input_scale=1/a).
+            alpha = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("alpha", 1.0))
+            replace_with(gm, node, op, (x, "elu", [alpha, 1.0, 1.0 / alpha]), {}, ctx, "cpu_pointwise")
         elif name == "pow" and overload == "Tensor_Scalar":
             e = node.args[1]
             if isinstance(e, (int, float)) and e not in _EXACT_POW:
@@ -87,25 +91,6 @@ def _complex_out(node: fx.Node) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype in (torch.complex64, torch.complex128)
 
 
-class _Builder:
-    """Inserts nodes before ``anchor`` with the anchor's stack trace and fake values."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
-        self.gm, self.anchor, self.nodes = gm, anchor, []
-
-    def __call__(self, target, *args) -> fx.Node:
-        with self.gm.graph.inserting_before(self.anchor):
-            n = self.gm.graph.call_function(target, args)
-        n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
-        _propagate_fake(n, "val")
-        self.nodes.append(n)
-        return n
-
-    def undo(self) -> None:
-        for n in reversed(self.nodes):
-            self.gm.graph.erase_node(n)
-
-
 def _log_sigmoid(gm, node, op, ctx) -> None:
     """Output 0 (the result) -> cpu_pointwise; output 1 (a buffer for the backward) stays with ATen."""
     x = node.args[0]
@@ -120,13 +105,13 @@ def _polar(gm, node, op, ctx) -> None:
     absv, angle = node.args[0], node.args[1]
     if not all(isinstance(meta_val(a), torch.Tensor) and meta_val(a).is_floating_point() for a in (absv, angle)):
         return
-    b = _Builder(gm, node)
+    b = NodeBuilder(gm, node)
     re = b(aten.mul.Tensor, absv, b(op, angle, "cos", []))
     im = b(aten.mul.Tensor, absv, b(op, angle, "sin", []))
     _finish(gm, node, b, re, im, ctx)
 
 
-def _parts(b: _Builder, v):
+def _parts(b: NodeBuilder, v):
     """(real, imag) of a mul operand; imag is None for a real one. None if not handled."""
     if isinstance(v, fx.Node):
         t = meta_val(v)
@@ -145,7 +130,7 @@ def _parts(b: _Builder, v):
     return None
 
 
-def _mul(b: _Builder, x, y):
+def _mul(b: NodeBuilder, x, y):
     """x * y where at least one side is a node."""
     if isinstance(x, fx.Node):
         return b(aten.mul.Tensor, x, y)
@@ -155,7 +140,7 @@ def _mul(b: _Builder, x, y):
 def _complex_mul(gm, node, ctx) -> None:
     if len(node.args) != 2 or node.kwargs:
         return
-    b = _Builder(gm, node)
+    b = NodeBuilder(gm, node)
     pa, pb = _parts(b, node.args[0]), _parts(b, node.args[1])
     if pa is None or pb is None or not (isinstance(node.args[0], fx.Node) or isinstance(node.args[1], fx.Node)):
         b.undo()
@@ -176,7 +161,7 @@ def _complex_mul(gm, node, ctx) -> None:
     _finish(gm, node, b, re, im, ctx)
 
 
-def _finish(gm, node, b: _Builder, re, im, ctx) -> None:
+def _finish(gm, node, b: NodeBuilder, re, im, ctx) -> None:
     """Replace node by complex(re, im) if that has node's dtype and shape, else undo."""
     want, vr, vi = meta_val(node), meta_val(re), meta_val(im)
     ok = (
@@ -188,3 +173,12 @@ def _finish(gm, node, b: _Builder, re, im, ctx) -> None:
         b.undo()
         return
     replace_with(gm, node, aten.complex.default, (re, im), {}, ctx, "cpu_pointwise")
+
+
+SPEC = PassSpec(
+    "cpu_pointwise", cpu_pointwise_pass,
+    targets=tuple(sorted(_NO_ARGS)) + ("gelu", "softplus", "elu", "celu", "pow.Tensor_Scalar", "log_sigmoid_forward", "polar", "mul"),
+    into=("detcompile.cpu_pointwise", "aten.complex"),
+    when="on the CPU: float input, plain call; pow with a scalar exponent; mul of complex numbers",
+    devices=("cpu",),
+)

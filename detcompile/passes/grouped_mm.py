@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, is_float_node, replace_with
+from .manager import PassContext, PassSpec, is_float_node, replace_with
 
 
 def _targets():
@@ -35,3 +35,11 @@ def grouped_mm_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         if out_dtype is not None and out_dtype != xv.dtype:
             continue
         replace_with(gm, node, op, (x, w, offs), {}, ctx, "grouped_mm")
+
+
+SPEC = PassSpec(
+    "grouped_mm", grouped_mm_pass,
+    targets=("_grouped_mm", "grouped_mm_fallback"),
+    into=("detcompile.grouped_mm",),
+    when="2-D input, 3-D expert weights, offsets, no bias (MoE experts; transformers' grouped_mm_fallback)",
+)

@@ -1,5 +1,5 @@
-"""index_add / scatter_add / index_put(accumulate=True) on floats -> ``detcompile.index_add`` /
-``detcompile.scatter_add``.
+"""index_add / scatter_add / index_put(accumulate=True) (and ``_unsafe_index_put``, its unchecked twin
+from decompositions) on floats -> ``detcompile.index_add`` / ``detcompile.scatter_add``.
 
 MoE layers combine expert outputs with these. On CUDA the stock kernels use atomics, so even run-to-run
 results can differ; the detcompile ops add each destination's contributions in source order.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, is_float_node, replace_with
+from .manager import PassContext, PassSpec, is_float_node, replace_with
 
 aten = torch.ops.aten
 
@@ -28,7 +28,7 @@ def index_add_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         elif t == aten.scatter_add.default:
             self_, dim, index, src = node.args[:4]
             replace_with(gm, node, scatter_add, (self_, int(dim), index, src), {}, ctx, "index_add")
-        elif t == aten.index_put.default:
+        elif t in (aten.index_put.default, aten._unsafe_index_put.default):
             _index_put(gm, node, index_add, ctx)
 
 
@@ -46,3 +46,11 @@ def _index_put(gm: fx.GraphModule, node: fx.Node, index_add, ctx: PassContext) -
     if tuple(vv.shape) != (idx.shape[0], *sv.shape[1:]):
         return
     replace_with(gm, node, index_add, (self_, 0, indices[0], values), {}, ctx, "index_add")
+
+
+SPEC = PassSpec(
+    "index_add", index_add_pass,
+    targets=("index_add", "scatter_add", "index_put", "_unsafe_index_put"),
+    into=("detcompile.index_add", "detcompile.scatter_add"),
+    when="float inputs; index_put only with accumulate=True and one 1-D integer index on dim 0",
+)

@@ -8,6 +8,9 @@ the generic reduction pass turns it into ``detcompile.reduce``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import inspect
 import operator
 import re
 from typing import Any, Callable
@@ -38,6 +41,8 @@ class Report:
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
     graph_id: int = 0
+    #: pass name -> PassSpec.version of each rewriting pass that ran (which rewrite produced the graph)
+    pass_versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
@@ -63,6 +68,45 @@ class PassContext:
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """What a pass declares about itself. The classifier's reasons, ``detcompile.audit``'s coverage
+    table and the docs' pass table come from these declarations, so they cannot drift from the passes.
+
+    ``targets`` are op names as the classifier sees them: an aten overload packet (``"mm"``: every
+    overload) or one overload (``"pow.Tensor_Scalar"``); a torch-level pass also lists the aten ops its
+    target would lower to, since the audit looks at aten graphs. ``when`` says in words which calls
+    of a target are rewritten (dtype, arguments, pattern); a call the pass leaves is classified like any
+    other op.
+    """
+
+    name: str
+    fn: PassFn
+    targets: tuple[str, ...]
+    into: tuple[str, ...]
+    when: str = ""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    level: str = "aten"  #: "aten" (after AOTAutograd) or "torch" (the Dynamo graph)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """A hash of the pass's module source: which version of the rewrite produced a graph."""
+        module = inspect.getmodule(self.fn)
+        text = inspect.getsource(module) if module is not None else self.fn.__qualname__
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def handles(self, target: Any) -> bool:
+        """Whether ``target`` (an OpOverload) is one of the declared targets."""
+        if not isinstance(target, torch._ops.OpOverload):
+            return False
+        packet = target.overloadpacket.__name__
+        return packet in self.targets or f"{packet}.{target._overloadname}" in self.targets
+
+    def op_names(self) -> set[str]:
+        """The targets' overload packet names."""
+        return {t.split(".")[0] for t in self.targets}
 
 
 class PassManager:
@@ -162,6 +206,25 @@ def _propagate_fake(node: fx.Node, meta_key: str) -> None:
         return
     with mode:
         node.meta[meta_key] = node.target(*args, **kwargs)
+
+
+class NodeBuilder:
+    """Inserts nodes before ``anchor`` with the anchor's stack trace and fake values; ``undo`` erases them."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
+        self.gm, self.anchor, self.nodes = gm, anchor, []
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            n = self.gm.graph.call_function(target, args, kwargs)
+        n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        _propagate_fake(n, "val")
+        self.nodes.append(n)
+        return n
+
+    def undo(self) -> None:
+        for n in reversed(self.nodes):
+            self.gm.graph.erase_node(n)
 
 
 def users_of(node: fx.Node, target: Any) -> list[fx.Node]:

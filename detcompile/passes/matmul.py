@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, _propagate_fake, is_float_node, replace_with
+from .manager import PassContext, PassSpec, _propagate_fake, is_float_node, replace_with
 
 aten = torch.ops.aten
 
@@ -49,3 +49,11 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None
     out2.replace_all_uses_with(view, delete_user_cb=lambda u: u is not view)
     view.meta = dict(out2.meta)
     _propagate_fake(view, "val")
+
+
+SPEC = PassSpec(
+    "matmul", matmul_pass,
+    targets=("mm", "addmm", "bmm", "baddbmm", "linear"),
+    into=("detcompile.matmul",),
+    when="float operands (addmm: GPT-2's Conv1D too; linear: any leading dims)",
+)

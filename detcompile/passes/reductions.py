@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, _propagate_fake, is_float_node, replace_with
+from .manager import PassContext, PassSpec, _propagate_fake, is_float_node, replace_with
 
 aten = torch.ops.aten
 
@@ -110,3 +110,11 @@ def _var_args(node: fx.Node):
     corr = 1.0 if corr is None else float(corr)
     keepdim = bool(node.kwargs.get("keepdim", False))
     return dims, corr, keepdim
+
+
+SPEC = PassSpec(
+    "reductions", reductions_pass,
+    targets=("sum", "mean", "amax", "amin", "logsumexp", "var", "std", "var_mean", "cumsum", "linalg_vector_norm"),
+    into=("detcompile.reduce", "detcompile.var_mean", "detcompile.cumsum"),
+    when="float inputs; vector norms of order 2, 1 and +-inf",
+)

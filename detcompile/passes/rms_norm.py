@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, is_call, is_float_node, replace_with, GETITEM
+from .manager import PassContext, PassSpec, is_call, is_float_node, replace_with, GETITEM
 
 aten = torch.ops.aten
 
@@ -96,3 +96,11 @@ def _match_written_out(gm: fx.GraphModule, mean: fx.Node, op, ctx: PassContext) 
         if mul.meta["val"].dtype != x.meta["val"].dtype:
             continue  # a type-promoting multiply is not the plain normalisation
         replace_with(gm, mul, op, (x, None, float(add.args[1])), {}, ctx, "rms_norm")
+
+
+SPEC = PassSpec(
+    "rms_norm", rms_norm_pass,
+    targets=("rms_norm", "_fused_rms_norm"),
+    into=("detcompile.rms_norm",),
+    when="also the written-out x * rsqrt(mean(x**2, -1, keepdim) + eps) (its mean, pow and rsqrt)",
+)

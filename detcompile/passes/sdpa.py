@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import Leftover, PassContext, meta_val, replace_with, source_line
+from .manager import Leftover, PassContext, PassSpec, meta_val, replace_with, source_line
 
 _SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -55,3 +55,16 @@ def sdpa_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             "enable_gqa": enable_gqa,
         }
         replace_with(gm, node, torch.ops.detcompile.attention.default, args, kwargs, ctx, "sdpa", meta_key="example_value")
+
+
+SPEC = PassSpec(
+    "sdpa", sdpa_pass,
+    # F.scaled_dot_product_attention on the Dynamo graph, i.e. what AOTAutograd would lower to these.
+    targets=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math"),
+    into=("detcompile.attention",),
+    when="F.scaled_dot_product_attention on the Dynamo graph (the aten names are what AOT would lower it to); "
+         "no dropout",
+    level="torch",
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, is_float_node, replace_with
+from .manager import PassContext, PassSpec, is_float_node, replace_with
 
 aten = torch.ops.aten
 
@@ -26,3 +26,10 @@ def softmax_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             if dtype is not None and dtype != x.meta["val"].dtype:
                 continue  # left for the audit: a rare form
             replace_with(gm, node, op, (x, int(dim), False, log), {}, ctx, "softmax")
+
+
+SPEC = PassSpec(
+    "softmax", softmax_pass,
+    targets=("_softmax", "_log_softmax", "softmax", "log_softmax"),
+    into=("detcompile.softmax",),
+)

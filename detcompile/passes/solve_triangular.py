@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..kernels import _common
 from ..kernels.solve_triangular import MAX_N
-from .manager import PassContext, is_call, meta_val, replace_with
+from .manager import PassContext, PassSpec, is_call, meta_val, replace_with
 
 aten = torch.ops.aten
 
@@ -45,3 +45,11 @@ def solve_triangular_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             bool(_arg(node, 3, "left", True)), bool(_arg(node, 4, "unitriangular", False)),
         )
         replace_with(gm, node, op, args, {}, ctx, "solve_triangular")
+
+
+SPEC = PassSpec(
+    "solve_triangular", solve_triangular_pass,
+    targets=("linalg_solve_triangular",),
+    into=("detcompile.solve_triangular",),
+    when="float matrices (on CUDA up to 128 x 128)",
+)

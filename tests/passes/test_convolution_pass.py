@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from detcompile.passes import PassContext, Report
-from detcompile.passes.audit import audit_pass
+from detcompile.passes.classify import audit_pass
 from detcompile.passes.convolution import convolution_pass
 
 from ._util import aten_graph, run_pass, targets

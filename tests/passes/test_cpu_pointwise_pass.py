@@ -123,7 +123,7 @@ def test_log_sigmoid_rewritten_and_rows_bitwise(gen):
 
 def audit_leftovers(gm):
     from detcompile.passes import PassContext, Report
-    from detcompile.passes.audit import audit_pass
+    from detcompile.passes.classify import audit_pass
 
     report = Report()
     audit_pass(gm, PassContext(None, report))

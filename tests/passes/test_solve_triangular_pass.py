@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from detcompile.passes import PassContext, Report
-from detcompile.passes.audit import audit_pass
+from detcompile.passes.classify import audit_pass
 from detcompile.passes.solve_triangular import solve_triangular_pass
 
 from ._util import aten_graph, run_pass, targets

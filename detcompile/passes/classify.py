@@ -1,10 +1,18 @@
-"""The last pass: classify every op left in the graph and report what is not batch-invariant.
+"""The static classifier: the last pass, which sorts every op left in the graph into batch-invariant or not.
 
-Safe: detcompile ops, pointwise ops (``torch.Tag.pointwise``), views and data movement, and order-free
-ops (max/argmax/topk/sort are exact; integer and bool reductions are exact). Flagged: floating-point
-reductions, matmuls, convolutions, norms and attention kernels no pass rewrote; random ops; and any op
-this list does not know. Strict mode turns flags into a ``NondeterminismError``; the default is a warning
-and the flagged ops run with their stock kernels (the documented fallback).
+Safe: detcompile ops; views and data movement; order-free selections (max/argmax, and sort/topk on the
+CPU, where they are row-local); integer and bool arithmetic and reductions; and pointwise ops, with a
+device rule. On CUDA every element of a pointwise kernel runs the same code, so pointwise ops are safe.
+On the CPU, ATen's vector body, scalar tail and strided loop can round differently, so a floating
+pointwise op is safe only if it is on ``CPU_EXACT`` (ops shown exact per element: correctly rounded
+arithmetic, selections, sign and rounding ops; measured by ``tests/passes/cpu_exactness.py``); anything
+else left on the CPU is flagged (the ``cpu_pointwise`` pass rewrites the common transcendental ones).
+
+Flagged: floating-point reductions, matmuls, convolutions, norms and attention kernels no pass rewrote;
+accumulating scatters; tie-dependent selections on CUDA (topk, unstable sort); random ops; and any op
+this module does not know. A flagged op that a pass declares as a target (``PassSpec``) says which pass
+handles it and why this call was left. Strict mode turns flags into a ``NondeterminismError``; the
+default is a warning and the flagged ops run with their stock kernels (the documented fallback).
 """
 from __future__ import annotations
 
@@ -41,10 +49,10 @@ SAFE = {
     "embedding", "index", "index_select", "gather", "cat", "stack", "slice", "select", "expand", "clone",
     "_to_copy", "copy", "copy_", "arange", "full", "zeros", "ones", "empty", "empty_strided", "scalar_tensor",
     "where", "masked_fill", "new_ones", "new_zeros", "new_full", "new_empty", "new_empty_strided",
-    "lift_fresh_copy", "alias", "topk", "sort", "argsort", "max", "min", "amax", "amin", "argmax", "argmin",
+    "lift_fresh_copy", "alias", "max", "min", "amax", "amin", "argmax", "argmin",
     "aminmax", "triu", "tril", "constant_pad_nd", "pad", "repeat", "repeat_interleave", "roll", "flip",
     "split", "split_with_sizes", "unbind", "chunk", "squeeze", "unsqueeze", "view", "reshape", "permute",
-    "transpose", "t", "_unsafe_view", "detach", "index_put", "scatter", "zeros_like", "ones_like", "full_like",
+    "transpose", "t", "_unsafe_view", "detach", "zeros_like", "ones_like", "full_like",
     "empty_like", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "nonzero", "unique",
     "_unique2", "unique_consecutive", "unique_dim", "searchsorted", "bucketize", "one_hot", "any", "all",
     "isin", "masked_scatter", "index_copy", "diagonal", "narrow", "slice_scatter", "select_scatter",
@@ -54,13 +62,13 @@ SAFE = {
     "_make_dep_token", "resize_", "fill", "fill_", "zero", "zero_", "masked_select", "take", "meshgrid",
     "unfold", "expand_as", "view_as", "flatten", "unflatten", "movedim", "swapaxes", "_to_dtype", "to",
     "block_diag", "diag_embed", "tile", "broadcast_to", "index_fill", "count_nonzero", "_unsafe_index",
-    "_unsafe_index_put", "full_like", "linspace", "logspace", "eye", "tensor", "empty_permuted",
+    "full_like", "linspace", "logspace", "eye", "tensor", "empty_permuted",
     "unfold_copy", "alias_copy", "view_copy", "permute_copy", "t_copy", "transpose_copy", "unsqueeze_copy",
     "squeeze_copy", "expand_copy", "slice_copy", "select_copy", "split_copy", "unbind_copy",
     "_reshape_alias", "_reshape_copy", "lift", "lift_fresh", "set_", "_foreach_copy",
     "_assert_tensor_metadata", "_print", "sym_is_contiguous",
-    # Integer arithmetic, and histc, whose bins count whole numbers: exact in any order.
-    "floor_divide", "remainder", "histc",
+    # histc's bins count whole numbers: exact in any order.
+    "histc",
     # Packs two real tensors into a complex one: exact.
     "complex",
 }
@@ -73,6 +81,57 @@ ELEMENTWISE_NOT_TAGGED = {"polar", "log_sigmoid_forward"}
 #: mul and div round differently in the vector body and the scalar tail.
 COMPLEX_EXACT = {"add", "sub", "rsub", "neg", "conj_physical", "_conj", "conj", "clone", "where", "fill", "copy"}
 EXACT_FOR_INTEGERS = VARIANT  # every reduction is exact on integers and bools
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _alpha_one(node: fx.Node) -> bool:
+    # a + alpha * b rounds twice unless alpha is 1: measured offset-dependent in bf16/fp16 (fused or not).
+    return _arg(node, 2, "alpha", 1) == 1
+
+
+def _exact_division(node: fx.Node) -> bool:
+    # floor/trunc division of 16-bit floats rounds by offset (measured); true division is IEEE.
+    return _arg(node, 2, "rounding_mode") is None
+
+
+def _exact_pow(node: fx.Node) -> bool:
+    # x**e for these exponents is x*x, sqrt, 1/x in both paths; others are rewritten by cpu_pointwise.
+    from .cpu_pointwise import _EXACT_POW
+
+    t = node.target
+    return t.overloadpacket.__name__ == "pow" and t._overloadname == "Tensor_Scalar" and _arg(node, 1, "exponent") in _EXACT_POW
+
+
+def _default_overload(node: fx.Node) -> bool:
+    return node.target._overloadname == "default"
+
+
+#: CPU floating pointwise ops shown exact per element (name -> extra condition on the call, or None).
+#: Each is exact by construction (IEEE-correctly rounded +, -, *, /, sqrt, one multiply; or no rounding
+#: at all: selections, comparisons, sign, rounding to integers) and measured so on torch 2.13 with the
+#: AVX-512, AVX2 and default kernels, fp32/bf16/fp16/fp64, in the vector body, the scalar tail and the
+#: strided loop (tests/passes/cpu_exactness.py; tests/passes/test_cpu_exact_ops.py re-measures them).
+#: Not here although measured exact on these inputs: transcendental functions (approximations whose
+#: vector and scalar versions differ for some inputs), lerp/addcmul/addcdiv/hardsigmoid/hardswish (fused
+#: or reordered formulas), float remainder/floor_divide (bf16 floor division measured offset-dependent).
+CPU_EXACT = {
+    "add": _alpha_one, "sub": _alpha_one, "rsub": _alpha_one, "mul": None, "div": _exact_division,
+    "true_divide": None, "reciprocal": None, "sqrt": None, "neg": None, "negative": None, "square": None,
+    "pow": _exact_pow, "leaky_relu": None,
+    "abs": None, "absolute": None, "sign": None, "sgn": None, "signbit": None, "copysign": None,
+    "ceil": None, "floor": None, "round": _default_overload, "trunc": None, "fix": None, "frac": None,
+    "fmod": None, "maximum": None, "minimum": None, "fmax": None, "fmin": None, "max": None, "min": None,
+    "clamp": None, "clip": None, "clamp_min": None, "clamp_max": None, "relu": None, "hardtanh": None,
+    "threshold": None, "hardshrink": None, "where": None, "masked_fill": None, "clone": None,
+    "nan_to_num": None, "isnan": None, "isinf": None, "isfinite": None, "isposinf": None, "isneginf": None,
+    "eq": None, "ne": None, "lt": None, "le": None, "gt": None, "ge": None,
+    "logical_and": None, "logical_or": None, "logical_xor": None, "logical_not": None,
+}
 
 
 class NondeterminismError(RuntimeError):
@@ -136,6 +195,25 @@ def classify(node: fx.Node) -> str | None:
     name = t.overloadpacket.__name__
     # In-place variants (index_add_) classify like their functional op.
     base = name[:-1] if name.endswith("_") and not name.endswith("__") and name not in SAFE else name
+    reason = _reason(node, t, base)
+    if reason is None:
+        return None
+    spec = _declared_by(node)
+    if spec is not None:
+        when = f" ({spec.when})" if spec.when else ""
+        reason += f"; the '{spec.name}' pass rewrites {base}{when}, but not this call"
+    return reason
+
+
+def _declared_by(node: fx.Node):
+    """The first pass that declares this op as a target on the node's device, if any."""
+    from . import SPECS  # the package imports this module: resolve at call time
+
+    device = "cpu" if _on_cpu(node) else "cuda"
+    return next((s for s in SPECS.values() if device in s.devices and s.handles(node.target)), None)
+
+
+def _reason(node: fx.Node, t, base: str) -> str | None:
     if base in RANDOM:
         return "draws from the global random generator"
     if base in VARIANT:
@@ -161,26 +239,77 @@ def classify(node: fx.Node) -> str | None:
             return None  # only its buffer (for the backward) is used; the output was rewritten
         return (
             f"{base} on the CPU: ATen's vector body and scalar tail can round differently, so an element's "
-            "bits depend on its offset (the cpu_pointwise pass rewrites it)"
+            "bits depend on its offset"
         )
     if base == "bincount":
-        weights = node.args[1] if len(node.args) > 1 else node.kwargs.get("weights")
+        weights = _arg(node, 1, "weights")
         return None if weights is None else "bincount with weights sums floats with atomics"
-    if base == "index_put":
-        acc = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
-        if acc and _has_float_tensor_input(node):
-            return "index_put with accumulate=True on floats (atomics on CUDA)"
+    if base in ("index_put", "_unsafe_index_put"):
+        if _arg(node, 3, "accumulate", False) and _has_float_tensor_input(node):
+            return f"{base} with accumulate=True on floats (atomics on CUDA, an order the kernel picks)"
+        return None  # a plain write (duplicate indices are unspecified anyway, batch or not)
+    if base == "scatter":
+        if _arg(node, 4, "reduce") is not None and _has_float_tensor_input(node):
+            return (f"scatter with reduce={_arg(node, 4, 'reduce')!r} on floats (atomics on CUDA, an order "
+                    "the kernel picks); scatter_add is rewritten, scatter(reduce=...) is not")
         return None
+    if base in ("topk", "sort", "argsort", "msort"):
+        if _on_cpu(node):
+            return None  # the CPU kernels sort each row on its own: a function of the row
+        if base in ("sort", "argsort") and _arg(node, 1, "stable") is True and t._overloadname == "stable":
+            return None  # ties by ascending index: defined by the row alone
+        return (f"{base} on CUDA: which of equal values comes first is unspecified, and the kernel is "
+                "chosen by the number of rows, so a tie can resolve differently with the batch")
     if torch.Tag.pointwise in t.tags and base not in COMPLEX_EXACT and _complex_on_cpu(node):
         return (
             f"complex {base} on the CPU: ATen's vector body and scalar tail round differently, so an "
-            "element's bits depend on its offset (only complex mul is rewritten, by the cpu_pointwise pass)"
+            "element's bits depend on its offset"
+        )
+    if base in ("floor_divide", "remainder") and not _float_involved(node):
+        return None  # integer arithmetic: exact
+    cpu_float = _on_cpu(node) and _float_involved(node)
+    if cpu_float and (torch.Tag.pointwise in t.tags or base in ("floor_divide", "remainder")):
+        check = CPU_EXACT.get(base, False)
+        if check is None or (check is not False and check(node)):
+            return None
+        if _graph_constant(node):
+            return None  # e.g. ALiBi slopes, rotary frequencies: the same tensor in every call
+        return (
+            f"{t.overloadpacket.__name__}.{t._overloadname} on CPU floats is not shown exact per element: "
+            "ATen's vector body, scalar tail and strided loop can round it differently, so an element's "
+            "bits can depend on its offset, i.e. on the batch"
         )
     if torch.Tag.pointwise in t.tags or base in SAFE or t.overloadpacket.__name__ in SAFE:
         return None
+    if base in ("floor_divide", "remainder"):
+        return None  # elementwise: the same code for every element on CUDA
     if t.is_view:
         return None
     return "unknown op: not known to be batch-invariant"
+
+
+def _graph_constant(node: fx.Node) -> bool:
+    """No graph input among the node's ancestors: it computes the same tensor, of the same shape, in
+    every call, so its elements cannot move with the batch. Not under a static-shape compile
+    (``dynamic=False``): there a size taken from the batch is baked into the graph as a constant."""
+    import torch._dynamo.config
+
+    if not getattr(torch._dynamo.config, "automatic_dynamic_shapes", True):
+        return False
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _float_involved(node: fx.Node) -> bool:
+    return _has_float_tensor_input(node) or any(v.is_floating_point() for v in _out_tensors(node))
 
 
 def audit_pass(gm: fx.GraphModule, ctx: PassContext) -> None:

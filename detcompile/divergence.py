@@ -37,33 +37,17 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .passes.audit import classify
+from .passes.classify import classify
 from .passes.manager import op_name, source_line
 
 
 def _pass_ops() -> dict[str, set[str]]:
-    """The ops each pass rewrites, by overload packet name. A hint: on stock graphs the audit runs the
-    passes on a copy of the graph to see exactly which nodes each one rewrites (patterns, dtypes)."""
-    from .passes.cpu_pointwise import _NO_ARGS
+    """The ops each pass rewrites, by overload packet name, from the passes' own declarations
+    (``PassSpec.targets``). A hint: on stock graphs the audit runs the passes on a copy of the graph to
+    see exactly which nodes each one rewrites (patterns, dtypes)."""
+    from .passes import SPECS
 
-    return {
-        "matmul": {"mm", "addmm", "bmm", "baddbmm", "linear"},
-        "grouped_mm": {"_grouped_mm"},
-        "rms_norm": {"rms_norm", "_fused_rms_norm"},
-        "layer_norm": {"native_layer_norm"},
-        "group_norm": {"native_group_norm"},
-        "softmax": {"_softmax", "_log_softmax", "softmax", "log_softmax"},
-        "reductions": {"sum", "mean", "amax", "amin", "logsumexp", "var", "std", "var_mean", "cumsum",
-                       "linalg_vector_norm"},
-        "index_add": {"index_add", "scatter_add", "index_put"},
-        "convolution": {"convolution"},
-        "solve_triangular": {"linalg_solve_triangular"},
-        "cpu_pointwise": set(_NO_ARGS) | {"gelu", "softplus", "elu", "pow", "log_sigmoid_forward", "polar"},
-        # Runs on the Dynamo graph, before AOTAutograd lowers SDPA to one of these.
-        "sdpa": {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math"},
-    }
+    return {name: spec.op_names() for name, spec in SPECS.items()}
 
 
 #: Input names that are the same for the target and its neighbours (a mask or positions of one row),
@@ -489,9 +473,10 @@ def _coverage(
                        "or the composed inputs themselves)")
     tables = _pass_ops()
     name = t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
-    table_pass = next((p for p, ops in tables.items() if name in ops), None)
-    if table_pass == "cpu_pointwise" and not on_cpu:
-        table_pass = None
+    from .passes import SPECS
+
+    device = "cpu" if on_cpu else "cuda"
+    table_pass = next((p for p, ops in tables.items() if name in ops and device in SPECS[p].devices), None)
     reason = classify(node) if node.op == "call_function" else None
     why = (f"the audit pass reports it: {reason}" if reason
            else "the audit pass classifies it as batch-invariant, so no pass rewrites it")
