@@ -28,6 +28,14 @@ def test_audit_stock_model_example():
     assert "no divergent node" in rewritten, res.stdout
 
 
+def test_engine_generate_example():
+    res = _run("engine_generate.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for line in ("alone == in a batch of 4: True", "same seed again: True | seed 8 differs: True",
+                 "score(prompt, sample) == sampler logprobs, bit for bit: True"):
+        assert line in res.stdout, res.stdout
+
+
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(REPO, "examples")) if f.endswith(".py")))
 def test_every_example_is_tested(script):
-    assert script in {"check_invariance.py", "audit_stock_model.py"}, f"add a test for examples/{script}"
+    assert script in {"check_invariance.py", "audit_stock_model.py", "engine_generate.py"}, f"add a test for examples/{script}"
