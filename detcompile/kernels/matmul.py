@@ -11,7 +11,8 @@ Why it is batch-invariant:
   batch, so every output element sees the same instruction sequence (same MMA instruction, same
   chunking of K) whatever the other rows hold or however many there are. Masked K positions load as
   exact zeros, so zero-padding K at the end leaves the bits unchanged.
-* CPU: ``_common.cpu_seq_matmul`` (sequential K loop of exactly rounded elementwise mul + add).
+* CPU: ``_cpu.tile_matmul``: BLAS calls of one fixed shape ([64, 128] @ [128, 128] tiles of the
+  zero-padded operands), K tiles added in ascending order; see ``_cpu`` for why that is invariant.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from ._common import HAS_TRITON, UnsupportedError
 
 if HAS_TRITON:
@@ -439,12 +440,12 @@ def triton_matmul(
 def cpu_matmul(
     a: Tensor, b: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0, beta: float = 1.0
 ) -> Tensor:
-    """CPU path: sequential-K elementwise matmul in fp32 (fp64 for fp64), epilogue, one rounding."""
+    """CPU path: fixed-tile GEMM in fp32 (fp64 for fp64), epilogue, one rounding."""
     _common.check_inputs(OP, a, b, bias)
     shape = _out_shape(a, b, bias)
     use_bias = bias is not None and beta != 0
     xb = _expand_bias(bias, shape) if use_bias else None
-    acc = _common.cpu_seq_matmul(a, b)
+    acc = _cpu.tile_matmul(a, b)
     return _epilogue(acc, xb, alpha, beta, a.dtype).contiguous()
 
 

@@ -88,6 +88,22 @@ def test_cpu_row0_invariant_m_1_to_70(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_row_moves_first_middle_last_m_1_to_70(gen, dtype):
+    # M from 1 to 70 and past two 64-row tiles, K and N not multiples of the 128 tiles, with a
+    # transposed nn.Linear weight and a bias: the target row first, in the middle and last.
+    K, N = 200, 150
+    W, bias = rnd(gen, N, K, dtype=dtype), rnd(gen, N, dtype=dtype)
+    x = rnd(gen, 1, K, dtype=dtype)
+    alone = op(x, W.t(), bias)
+    for m in list(range(1, 71)) + [128, 129, 131]:
+        a = rnd(gen, m, K, dtype=dtype)
+        for pos in {0, m // 2, m - 1}:
+            a[pos] = x[0]
+            assert torch.equal(op(a, W.t(), bias)[pos : pos + 1], alone), (m, pos)
+            a[pos] = rnd(gen, K, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_accuracy(gen, dtype):
     a, b, bias = rnd(gen, 37, 129, dtype=dtype), rnd(gen, 129, 100, dtype=dtype), rnd(gen, 100, dtype=dtype)
     for args in [(a, b, None, 1.0, 1.0), (a, b, bias, 1.0, 1.0), (a, b, bias, -0.5, 3.0)]:
