@@ -60,10 +60,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_facts(index: int) -> tuple[int, tuple[int, int]]:
+def _cuda_facts(index: int) -> tuple[int, tuple[int, int], int | None]:
     # Asked on every launch: read the device properties once per GPU.
     props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, (props.major, props.minor)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None and HAS_TRITON:  # older torch: ask Triton's driver
+        try:
+            smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        except Exception:  # noqa: BLE001  (no limit known: configs are not fitted, only retried)
+            smem = None
+    return props.multi_processor_count, (props.major, props.minor), smem
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -80,6 +86,14 @@ def num_sms(device: torch.device) -> int:
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device (cached)."""
     return _cuda_facts(_cuda_index(device))[1]
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may opt into on a CUDA device (cached); None in the
+    interpreter or where the driver does not say."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _cuda_facts(_cuda_index(device))[2]
+    return None
 
 
 def triton_launchable(t: torch.Tensor) -> bool:
