@@ -79,15 +79,6 @@ def test_cpu_row_invariance_addmm_transposed_weight(gen, dtype):
     assert_row_invariant(op_fn, gen, dtype, CPU, K, N, range(1, 10), w=W.t(), bias=bias, alpha=0.5, beta=2.0)
 
 
-def test_cpu_row0_invariant_m_1_to_70(gen):
-    K, N = 45, 33
-    b = rnd(gen, K, N)
-    a = rnd(gen, 70, K)
-    first = op(a[:1], b)
-    for m in range(1, 71):
-        assert torch.equal(op(a[:m].clone(), b)[:1], first), m
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_row_moves_first_middle_last_m_1_to_70(gen, dtype):
     # M from 1 to 70 and past two 64-row tiles, K and N not multiples of the 128 tiles, with a
@@ -246,13 +237,18 @@ def test_interp_row_invariance_and_accuracy(gen, dtype):
 
 
 @needs_interp
-def test_interp_row0_m_1_to_70(gen):
+def test_interp_row_moves_m_1_to_70(gen):
+    # The target first, in the middle and last of every M from 1 to 70 (past two 32-row tiles).
     K, N = 70, 20
     b = rnd(gen, K, N)
-    a = rnd(gen, 70, K)
-    first = triton_matmul(a[:1], b)
+    x = rnd(gen, 1, K)
+    alone = triton_matmul(x, b)
     for m in range(1, 71):
-        assert torch.equal(triton_matmul(a[:m].clone(), b)[:1], first), m
+        a = rnd(gen, m, K)
+        for pos in {0, m // 2, m - 1}:
+            a[pos] = x[0]
+            assert torch.equal(triton_matmul(a, b)[pos : pos + 1], alone), (m, pos)
+            a[pos] = rnd(gen, K)
 
 
 @needs_interp
@@ -438,8 +434,9 @@ def test_gpu_accuracy_llama_shapes(gen, dtype, M, N):
     assert rel_err(out, ref) < TOL[dtype]
     if dtype != torch.float32:
         assert rel_err(out, torch.mm(a, W.t()).double()) < 1e-2
-    # Row 0 of the whole batch equals the M=1 result bitwise.
-    assert torch.equal(out[:1], op(a[:1], W.t()))
+    # Rows first, in the middle and last of the batch equal their M=1 results bitwise.
+    for r in {0, M // 2, M - 1}:
+        assert torch.equal(out[r : r + 1], op(a[r : r + 1], W.t())), r
 
 
 @gpu
@@ -454,11 +451,13 @@ def test_gpu_k_zero_padding_and_bmm(gen, dtype):
         assert torch.equal(op(ap, bp), out)
         assert rel_err(out, reference(a, b)) < TOL[dtype]
         for nb in range(1, Bt + 1):
-            assert torch.equal(op(a[:nb], b[:nb])[0], out[0])
+            sub = op(a[:nb], b[:nb])
+            assert torch.equal(sub[0], out[0]) and torch.equal(sub[nb - 1], out[nb - 1]), nb
     bias = rnd(gen, Bt, 1, N, dtype=dtype, device=CUDA)
     out = op(a, b, bias, alpha=0.5, beta=2.0)
     assert rel_err(out, reference(a, b, bias, 0.5, 2.0)) < TOL[dtype]
     assert torch.equal(op(a[:1], b[:1], bias[:1], alpha=0.5, beta=2.0)[0], out[0])
+    assert torch.equal(op(a[-1:], b[-1:], bias[-1:], alpha=0.5, beta=2.0)[0], out[-1])
 
 
 @gpu
@@ -502,18 +501,20 @@ def test_gpu_bad_dtype():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (28672, 4096), (300, 1000)])
-def test_gpu_row0_same_bits_across_m_buckets(gen, dtype, N, K):
+def test_gpu_rows_same_bits_across_m_buckets(gen, dtype, N, K):
     # M from 1 to 8192 crosses every tile bucket (16-row mma.sync tiles, 64-row and 128-row wgmma
-    # tiles, TMA and pointer loads): row 0 must keep its bits in all of them.
+    # tiles, TMA and pointer loads): the rows first, in the middle and last (in a ragged last tile)
+    # must keep the bits they get alone in all of them.
     W = rnd(gen, N, K, dtype=dtype, device=CUDA)
     a = rnd(gen, 8192, K, dtype=dtype, device=CUDA)
-    want = op(a[:1], W.t())
     sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     configs = set()
     for M in (1, 2, 16, 17, 64, 65, 256, 1000, 1024, 4096, 8192):
         cfg = select_config(M, N, dtype, sms)
         configs.add((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["TMA"]))
-        assert torch.equal(op(a[:M], W.t())[:1], want), (M, cfg)
+        out = op(a[:M], W.t())
+        for r in {0, M // 2, M - 1}:
+            assert torch.equal(out[r : r + 1], op(a[r : r + 1], W.t())), (M, r, cfg)
     assert len(configs) >= 3
 
 

@@ -236,15 +236,16 @@ def test_gpu_decode_equals_prefill_long(gen, dtype):
         kv = torch.tensor([n], dtype=torch.int32, device=CUDA)
         one = triton_paged_attention(q_full[:, :, n - 1 : n], k_cache, v_cache, bt, kv)
         assert torch.equal(one, full[:, :, n - 1 : n]), n
-        # A batch of 80 rows (no key split) with row 0 the same sequence.
+        # A batch of 80 rows (no key split) with the same sequence in the middle and last.
         B = 80
         assert not A._want_parallel_splits(CUDA, B * 8, L, A.SPLIT)
-        qb = q_full[:, :, n - 1 : n].expand(B, Hq, 1, D).contiguous()
-        qb[1:] = randn(gen, B - 1, Hq, 1, D, dtype=dtype, device=CUDA)
-        kvb = torch.full((B,), n, dtype=torch.int32, device=CUDA)
-        kvb[1:] = torch.randint(1, L + 1, (B - 1,), device=CUDA, dtype=torch.int32)
+        qb = randn(gen, B, Hq, 1, D, dtype=dtype, device=CUDA)
+        kvb = torch.randint(1, L + 1, (B,), device=CUDA, dtype=torch.int32)
+        for r in (B // 2, B - 1):
+            qb[r] = q_full[0, :, n - 1 : n]
+            kvb[r] = n
         outb = triton_paged_attention(qb, k_cache, v_cache, bt.expand(B, -1).contiguous(), kvb)
-        assert torch.equal(outb[:1], one), n
+        assert torch.equal(outb[B // 2], one[0]) and torch.equal(outb[B - 1], one[0]), n
 
 
 @gpu
