@@ -1,10 +1,6 @@
-"""Shared pieces of the kernels: dtype/device checks, Triton availability, and the CPU helpers.
+"""Shared pieces of the kernels: dtype/device checks, Triton availability, device facts.
 
-The CPU path reduces *sequentially* along the reduced dimension with one elementwise torch op per
-step (``acc = acc + x[..., j]``). Elementwise add and mul are exactly rounded whatever the vector
-width or the thread split, so each output element sees the same operations in the same order
-whatever the batch holds. A sequential sum is also unchanged by exact zeros before or after the
-real terms, which makes masked (padded, packed) positions free on the CPU.
+The CPU building blocks (fixed-tile GEMM, fixed-order sums) are in ``_cpu``.
 """
 from __future__ import annotations
 
@@ -64,10 +60,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_facts(index: int) -> tuple[int, tuple[int, int]]:
+def _cuda_facts(index: int) -> tuple[int, tuple[int, int], int | None]:
     # Asked on every launch: read the device properties once per GPU.
     props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, (props.major, props.minor)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    if smem is None and HAS_TRITON:  # older torch: ask Triton's driver
+        try:
+            smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        except Exception:  # noqa: BLE001  (no limit known: configs are not fitted, only retried)
+            smem = None
+    return props.multi_processor_count, (props.major, props.minor), smem
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -86,47 +88,17 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return _cuda_facts(_cuda_index(device))[1]
 
 
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may opt into on a CUDA device (cached); None in the
+    interpreter or where the driver does not say."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _cuda_facts(_cuda_index(device))[2]
+    return None
+
+
 def triton_launchable(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on this tensor: CUDA, or any device in interpreter mode."""
     return HAS_TRITON and (t.is_cuda or triton_interpret())
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU helpers: sequential, elementwise-only reductions along the last dimension.
-# ----------------------------------------------------------------------------------------------
-
-
-def cpu_seq_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim, left to right, in x's dtype (callers upcast first)."""
-    n = x.shape[-1]
-    acc = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-    for j in range(n):
-        acc = acc + x[..., j]
-    return acc
-
-
-def cpu_seq_max(x: torch.Tensor) -> torch.Tensor:
-    """Max over the last dim (max is exact, so any order gives the same bits; kept simple)."""
-    if x.shape[-1] == 0:
-        return torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
-    return torch.amax(x, dim=-1)
-
-
-def cpu_seq_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a[..., M, K] @ b[..., K, N] with a sequential K loop of elementwise mul + add.
-
-    Returns the accumulator dtype (float32, or float64 for float64 inputs). Separate mul and add
-    ops (not addcmul) so no fused multiply-add can round the vector body and the tail differently.
-    """
-    dt = acc_dtype(a.dtype)
-    a = a.to(dt)
-    b = b.to(dt)
-    k = a.shape[-1]
-    out_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
-    acc = torch.zeros(out_shape, dtype=dt, device=a.device)
-    for j in range(k):
-        acc = acc + a[..., :, j : j + 1] * b[..., j : j + 1, :]
-    return acc
 
 
 def aligned16(t: torch.Tensor) -> torch.Tensor:

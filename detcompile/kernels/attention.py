@@ -21,10 +21,13 @@ also with sliding windows), so those cases line the tiles up exactly as for the 
 The kernel, its tiles and its num_warps never depend on ``Lq``, ``Lk`` or the batch size, and FP
 contraction is off so that the kernel variants (mask or not, softcap or not) round alike.
 
-CPU: scores by a sequential loop over the head dim, softmax with a sequential sum over keys, and
-``P @ V`` by a sequential loop over keys, all with exactly rounded elementwise ops (``exp`` too is
-built from such ops, see ``_cpu_exp_nonpos``). A sequential sum is unchanged by exact zeros before
-or after the real terms, so padding and packing need no special handling there.
+CPU: scores and ``P @ V`` by fixed-shape GEMM tiles (``_cpu.tile_matmul``: the tile is a function
+of the head dims only), ``exp`` from exactly rounded elementwise ops (``_cpu_exp_nonpos``). Keys
+are reduced in chunks of ``KEY_CHUNK`` (P @ V per chunk in a fixed order, the softmax sum by
+``_cpu.chunk_sum``), chunks added in ascending order and aligned, like the GPU tiles, at the row's
+origin (modulo the chunk): masked keys are exact zeros, and whole zero chunks before or after the
+visible keys add nothing, so padding, packing and decode give the row's bits. Keys that no query of
+a (batch, head) can see are zeroed first, so NaN/inf in unwritten cache slots never reach a row.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 
 OP = "attention"
@@ -804,6 +807,18 @@ def _visibility_and_bias(m4, is_causal, Lq, Lk, device):
     return vis, bias
 
 
+#: Keys per chunk on the CPU: P @ V and the softmax sum reduce each chunk in a fixed order and add
+#: the chunks in ascending order, chunks aligned at the row's origin (modulo KEY_CHUNK).
+KEY_CHUNK = 64
+#: CPU GEMM tile rows (queries).
+_CPU_TILE_Q = 64
+
+
+def _dim_tile(d: int) -> int:
+    """GEMM tile width for a head dim: d rounded up to 16, at most 256 (a constant of the model)."""
+    return min(-(-max(d, 1) // 16) * 16, 256)
+
+
 def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0, sinks=None):
     squeeze = q.dim() == 3
     q4, k4, v4, m4 = _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
@@ -812,28 +827,61 @@ def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
     dt = _common.acc_dtype(q4.dtype)
     if scale is None:
         scale = _default_scale(D)
+    vis, bias = _visibility_and_bias(m4, is_causal, Lq, Lk, q4.device)
     qf = q4.to(dt)
     kf = _expand_kv(k4.to(dt), Hq)
     vf = _expand_kv(v4.to(dt), Hq)
+    if vis is not None:
+        # A key that no query of its (batch, head) sees is never read: zero it, so that NaN/inf in
+        # unwritten cache slots cannot reach the output through 0 * v in the GEMM.
+        seen = vis.any(dim=-2).unsqueeze(-1)  # [b, h, Lk, 1]
+        kf = torch.where(seen, kf, torch.zeros((), dtype=dt))
+        vf = torch.where(seen, vf, torch.zeros((), dtype=dt))
 
-    s = _common.cpu_seq_matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk], sequential over D
+    # Scores: fixed GEMM tiles over the head dim (a constant of the model), so a score's bits do
+    # not depend on Lq, Lk or the batch.
+    s = _cpu.tile_matmul(qf, kf.transpose(-1, -2), (_CPU_TILE_Q, _dim_tile(D), KEY_CHUNK)) * scale
     if softcap > 0:
         s = softcap * _cpu_tanh(s / softcap)
-    vis, bias = _visibility_and_bias(m4, is_causal, Lq, Lk, q4.device)
     if bias is not None:
         s = s + bias.to(dt)
     if vis is not None:
         s = torch.where(vis, s, torch.full_like(s, float("-inf")))
-    m = _common.cpu_seq_max(s).unsqueeze(-1)  # max is exact in any order
+    m = _cpu.row_max(s).unsqueeze(-1)  # max is exact in any order
     if sinks is not None:  # a per-head logit in the denominator only (gpt-oss), added after the keys
         sink = sinks.to(dt).view(1, Hq, 1, 1).expand_as(m)
         m = torch.maximum(m, sink)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    p = _cpu_exp_nonpos(s - m)
-    l = _common.cpu_seq_sum(p).unsqueeze(-1)
+    p = _cpu_exp_nonpos(s - m)  # masked keys: exactly 0
+
+    # Keys are reduced in KEY_CHUNK chunks aligned at the row's origin (modulo KEY_CHUNK): whole
+    # zero chunks before or after the visible keys add exact zeros, so a row gets the same bits
+    # alone, in a batch, padded (right, or left in a full prefill), packed or in decode.
+    residue = torch.zeros((1, 1, 1), dtype=torch.int64, device=q4.device)
+    if m4 is not None and Lq == Lk:
+        residue = segment_origins(m4, Lk).long() % KEY_CHUNK
+    pv_tile = (_CPU_TILE_Q, KEY_CHUNK, _dim_tile(Dv))
+    acc = l = None
+    for r in torch.unique(residue).tolist():
+        # Keys before r are invisible to rows of residue r (their origin is >= r): start there.
+        sel = (residue == r).expand(B, Hq, Lq)
+        b_idx = sel.flatten(1).any(1).nonzero().flatten() if residue.shape[0] > 1 else None
+        pr, vr = p[..., r:], vf[..., r:, :]
+        if b_idx is not None and len(b_idx) < B:  # only the batch elements that have such rows
+            pr, vr, sel = pr[b_idx], vr[b_idx], sel[b_idx]
+        acc_r = _cpu.tile_matmul(pr, vr, pv_tile)
+        l_r = _cpu.chunk_sum(pr, KEY_CHUNK).unsqueeze(-1)
+        if acc is None and r == 0 and bool(sel.all()):
+            acc, l = acc_r, l_r
+            break
+        if acc is None:
+            acc = torch.zeros((B, Hq, Lq, Dv), dtype=dt, device=q4.device)
+            l = torch.zeros((B, Hq, Lq, 1), dtype=dt, device=q4.device)
+        dst = slice(None) if b_idx is None or len(b_idx) == B else b_idx
+        acc[dst] = torch.where(sel.unsqueeze(-1), acc_r, acc[dst])
+        l[dst] = torch.where(sel.unsqueeze(-1), l_r, l[dst])
     if sinks is not None:
         l = l + _cpu_exp_nonpos(sink - m)
-    acc = _common.cpu_seq_matmul(p, vf)  # sequential over keys: masked keys add exact zeros
     out = torch.where(l > 0, acc / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(acc))
     out = out.to(q4.dtype)
     return out[0] if squeeze else out

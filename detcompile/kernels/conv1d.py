@@ -24,7 +24,7 @@ Accumulation is fp32 (fp64 for fp64). Taps in the zero padding add exact zeros.
   there is no cross-lane reduction at all, so neither the register layout nor the tile sizes can
   change the order.
 * CPU: the same loop as elementwise tensor ops (``acc = acc + tap * w``: an exactly rounded multiply,
-  then an exactly rounded add, like ``_common.cpu_seq_matmul``), so the vector body and the scalar
+  then an exactly rounded add, like ``_cpu.seq_matmul``), so the vector body and the scalar
   tail of ATen's kernels give the same bits.
 
 Transposed and 2-D/3-D convolutions are not handled here (the convolution pass leaves them to the

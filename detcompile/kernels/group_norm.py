@@ -9,7 +9,7 @@ elements: ``mean = sum(x) / L``, biased ``var = sum((x - mean)^2) / L``, ``rstd 
 GPU: one program per (sample, group) slice, which is contiguous in memory. Each sum reads it in
 chunks of a fixed ``BLOCK`` elements into an fp32 per-lane accumulator, chunks in ascending order,
 then one ``tl.sum``: the order depends only on the slice length, never on N.
-CPU: sequential left-to-right sums (``_common.cpu_seq_sum``), then elementwise ops.
+CPU: fixed pairwise tree sums of elementwise adds (``_cpu.tree_sum``), then elementwise ops.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 
 #: Elements per chunk along the reduced (slice) dim. A constant: it fixes the reduction order.
 BLOCK = 1024
@@ -149,14 +149,14 @@ def triton_group_norm(
 def cpu_group_norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, N: int, C: int, HxW: int, group: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sequential-sum CPU implementation (batch-invariant by construction)."""
+    """Fixed-tree-sum CPU implementation (batch-invariant by construction)."""
     _check(x, weight, bias, N, C, HxW, group)
     dt = _common.acc_dtype(x.dtype)
     length = C // group * HxW
     u = x.contiguous().to(dt).reshape(N, group, length)
-    mean = _common.cpu_seq_sum(u) / length
+    mean = _cpu.tree_sum(u) / length
     d = u - mean.unsqueeze(-1)
-    var = _common.cpu_seq_sum(d * d) / length
+    var = _cpu.tree_sum(d * d) / length
     # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
     rstd = 1.0 / torch.sqrt(var + eps)
     y = (d * rstd.unsqueeze(-1)).reshape(N, C, HxW)

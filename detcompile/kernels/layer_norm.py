@@ -19,7 +19,7 @@ segment (statistics to a workspace, then the output; longer rows and the interpr
 program per row looping over its segments twice (opt-in).
 Nothing depends on the number of rows or the alignment; FMA contraction is off. Rows longer than
 2**23 elements use the three-pass chunk-loop kernel.
-CPU: sequential left-to-right sums (``_common.cpu_seq_sum``), then elementwise ops.
+CPU: fixed pairwise tree sums of elementwise adds (``_cpu.tree_sum``), then elementwise ops.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from . import reduce as _rd
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
@@ -313,15 +313,15 @@ def triton_layer_norm(
 def cpu_layer_norm(
     x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sequential-sum CPU implementation (batch-invariant by construction)."""
+    """Fixed-tree-sum CPU implementation (batch-invariant by construction)."""
     n = _check(x, normalized_shape, weight, bias)
     dt = _common.acc_dtype(x.dtype)
     stats_shape = _stats_shape(x, normalized_shape)
     m = math.prod(stats_shape)
     u = x.contiguous().to(dt).reshape(m, n)
-    mean = _common.cpu_seq_sum(u) / n
+    mean = _cpu.tree_sum(u) / n
     d = u - mean.unsqueeze(-1)
-    var = _common.cpu_seq_sum(d * d) / n
+    var = _cpu.tree_sum(d * d) / n
     # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
     rstd = 1.0 / torch.sqrt(var + eps)
     y = d * rstd.unsqueeze(-1)

@@ -11,7 +11,8 @@ Why it is batch-invariant:
   batch, so every output element sees the same instruction sequence (same MMA instruction, same
   chunking of K) whatever the other rows hold or however many there are. Masked K positions load as
   exact zeros, so zero-padding K at the end leaves the bits unchanged.
-* CPU: ``_common.cpu_seq_matmul`` (sequential K loop of exactly rounded elementwise mul + add).
+* CPU: ``_cpu.tile_matmul``: BLAS calls of one fixed shape ([64, 128] @ [128, 128] tiles of the
+  zero-padded operands), K tiles added in ascending order; see ``_cpu`` for why that is invariant.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from ._common import HAS_TRITON, UnsupportedError
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from triton.runtime.errors import OutOfResources
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -37,6 +40,7 @@ if HAS_TRITON:
         _HAS_TENSOR_DESCRIPTOR = False
 else:
     _HAS_TENSOR_DESCRIPTOR = False
+    OutOfResources = RuntimeError  # never raised without Triton
 
 OP = "matmul"
 
@@ -91,6 +95,50 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
         return -(-tiles // num_sms) * unit
     cfg, _ = min(_LARGE_TILES, key=cost)
     return dict(base, **cfg, TMA=True)
+
+
+def smem_estimate(cfg: dict, in_bytes: int, out_bytes: int, has_bias: bool) -> int:
+    """Shared memory of a launch config, estimated: ``num_stages`` buffers of the A and B tiles,
+    the output tile staged for the store (the TMA kernel's epilogue overlaps the next tile's loads),
+    BLOCK_M x BLOCK_N bytes of layout-conversion scratch when a bias is added, and 1 KiB of
+    barriers and slack. On the H200 the 6-stage 128x128 bf16 config with a bias needed 237616 and
+    245784 bytes (ctrl, xlnet, trocr); this gives 246784."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    operands = cfg["num_stages"] * (bm * bk + bk * bn) * in_bytes
+    epilogue = bm * bn * out_bytes + (bm * bn if has_bias else 0)
+    return operands + epilogue + 1024
+
+
+def fit_stages(cfg: dict, limit: Optional[int], in_bytes: int, out_bytes: int, has_bias: bool) -> dict:
+    """``cfg`` with ``num_stages`` lowered until ``smem_estimate`` fits in ``limit`` bytes (at least
+    one stage). Nothing else changes: BLOCK_K and the ascending K loop stay, and the pipeline depth
+    only decides how far ahead tiles are loaded, so every element gets the same bits."""
+    cfg = dict(cfg)
+    if limit is None:
+        return cfg
+    while cfg["num_stages"] > 1 and smem_estimate(cfg, in_bytes, out_bytes, has_bias) > limit:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
+#: Pipeline depths Triton found too deep after all (the estimate is only an estimate): launch key
+#: -> the depth that fitted. Later launches with the key start there.
+_STAGE_CAP: dict = {}
+
+
+def _launch_fitting(key, stages: int, launch) -> int:
+    """``launch(stages)``, one stage shallower each time Triton reports that shared memory does not
+    suffice (it raises before anything runs). Returns the depth that ran."""
+    stages = min(stages, _STAGE_CAP.get(key, stages))
+    while True:
+        try:
+            launch(stages)
+            return stages
+        except OutOfResources as e:
+            if getattr(e, "name", "") != "shared memory" or stages <= 1:
+                raise
+            stages -= 1
+            _STAGE_CAP[key] = stages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,25 +447,31 @@ def triton_matmul(
     # config asks for it (several CTAs per SM overlap each other's epilogues); either way each
     # tile runs the same instruction sequence.
     grid = (max(1, min(num_sms, num_tiles)) if cfg.get("PERSISTENT", True) else num_tiles,)
-    # Triton launches on the current CUDA device; make that a's device.
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        if descs is not None:
-            a_desc, b_desc, c_desc, b_kmajor = descs
-            _matmul_tma_kernel[grid](
-                a_desc, b_desc, c_desc, x3,
-                M, N, K,
-                *x_strides[1:],
-                float(alpha), float(beta),
-                HAS_BIAS=xb is not None,
-                B_KMAJOR=b_kmajor,
-                BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"],
-                GROUP_M=cfg["GROUP_M"],
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-            )
-            return out
+    # The pipeline must fit the device's shared memory for this dtype and epilogue.
+    es = a.element_size()
+    cfg = fit_stages(cfg, _common.shared_memory_limit(a.device), es, es, xb is not None)
+    b_kmajor = descs[3] if descs is not None else None
+    key = (str(a.device), descs is not None, b_kmajor, a.dtype, xb is not None,
+           cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
+
+    def launch_tma(stages):
+        a_desc, b_desc, c_desc, _ = descs
+        _matmul_tma_kernel[grid](
+            a_desc, b_desc, c_desc, x3,
+            M, N, K,
+            *x_strides[1:],
+            float(alpha), float(beta),
+            HAS_BIAS=xb is not None,
+            B_KMAJOR=b_kmajor,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"],
+            num_stages=stages,
+        )
+
+    def launch_pointer(stages):
         _matmul_kernel[grid](
             a3, b3, x3, c3,
             nb, M, N, K,
@@ -431,20 +485,24 @@ def triton_matmul(
             BLOCK_K=cfg["BLOCK_K"],
             GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            num_stages=stages,
         )
+
+    # Triton launches on the current CUDA device; make that a's device.
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        _launch_fitting(key, cfg["num_stages"], launch_tma if descs is not None else launch_pointer)
     return out
 
 
 def cpu_matmul(
     a: Tensor, b: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0, beta: float = 1.0
 ) -> Tensor:
-    """CPU path: sequential-K elementwise matmul in fp32 (fp64 for fp64), epilogue, one rounding."""
+    """CPU path: fixed-tile GEMM in fp32 (fp64 for fp64), epilogue, one rounding."""
     _common.check_inputs(OP, a, b, bias)
     shape = _out_shape(a, b, bias)
     use_bias = bias is not None and beta != 0
     xb = _expand_bias(bias, shape) if use_bias else None
-    acc = _common.cpu_seq_matmul(a, b)
+    acc = _cpu.tile_matmul(a, b)
     return _epilogue(acc, xb, alpha, beta, a.dtype).contiguous()
 
 

@@ -16,8 +16,8 @@ is reduced by the same instruction sequence, which depends only on ``R``:
 This module also holds the plan and helpers shared by the row kernels (rms_norm, layer_norm,
 softmax): ``row_plan``, ``launch_rows`` and its split-row schedules (``choose_schedule``,
 ``row_schedule``), ``tile_sum``, ``tile_offsets`` / ``segment_offsets``, ``row_arrive_and_wait``.
-* CPU: sequential left-to-right loop of elementwise ops (``_common.cpu_seq_sum``); amax/amin are
-  exact in any order and use ``torch.amax``/``torch.amin``.
+* CPU: a fixed pairwise tree of elementwise adds over the reduced elements (``_cpu.tree_sum``, a
+  function of their count only); amax/amin are exact in any order and use ``torch.amax``/``torch.amin``.
 
 Integer/bool results are exact in any order, so those cases just call the aten op.
 """
@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 
 #: Chunk width along the reduced dim (a constant: the per-row order must not depend on R or rows).
@@ -646,7 +646,7 @@ def triton_var_mean(
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU implementations (sequential elementwise loops).
+# CPU implementations (fixed pairwise trees of elementwise adds).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -663,21 +663,21 @@ def cpu_reduce(
     x2 = _rows(xin, red)
     R = x2.shape[1]
     if kind == "amax":
-        res = _common.cpu_seq_max(x2)  # exact in any order
+        res = _cpu.row_max(x2)  # exact in any order
     elif kind == "amin":
         res = torch.amin(x2, dim=-1)
     else:
         xa = x2.to(acc)
         if kind in ("sum", "mean"):
-            res = _common.cpu_seq_sum(xa)
+            res = _cpu.tree_sum(xa)
             if kind == "mean":
                 res = res / R
         else:  # logsumexp
-            m = _common.cpu_seq_max(xa)
+            m = _cpu.row_max(xa)
             m = torch.where(m.abs() == float("inf"), torch.zeros_like(m), m)
             # torch.exp/log on CPU go through vml (a vector loop whose tail is a partial vector),
             # so each element gets the same instructions wherever it sits in the tensor.
-            s = _common.cpu_seq_sum(torch.exp(xa - m.unsqueeze(-1)))
+            s = _cpu.tree_sum(torch.exp(xa - m.unsqueeze(-1)))
             res = torch.log(s) + m
     return res.to(out_dtype).reshape(out_shape)
 
@@ -689,9 +689,9 @@ def cpu_var_mean(
     out_shape = _out_shape(x.shape, red, keepdim)
     xa = _rows(x, red).to(_common.acc_dtype(x.dtype))
     R = xa.shape[1]
-    mean = _common.cpu_seq_sum(xa) / R
+    mean = _cpu.tree_sum(xa) / R
     d = xa - mean.unsqueeze(-1)
-    var = _common.cpu_seq_sum(d * d) / max(R - correction, 0.0)
+    var = _cpu.tree_sum(d * d) / max(R - correction, 0.0)
     return var.to(x.dtype).reshape(out_shape), mean.to(x.dtype).reshape(out_shape)
 
 

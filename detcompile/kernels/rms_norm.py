@@ -18,7 +18,7 @@ output; longer rows and the interpreter), or one program per row looping over it
 Nothing depends on the number of rows or their alignment; FMA contraction is off, so the bits do
 not depend on the compiler's fusion choices either. Rows longer than 2**23 elements use the
 chunk-loop kernel (ascending chunks into 1024 lanes, then the lane tree).
-CPU: a sequential left-to-right sum (``_common.cpu_seq_sum``), then elementwise ops.
+CPU: a fixed pairwise tree sum of elementwise adds (``_cpu.tree_sum``), then elementwise ops.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _cpu
 from . import reduce as _rd
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
@@ -233,12 +233,12 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 
 def cpu_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """Sequential-sum CPU implementation (batch-invariant by construction)."""
+    """Fixed-tree-sum CPU implementation (batch-invariant by construction)."""
     _check(x, weight)
     dt = _common.acc_dtype(x.dtype)
     n = x.shape[-1]
     u = x.contiguous().to(dt)
-    mean_sq = _common.cpu_seq_sum(u * u) / n
+    mean_sq = _cpu.tree_sum(u * u) / n
     # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
     r = 1.0 / torch.sqrt(mean_sq + eps)
     y = u * r.unsqueeze(-1)

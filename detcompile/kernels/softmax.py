@@ -26,8 +26,8 @@ same instruction sequence whatever the other rows are, and that sequence depends
   move. This holds across the one-program / split boundary because both compute the same
   definition (a one-segment row is the G = 1 case: ``M = m_0``, ``S = s_0 * 1``).
   Rows longer than 2**23 elements use the old chunk-loop kernel (3 passes; its own fixed order).
-* CPU: max (exact), ``exp`` elementwise, then a sequential left-to-right sum
-  (``_common.cpu_seq_sum``); trailing zeros from -inf padding leave a sequential sum unchanged.
+* CPU: max (exact), ``exp`` elementwise, then a fixed pairwise tree sum (``_cpu.tree_sum``, a
+  function of the row length); trailing zeros from -inf padding leave it unchanged.
 
 Arithmetic is fp32 (fp64 for fp64 CPU inputs); output is fp32 if ``half_to_float`` else x.dtype.
 A row that is entirely -inf gives NaN, as in torch.
@@ -39,7 +39,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _common, reduce as _rd
+from . import _common, _cpu, reduce as _rd
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 from .reduce import BLOCK, LOG2_BLOCK, NUM_WARPS
 
@@ -280,15 +280,15 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
 
 
 def cpu_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = False) -> Tensor:
-    """CPU path: exact max, elementwise exp, sequential sum."""
+    """CPU path: exact max, elementwise exp, fixed-tree sum."""
     dim = _check(x, dim)
     xa = _rows(x, dim).to(_common.acc_dtype(x.dtype))
-    m = _common.cpu_seq_max(xa).unsqueeze(-1)
+    m = _cpu.row_max(xa).unsqueeze(-1)
     z = xa - m
     # torch.exp/log on CPU run through vml, whose loop tail is a partial vector: every element
     # gets the same instructions wherever it sits, so this is position (batch) independent.
     e = torch.exp(z)
-    s = _common.cpu_seq_sum(e).unsqueeze(-1)
+    s = _cpu.tree_sum(e).unsqueeze(-1)
     out2 = (z - torch.log(s)) if log else (e / s)
     return _restore(out2.to(_out_dtype(x, half_to_float)), x, dim)
 

@@ -344,6 +344,15 @@ def test_cpu_invariance_scenarios(dtype, gen):
     assert_invariant(invariance_checks(cpu_path, gen, dtype))
 
 
+@pytest.mark.parametrize("D", [16, 40])
+def test_cpu_invariance_scenarios_across_key_chunks(D, gen):
+    # Sequences longer than two of the CPU path's 64-key chunks, offsets (packing, left padding)
+    # that are not multiples of a chunk, decode positions on both sides of chunk boundaries.
+    checks = invariance_checks(cpu_path, gen, torch.float32, D=D, L=150, window=70, chunk=50,
+                               positions=(0, 63, 64, 65, 127, 128, 149))
+    assert_invariant(checks)
+
+
 def test_cpu_fully_masked_rows_are_zero(gen):
     q, k, v = (randn(gen, 2, 3, 9, 16) for _ in range(3))
     mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()

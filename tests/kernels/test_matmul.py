@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from detcompile.kernels import _common
-from detcompile.kernels.matmul import BLOCK_K_16BIT, BLOCK_K_FP32, select_config, triton_matmul
+from detcompile.kernels import matmul as mm
+from detcompile.kernels.matmul import BLOCK_K_16BIT, BLOCK_K_FP32, fit_stages, select_config, triton_matmul
 from detcompile.kernels._common import UnsupportedError
 
 op = torch.ops.detcompile.matmul
@@ -78,13 +79,20 @@ def test_cpu_row_invariance_addmm_transposed_weight(gen, dtype):
     assert_row_invariant(op_fn, gen, dtype, CPU, K, N, range(1, 10), w=W.t(), bias=bias, alpha=0.5, beta=2.0)
 
 
-def test_cpu_row0_invariant_m_1_to_70(gen):
-    K, N = 45, 33
-    b = rnd(gen, K, N)
-    a = rnd(gen, 70, K)
-    first = op(a[:1], b)
-    for m in range(1, 71):
-        assert torch.equal(op(a[:m].clone(), b)[:1], first), m
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_row_moves_first_middle_last_m_1_to_70(gen, dtype):
+    # M from 1 to 70 and past two 64-row tiles, K and N not multiples of the 128 tiles, with a
+    # transposed nn.Linear weight and a bias: the target row first, in the middle and last.
+    K, N = 200, 150
+    W, bias = rnd(gen, N, K, dtype=dtype), rnd(gen, N, dtype=dtype)
+    x = rnd(gen, 1, K, dtype=dtype)
+    alone = op(x, W.t(), bias)
+    for m in list(range(1, 71)) + [128, 129, 131]:
+        a = rnd(gen, m, K, dtype=dtype)
+        for pos in {0, m // 2, m - 1}:
+            a[pos] = x[0]
+            assert torch.equal(op(a, W.t(), bias)[pos : pos + 1], alone), (m, pos)
+            a[pos] = rnd(gen, K, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -229,13 +237,18 @@ def test_interp_row_invariance_and_accuracy(gen, dtype):
 
 
 @needs_interp
-def test_interp_row0_m_1_to_70(gen):
+def test_interp_row_moves_m_1_to_70(gen):
+    # The target first, in the middle and last of every M from 1 to 70 (past two 32-row tiles).
     K, N = 70, 20
     b = rnd(gen, K, N)
-    a = rnd(gen, 70, K)
-    first = triton_matmul(a[:1], b)
+    x = rnd(gen, 1, K)
+    alone = triton_matmul(x, b)
     for m in range(1, 71):
-        assert torch.equal(triton_matmul(a[:m].clone(), b)[:1], first), m
+        a = rnd(gen, m, K)
+        for pos in {0, m // 2, m - 1}:
+            a[pos] = x[0]
+            assert torch.equal(triton_matmul(a, b)[pos : pos + 1], alone), (m, pos)
+            a[pos] = rnd(gen, K)
 
 
 @needs_interp
@@ -313,6 +326,80 @@ def test_block_k_fixed_by_dtype(dtype):
     assert len(picked) >= (1 if dtype == torch.float32 else 4)
 
 
+H200_SMEM = 232448  # shared_memory_per_block_optin of the H100 and the H200
+
+
+def _all_configs(dtype, sms=132):
+    for M in (1, 16, 17, 64, 65, 256, 896, 1024, 4096, 8192):
+        for N in (64, 4096, 4864, 14336, 32000):
+            yield select_config(M, N, dtype, sms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("limit", [H200_SMEM, 101376, 49152])  # H200, sm_86/89 (99 KiB), 48 KiB
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_fit_stages_changes_only_the_depth(dtype, limit, has_bias):
+    es = torch.empty(0, dtype=dtype).element_size()
+    for cfg in _all_configs(dtype):
+        fit = fit_stages(cfg, limit, es, es, has_bias)
+        assert {k: v for k, v in fit.items() if k != "num_stages"} == {k: v for k, v in cfg.items() if k != "num_stages"}
+        assert 1 <= fit["num_stages"] <= cfg["num_stages"]
+        if fit["num_stages"] < cfg["num_stages"]:  # lowered only as far as needed
+            assert mm.smem_estimate(fit, es, es, has_bias) <= limit or fit["num_stages"] == 1
+            assert mm.smem_estimate(dict(fit, num_stages=fit["num_stages"] + 1), es, es, has_bias) > limit
+        else:
+            assert mm.smem_estimate(cfg, es, es, has_bias) <= limit
+    assert fit_stages(cfg, None, es, es, has_bias) == cfg  # the interpreter: no limit
+
+
+def test_fit_stages_h200_failures():
+    # The configs that died on the H200 (6-stage 128x128 bf16 tiles, with a bias): the estimate
+    # covers what Triton asked for (237616 and 245784 bytes), so the depth is lowered; without a
+    # bias the depth measured on the H100 (6) is kept.
+    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=6, TMA=True)
+    assert mm.smem_estimate(tile, 2, 2, True) >= 245784
+    assert fit_stages(tile, H200_SMEM, 2, 2, True)["num_stages"] == 5
+    assert fit_stages(tile, H200_SMEM, 2, 2, False)["num_stages"] == 6
+    assert any(c["num_stages"] == 6 and c["BLOCK_M"] == 128 for c in _all_configs(torch.bfloat16))
+
+
+@needs_interp
+def test_interp_launch_retries_one_stage_shallower(gen, monkeypatch):
+    # Triton refuses a launch whose shared memory does not fit (it raises before running): the
+    # launcher retries one stage shallower, remembers the depth, and the bits are the same.
+    a, b, bias = rnd(gen, 37, 70), rnd(gen, 70, 20), rnd(gen, 20)
+    want = triton_matmul(a, b, bias)
+    real = mm._matmul_kernel
+    tried = []
+
+    class TooDeep:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                tried.append(kw["num_stages"])
+                if kw["num_stages"] > 2:
+                    raise mm.OutOfResources(300000, H200_SMEM, "shared memory")
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(mm, "_matmul_kernel", TooDeep())
+    monkeypatch.setattr(mm, "_STAGE_CAP", {})
+    assert torch.equal(triton_matmul(a, b, bias), want)
+    assert tried == [3, 2]
+    tried.clear()
+    assert torch.equal(triton_matmul(a, b, bias), want)
+    assert tried == [2]  # the depth that fitted is remembered
+
+    class NoThreads:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                raise mm.OutOfResources(2048, 1024, "threads")
+            return run
+
+    monkeypatch.setattr(mm, "_matmul_kernel", NoThreads())
+    with pytest.raises(mm.OutOfResources):  # only shared memory is worth a shallower pipeline
+        triton_matmul(a, b, bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
@@ -347,8 +434,9 @@ def test_gpu_accuracy_llama_shapes(gen, dtype, M, N):
     assert rel_err(out, ref) < TOL[dtype]
     if dtype != torch.float32:
         assert rel_err(out, torch.mm(a, W.t()).double()) < 1e-2
-    # Row 0 of the whole batch equals the M=1 result bitwise.
-    assert torch.equal(out[:1], op(a[:1], W.t()))
+    # Rows first, in the middle and last of the batch equal their M=1 results bitwise.
+    for r in {0, M // 2, M - 1}:
+        assert torch.equal(out[r : r + 1], op(a[r : r + 1], W.t())), r
 
 
 @gpu
@@ -363,11 +451,13 @@ def test_gpu_k_zero_padding_and_bmm(gen, dtype):
         assert torch.equal(op(ap, bp), out)
         assert rel_err(out, reference(a, b)) < TOL[dtype]
         for nb in range(1, Bt + 1):
-            assert torch.equal(op(a[:nb], b[:nb])[0], out[0])
+            sub = op(a[:nb], b[:nb])
+            assert torch.equal(sub[0], out[0]) and torch.equal(sub[nb - 1], out[nb - 1]), nb
     bias = rnd(gen, Bt, 1, N, dtype=dtype, device=CUDA)
     out = op(a, b, bias, alpha=0.5, beta=2.0)
     assert rel_err(out, reference(a, b, bias, 0.5, 2.0)) < TOL[dtype]
     assert torch.equal(op(a[:1], b[:1], bias[:1], alpha=0.5, beta=2.0)[0], out[0])
+    assert torch.equal(op(a[-1:], b[-1:], bias[-1:], alpha=0.5, beta=2.0)[0], out[-1])
 
 
 @gpu
@@ -411,18 +501,20 @@ def test_gpu_bad_dtype():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (28672, 4096), (300, 1000)])
-def test_gpu_row0_same_bits_across_m_buckets(gen, dtype, N, K):
+def test_gpu_rows_same_bits_across_m_buckets(gen, dtype, N, K):
     # M from 1 to 8192 crosses every tile bucket (16-row mma.sync tiles, 64-row and 128-row wgmma
-    # tiles, TMA and pointer loads): row 0 must keep its bits in all of them.
+    # tiles, TMA and pointer loads): the rows first, in the middle and last (in a ragged last tile)
+    # must keep the bits they get alone in all of them.
     W = rnd(gen, N, K, dtype=dtype, device=CUDA)
     a = rnd(gen, 8192, K, dtype=dtype, device=CUDA)
-    want = op(a[:1], W.t())
     sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     configs = set()
     for M in (1, 2, 16, 17, 64, 65, 256, 1000, 1024, 4096, 8192):
         cfg = select_config(M, N, dtype, sms)
         configs.add((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["TMA"]))
-        assert torch.equal(op(a[:M], W.t())[:1], want), (M, cfg)
+        out = op(a[:M], W.t())
+        for r in {0, M // 2, M - 1}:
+            assert torch.equal(out[r : r + 1], op(a[r : r + 1], W.t())), (M, r, cfg)
     assert len(configs) >= 3
 
 
@@ -443,3 +535,35 @@ def test_gpu_tma_and_pointer_kernels_agree(gen, dtype):
                 ptr = triton_matmul(a, w, bb, alpha, beta, _config={"TMA": False})
                 assert torch.equal(got, ptr), (M, N, K, w.stride(), bb is None)
                 assert rel_err(got, reference(a, w, bb, alpha, beta)) < TOL[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_gpu_fitted_depth_keeps_bits(gen, dtype, has_bias):
+    # Item 5 of issue #11: configs deeper than the device's shared memory are run shallower. A
+    # shape that selects the 6-stage 128x128 tile (ctrl/xlnet/trocr died there with a bias), and a
+    # config forced far too deep, must run and give the bits of a shallow config and of M=1 rows.
+    props = torch.cuda.get_device_properties(CUDA)
+    limit = _common.shared_memory_limit(CUDA)
+    assert limit is not None and limit > 0
+    N, K = 4864, 1280
+    es = torch.empty(0, dtype=dtype).element_size()
+    M = next((m for m in range(128, 8192, 128)
+              if select_config(m, N, dtype, props.multi_processor_count)["num_stages"] == 6
+              and select_config(m, N, dtype, props.multi_processor_count)["BLOCK_M"] == 128), 896)
+    cfg = select_config(M, N, dtype, props.multi_processor_count)
+    a = rnd(gen, M, K, dtype=dtype, device=CUDA)
+    W = rnd(gen, N, K, dtype=dtype, device=CUDA)
+    bias = rnd(gen, N, dtype=dtype, device=CUDA) if has_bias else None
+    out = op(a, W.t(), bias)
+    shallow = triton_matmul(a, W.t(), bias, _config=dict(BLOCK_M=64, BLOCK_N=128, num_stages=2))
+    assert torch.equal(out, shallow)
+    too_deep = triton_matmul(a, W.t(), bias, _config=dict(BLOCK_M=128, BLOCK_N=256, num_stages=12))
+    assert torch.equal(too_deep, out)
+    for r in (0, M // 2, M - 1):
+        assert torch.equal(out[r : r + 1], op(a[r : r + 1], W.t(), bias)), r
+    assert rel_err(out, reference(a, W.t(), bias)) < TOL[dtype]
+    if dtype != torch.float32 and has_bias and limit < 246784:
+        # The shape really exercised the lowered depth on this device.
+        assert cfg["num_stages"] == 6 and fit_stages(cfg, limit, es, es, True)["num_stages"] < 6

@@ -5,14 +5,17 @@ import torch
 
 CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "mixtral"]
 ALL_ARCHS = CAUSAL_ARCHS + ["bert"]
-TARGET_ROW = {1: 0, 3: 1, 8: 5}
+#: (batch size, neighbours' seed, target row): the target alone, then in the middle and last of
+#: batches of 3 and 8 (the last row is the one that reaches a CPU kernel's scalar tail or a ragged
+#: last tile; row 0 never does).
+BATCHES = ((1, 0, 0), (3, 1, 1), (8, 2, 5), (3, 3, 2), (8, 4, 7))
 
 
-def batch_with_target(target: torch.Tensor, bs: int, vocab: int, seed: int) -> tuple[torch.Tensor, int]:
-    """[bs, L] ids: the target at row TARGET_ROW[bs], random different neighbours elsewhere."""
+def batch_with_target(target: torch.Tensor, bs: int, vocab: int, seed: int, row: int | None = None) -> tuple[torch.Tensor, int]:
+    """[bs, L] ids: the target at ``row`` (default: the middle), random different neighbours elsewhere."""
     g = torch.Generator().manual_seed(seed)
     batch = torch.randint(3, vocab, (bs, target.shape[-1]), generator=g)
-    row = TARGET_ROW.get(bs, bs // 2)
+    row = bs // 2 if row is None else row
     batch[row] = target
     return batch, row
 

@@ -6,7 +6,7 @@ import torch
 
 from detcompile.models import tiny_model
 
-from ._util import ALL_ARCHS, batch_with_target, rel_err
+from ._util import ALL_ARCHS, BATCHES, batch_with_target, rel_err
 
 SEQ = 12
 
@@ -25,8 +25,8 @@ def test_target_row_bitwise_across_batches_and_padding(arch):
 
     with torch.no_grad():
         ref = None
-        for bs, seed in ((1, 0), (3, 1), (8, 2), (3, 3)):
-            batch, row = batch_with_target(target, bs, vocab, seed)
+        for bs, seed, row in BATCHES:
+            batch, row = batch_with_target(target, bs, vocab, seed, row)
             logits = compiled(batch).logits[row]
             if ref is None:
                 ref = logits
@@ -40,7 +40,7 @@ def test_target_row_bitwise_across_batches_and_padding(arch):
         # Right padding: the target (shorter) inside a batch of longer rows, padded at the end.
         short = target[: SEQ - 4]
         alone = compiled(short[None], attention_mask=torch.ones(1, SEQ - 4, dtype=torch.long)).logits[0]
-        batch, row = batch_with_target(target, 3, vocab, 11)
+        batch, row = batch_with_target(target, 3, vocab, 11, row=2)  # the padded row last
         mask = torch.ones_like(batch)
         batch[row, SEQ - 4 :] = 0
         mask[row, SEQ - 4 :] = 0
