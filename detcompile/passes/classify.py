@@ -47,7 +47,7 @@ RANDOM = {
 # Data movement, factories, comparisons and order-free selections.
 SAFE = {
     "embedding", "index", "index_select", "gather", "cat", "stack", "slice", "select", "expand", "clone",
-    "_to_copy", "copy", "copy_", "arange", "full", "zeros", "ones", "empty", "empty_strided", "scalar_tensor",
+    "_to_copy", "convert_element_type", "copy", "copy_", "arange", "full", "zeros", "ones", "empty", "empty_strided", "scalar_tensor",
     "where", "masked_fill", "new_ones", "new_zeros", "new_full", "new_empty", "new_empty_strided",
     "lift_fresh_copy", "alias", "max", "min", "amax", "amin", "argmax", "argmin",
     "aminmax", "triu", "tril", "constant_pad_nd", "pad", "repeat", "repeat_interleave", "roll", "flip",

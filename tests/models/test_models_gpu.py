@@ -15,6 +15,10 @@ def _inductor_case(arch):
         return pytest.param(arch, True, marks=pytest.mark.xfail(
             strict=False, reason="docs/inductor.md: gpt2's target row changes between the static batch-1 "
             "compile and the dynamic-shape recompile under Inductor (suspect: the gelu_new chain)"))
+    if arch == "opt":  # H200, 2026-12-02: the target row moved off row 0 and opt's row changed at batch 3
+        return pytest.param(arch, True, marks=pytest.mark.xfail(
+            strict=False, reason="Inductor mode is not proven batch-invariant (docs/inductor.md): opt's middle "
+            "row changed at batch 3 on the H200 once the target row stopped being row 0"))
     return pytest.param(arch, True)
 
 
