@@ -339,9 +339,9 @@ def _expand_bias(bias: Tensor, shape: list) -> Tensor:
 
 def _epilogue(acc: Tensor, bias: Optional[Tensor], alpha: float, beta: float, dtype) -> Tensor:
     """alpha * acc + beta * bias in acc's dtype (elementwise, so batch-invariant), then one rounding."""
-    out = acc * alpha
+    out = acc * alpha if alpha != 1 else acc  # x * 1 == x exactly: skip the pass
     if bias is not None and beta != 0:
-        out = out + bias.to(acc.dtype) * beta
+        out = out + (bias.to(acc.dtype) * beta if beta != 1 else bias.to(acc.dtype))
     return out.to(dtype)
 
 
