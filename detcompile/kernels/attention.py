@@ -490,12 +490,6 @@ if HAS_TRITON:
         )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def _launch(
     q4, k4, v4, out, *, kv_strides, paged, block_table, kv_lens, page, Lk, mask_args, is_causal,
     scale, softcap, parallel_splits=None, block_m=None, block_n=None, split=None,
@@ -546,7 +540,7 @@ def _launch(
         BLOCK_N=bn,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
-        DOT_PREC=_dot_precision(q4.dtype),
+        DOT_PREC=_common.dot_precision(q4.dtype),
         SPLIT_KEYS=split,
         num_warps=num_warps,
         num_stages=num_stages,

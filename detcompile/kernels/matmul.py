@@ -380,12 +380,6 @@ def _tma_descriptors(a: Tensor, b: Tensor, c: Tensor, cfg: dict):
     return TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, TensorDescriptor.from_tensor(c, [bm, bn]), kmajor
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 # ----------------------------------------------------------------------------------------------
 # Launcher and CPU implementation
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +473,7 @@ def triton_matmul(
             float(alpha), float(beta),
             HAS_BIAS=xb is not None,
             IS_FP32=a.dtype == torch.float32,
-            PRECISION=_dot_precision(a.dtype),
+            PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"],
