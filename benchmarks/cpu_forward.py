@@ -1,7 +1,7 @@
 """Compiled (``backend="deterministic"``) vs eager forward of a tiny Llama on the CPU.
 
     python -m benchmarks.cpu_forward [--batch 8] [--seq 64] [--layers 2] [--repeats 15]
-                                     [--profile] [--json PATH]
+                                     [--threads N] [--profile] [--json PATH]
 
 The model is ``detcompile.models.tiny_model("llama")`` with the demo's sizes (hidden 128,
 intermediate 344, 4 heads / 2 KV heads of 32, vocab 1024) and ``--layers`` layers, float32, seeded
@@ -10,7 +10,9 @@ random weights; the input is ``--batch`` x ``--seq`` random tokens. After one wa
 alike; the figures are medians, and the ratio is compiled / eager. ``--profile`` prints the
 torch.profiler table of one compiled call (ops by self CPU time). The script also checks that the
 compiled logits of the batch's last row equal those of that row run alone (torch.equal); a
-mismatch makes the exit status 1.
+mismatch makes the exit status 1. ``--threads`` sets torch's thread count for both (on a machine
+shared with other jobs, 1 thread avoids OpenMP threads spinning while their peers are descheduled,
+which slows both ways by orders of magnitude and swamps the comparison).
 """
 from __future__ import annotations
 
@@ -75,9 +77,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = measure(args.batch, args.seq, args.layers, args.repeats, args.profile)
     print(f"tiny llama, hidden {r['hidden']}, {r['layers']} layers, batch {r['batch']} x {r['seq']} tokens, "
           f"{r['threads']} threads, torch {r['torch']}")

@@ -59,6 +59,38 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def exact_upcast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether src -> dst is exact, so a kernel may load src and convert in registers."""
+    if src == dst:
+        return True
+    if src in HALF_DTYPES:
+        return dst in (torch.float32, torch.float64)
+    return src == torch.float32 and dst == torch.float64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: tf32 for fp32 when torch allows it for matmuls, else ieee."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def rows_last(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with ``dim`` moved last, as a contiguous [rows, R] tensor (a 0-d x is one row of one)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
+
+
+def restore_rows(out2: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A [rows, R] result of ``rows_last(x, dim)`` back to x's shape, contiguous."""
+    if x.dim() == 0:
+        return out2.reshape(())
+    shape = list(x.shape)
+    moved = shape[:dim] + shape[dim + 1:] + [shape[dim]]
+    return out2.reshape(moved).movedim(-1, dim).contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_facts(index: int) -> tuple[int, tuple[int, int], int | None]:
     # Asked on every launch: read the device properties once per GPU.

@@ -3,7 +3,7 @@
 Why they are batch-invariant
 ----------------------------
 * ``tile_matmul``: every BLAS call has the same shape, ``[TILE_M, TILE_K] @ [TILE_K, TILE_N]``
-  (batched by ``torch.bmm``), on freshly packed contiguous, zero-padded operands. M, N and K are
+  (batched over the M tiles by ``torch.bmm``), on freshly packed contiguous, zero-padded operands. M, N and K are
   cut into tiles, so no call's shape, strides or alignment depend on M, N, K or the batch. K is
   reduced tile by tile in ascending order, each tile's product added to the accumulator with an
   exactly rounded elementwise add. Trailing zeros along K (padding) therefore change nothing: the
@@ -55,7 +55,9 @@ _VERIFIED: dict = {}
 
 def _probe_tiles(dt: torch.dtype, tm: int, tk: int, tn: int) -> bool:
     """Four probe rows times four probe columns, placed at different tile slots, batch slots and
-    batch counts among random neighbours: the 4 x 4 products must have the same bits every time."""
+    batch counts among random neighbours, B tiles stored and passed as ``tile_matmul`` does
+    ([tk, tn] contiguous; also one tile broadcast over the batch with stride 0): the 4 x 4
+    products must have the same bits every time."""
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(4, tk, generator=g).to(dt)
     ys = torch.randn(tk, 4, generator=g).to(dt)
@@ -65,18 +67,21 @@ def _probe_tiles(dt: torch.dtype, tm: int, tk: int, tn: int) -> bool:
         out += [i for i in range(n) if i not in out]
         return out[:4]
 
-    trials = [  # (batch count, batch slot, rows, columns)
-        (1, 0, slots(tm, 0, 1, 2, 3), slots(tn, 0, 1, 2, 3)),
-        (3, 2, slots(tm, -1, -2, tm // 2, 5), slots(tn, -1, -2, tn // 2 + 1, 7)),
-        (6, 1, slots(tm, 17, -9, 33, 8), slots(tn, -17, 3, 64, -5)),
-        (2, 0, slots(tm, -3, 4, 1, -17), slots(tn, 9, -1, 30, 1)),
+    trials = [  # (batch count, batch slot, rows, columns, one B tile for the whole batch)
+        (1, 0, slots(tm, 0, 1, 2, 3), slots(tn, 0, 1, 2, 3), False),
+        (3, 2, slots(tm, -1, -2, tm // 2, 5), slots(tn, -1, -2, tn // 2 + 1, 7), False),
+        (6, 1, slots(tm, 17, -9, 33, 8), slots(tn, -17, 3, 64, -5), False),
+        (2, 0, slots(tm, -3, 4, 1, -17), slots(tn, 9, -1, 30, 1), False),
+        (5, 3, slots(tm, 9, -5, 2, 40), slots(tn, 2, -9, 5, 41), True),
     ]
     ref = None
-    for count, slot, rows, cols in trials:
+    for count, slot, rows, cols, shared in trials:
         a = torch.randn(count, tm, tk, generator=g).to(dt)
-        b = torch.randn(count, tk, tn, generator=g).to(dt)
+        b = torch.randn(1 if shared else count, tk, tn, generator=g).to(dt)
         a[slot, rows] = xs
-        b[slot][:, cols] = ys
+        b[0 if shared else slot][:, cols] = ys
+        if shared:
+            b = b.expand(count, tk, tn)
         got = torch.bmm(a, b)[slot][rows][:, cols]
         if ref is None:
             ref = got
@@ -120,7 +125,10 @@ def tile_matmul(a: Tensor, b: Tensor, tile: tuple[int, int, int] = (TILE_M, TILE
     calls. The tile must not depend on the batch (nor tk on K where K can be zero-padded)."""
     tm, tk, tn = tile
     dt = acc_dtype(a.dtype)
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if a.shape[:-2] == b.shape[:-2] or all(s == 1 for s in b.shape[:-2]):
+        batch = tuple(a.shape[:-2])  # the common cases, without broadcast_shapes' cost
+    else:
+        batch = tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
     if M == 0 or N == 0 or K == 0 or math.prod(batch) == 0:
         return torch.zeros((*batch, M, N), dtype=dt, device=a.device)
@@ -128,20 +136,28 @@ def tile_matmul(a: Tensor, b: Tensor, tile: tuple[int, int, int] = (TILE_M, TILE
         return seq_matmul(a, b)
     G = math.prod(batch)
     a3 = a.expand(*batch, M, K).reshape(G, M, K)
-    # A weight shared by the whole batch is packed once.
+    # A weight shared by the whole batch is packed once, and its tiles are passed with a stride-0
+    # batch dim (the probe checks that form too).
     b_shared = all(s == 1 for s in b.shape[:-2])
     b3 = b.reshape(1, K, N) if b_shared else b.expand(*batch, K, N).reshape(G, K, N)
     T, C, NT = _cdiv(M, tm), _cdiv(K, tk), _cdiv(N, tn)
     A = _pack(a3, tm, tk, dt)  # [C, G, T, tm, tk]
-    B = _pack(b3.transpose(1, 2), tn, tk, dt)  # [C, Gb, NT, tn, tk]
-    acc = None
+    B = _pack(b3, tk, tn, dt).transpose(0, 2)  # [NT, Gb, C, tk, tn] -> [C, Gb, NT, tk, tn]
+    acc = torch.empty((NT, G * T, tm, tn), dtype=dt, device=a.device)
     for c in range(C):
-        # Batch order (g, t, n): every M tile against every N tile of this K tile.
-        ac = A[c].unsqueeze(2).expand(G, T, NT, tm, tk).reshape(-1, tm, tk)
-        bc = B[c].unsqueeze(1).expand(G, T, NT, tn, tk).reshape(-1, tn, tk)
-        p = torch.bmm(ac, bc.transpose(1, 2))
-        acc = p if acc is None else acc.add_(p)  # K tiles in ascending order, exactly rounded adds
-    out = acc.view(G, T, NT, tm, tn).permute(0, 1, 3, 2, 4).reshape(G, T * tm, NT * tn)
+        ac = A[c].reshape(G * T, tm, tk)  # every M tile of every batch element
+        for n in range(NT):
+            bc = B[c, :, n]  # [Gb, tk, tn], each tile contiguous
+            if b_shared:
+                bc = bc.expand(G * T, tk, tn)
+            elif T > 1:
+                bc = bc.unsqueeze(1).expand(G, T, tk, tn).reshape(G * T, tk, tn)
+            if c == 0:
+                torch.bmm(ac, bc, out=acc[n])
+            else:
+                acc[n].add_(torch.bmm(ac, bc))  # K tiles in ascending order, exactly rounded adds
+    out = acc.view(NT, G, T * tm, tn)
+    out = out[0] if NT == 1 else out.permute(1, 2, 0, 3).reshape(G, T * tm, NT * tn)
     return out[:, :M, :N].reshape(*batch, M, N)
 
 

@@ -22,7 +22,7 @@ The kernel, its tiles and its num_warps never depend on ``Lq``, ``Lk`` or the ba
 contraction is off so that the kernel variants (mask or not, softcap or not) round alike.
 
 CPU: scores and ``P @ V`` by fixed-shape GEMM tiles (``_cpu.tile_matmul``: the tile is a function
-of the head dims only), ``exp`` from exactly rounded elementwise ops (``_cpu_exp_nonpos``). Keys
+of the head dims only), ``exp`` on fixed blocks (``cpu_pointwise``, no vector tail). Keys
 are reduced in chunks of ``KEY_CHUNK`` (P @ V per chunk in a fixed order, the softmax sum by
 ``_cpu.chunk_sum``), chunks added in ascending order and aligned, like the GPU tiles, at the row's
 origin (modulo the chunk): masked keys are exact zeros, and whole zero chunks before or after the
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _common, _cpu
+from . import cpu_pointwise as _cpu_pointwise
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 
 OP = "attention"
@@ -513,12 +514,6 @@ if HAS_TRITON:
         )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def _launch(
     q4, k4, v4, out, *, kv_strides, paged, block_table, kv_lens, page, Lk, mask_args, is_causal,
     scale, softcap, parallel_splits=None, block_m=None, block_n=None, split=None, window=0, sinks=None,
@@ -571,7 +566,7 @@ def _launch(
         BLOCK_N=bn,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
-        DOT_PREC=_dot_precision(q4.dtype),
+        DOT_PREC=_common.dot_precision(q4.dtype),
         SPLIT_KEYS=split,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -835,8 +830,9 @@ def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
         # A key that no query of its (batch, head) sees is never read: zero it, so that NaN/inf in
         # unwritten cache slots cannot reach the output through 0 * v in the GEMM.
         seen = vis.any(dim=-2).unsqueeze(-1)  # [b, h, Lk, 1]
-        kf = torch.where(seen, kf, torch.zeros((), dtype=dt))
-        vf = torch.where(seen, vf, torch.zeros((), dtype=dt))
+        if not bool(seen.all()):
+            kf = torch.where(seen, kf, torch.zeros((), dtype=dt))
+            vf = torch.where(seen, vf, torch.zeros((), dtype=dt))
 
     # Scores: fixed GEMM tiles over the head dim (a constant of the model), so a score's bits do
     # not depend on Lq, Lk or the batch.
@@ -852,7 +848,9 @@ def cpu_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
         sink = sinks.to(dt).view(1, Hq, 1, 1).expand_as(m)
         m = torch.maximum(m, sink)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    p = _cpu_exp_nonpos(s - m)  # masked keys: exactly 0
+    # exp on fixed zero-padded blocks (the cpu_pointwise op: no position-dependent tail); masked
+    # keys get exp(-inf) = 0 exactly.
+    p = _cpu_pointwise.blocked(s - m, "exp")
 
     # Keys are reduced in KEY_CHUNK chunks aligned at the row's origin (modulo KEY_CHUNK): whole
     # zero chunks before or after the visible keys add exact zeros, so a row gets the same bits

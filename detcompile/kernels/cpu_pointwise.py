@@ -48,20 +48,19 @@ def cpu_pointwise(x: Tensor, fn: str, args: list[float]) -> Tensor:
     if x.device.type != "cpu":
         # Every element runs the same code on CUDA: the plain op is already invariant.
         return _FNS[fn](x, args)
+    return blocked(x, fn, args)
+
+
+def blocked(x: Tensor, fn: str, args=()) -> Tensor:
+    """``fn`` on the CPU over fixed zero-padded BLOCK-element blocks (a fresh tensor, x's shape)."""
     n = x.numel()
-    flat = x.contiguous().reshape(-1)
-    nblocks = -(-n // BLOCK)
-    padded = flat.new_zeros(nblocks * BLOCK)
-    padded[:n] = flat
-    out = None
-    for i in range(nblocks):
-        y = _FNS[fn](padded[i * BLOCK : (i + 1) * BLOCK], args)
-        if out is None:
-            out = y.new_empty(nblocks * BLOCK)
-        out[i * BLOCK : (i + 1) * BLOCK] = y
-    if out is None:
+    if n == 0:
         return _FNS[fn](x, args).clone()
-    return out[:n].view(x.shape).clone()
+    flat = x.reshape(-1)
+    if n % BLOCK:
+        flat = torch.nn.functional.pad(flat, (0, BLOCK - n % BLOCK))
+    out = torch.cat([_FNS[fn](blk, args) for blk in flat.split(BLOCK)])
+    return out[:n].view(x.shape)
 
 
 @cpu_pointwise.register_fake

@@ -55,14 +55,6 @@ def _result_dtype(x: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     return torch.int64  # aten promotes integer and bool cumsums to int64
 
 
-def _exact_upcast(src: torch.dtype, dst: torch.dtype) -> bool:
-    if src == dst:
-        return True
-    if src in _common.HALF_DTYPES:
-        return dst in (torch.float32, torch.float64)
-    return src == torch.float32 and dst == torch.float64
-
-
 def _plan(x: Tensor, dim: int, dtype: Optional[torch.dtype]):
     """(wrapped dim, input as aten would convert it, accumulation dtype, result dtype)."""
     _common.check_inputs("cumsum", x)
@@ -72,24 +64,10 @@ def _plan(x: Tensor, dim: int, dtype: Optional[torch.dtype]):
     if not -n <= dim < n:
         raise IndexError(f"detcompile.cumsum: dim {dim} is out of range for {x.dim()} dims")
     res = _result_dtype(x, dtype)
-    if res.is_floating_point and (not x.is_floating_point() or not _exact_upcast(x.dtype, res)):
+    if res.is_floating_point and (not x.is_floating_point() or not _common.exact_upcast(x.dtype, res)):
         x = x.to(res)  # aten converts the input to dtype= first (e.g. fp32 -> bf16, int -> float)
     acc = torch.float64 if torch.float64 in (x.dtype, res) else torch.float32
     return dim % n, x, acc, res
-
-
-def _rows(x: Tensor, dim: int) -> Tensor:
-    if x.dim() == 0:
-        return x.reshape(1, 1)
-    return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
-
-
-def _restore(out2: Tensor, x: Tensor, dim: int) -> Tensor:
-    if x.dim() == 0:
-        return out2.reshape(())
-    shape = list(x.shape)
-    moved = shape[:dim] + shape[dim + 1:] + [shape[dim]]
-    return out2.reshape(moved).movedim(-1, dim).contiguous()
 
 
 def triton_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -100,7 +78,7 @@ def triton_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> T
     if not res.is_floating_point:
         return torch.cumsum(x, dim, dtype=dtype)
     # Keep the pointer specialisation (and so the compiled scan) identical for every call.
-    x2 = _common.aligned16(_rows(xin, dim))
+    x2 = _common.aligned16(_common.rows_last(xin, dim))
     rows, R = x2.shape
     out2 = torch.empty((rows, R), dtype=res, device=x.device)
     if rows > 0 and R > 0:
@@ -109,7 +87,7 @@ def triton_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> T
             ACC_FP64=acc == torch.float64, BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
-    return _restore(out2, x, dim)
+    return _common.restore_rows(out2, x, dim)
 
 
 def cpu_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -117,7 +95,7 @@ def cpu_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tens
     dim, xin, acc, res = _plan(x, dim, dtype)
     if not res.is_floating_point:
         return torch.cumsum(x, dim, dtype=dtype)
-    xt = _rows(xin, dim).to(acc).t().contiguous()  # [R, rows]: each step reads a contiguous row
+    xt = _common.rows_last(xin, dim).to(acc).t().contiguous()  # [R, rows]: each step reads a contiguous row
     out = torch.empty_like(xt)
     if xt.shape[0] > 0:
         run = xt[0].clone()
@@ -125,7 +103,7 @@ def cpu_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tens
         for j in range(1, xt.shape[0]):
             run = run + xt[j]
             out[j] = run
-    return _restore(out.t().to(res), x, dim)
+    return _common.restore_rows(out.t().to(res), x, dim)
 
 
 @torch.library.custom_op(

@@ -339,9 +339,9 @@ def _expand_bias(bias: Tensor, shape: list) -> Tensor:
 
 def _epilogue(acc: Tensor, bias: Optional[Tensor], alpha: float, beta: float, dtype) -> Tensor:
     """alpha * acc + beta * bias in acc's dtype (elementwise, so batch-invariant), then one rounding."""
-    out = acc * alpha
+    out = acc * alpha if alpha != 1 else acc  # x * 1 == x exactly: skip the pass
     if bias is not None and beta != 0:
-        out = out + bias.to(acc.dtype) * beta
+        out = out + (bias.to(acc.dtype) * beta if beta != 1 else bias.to(acc.dtype))
     return out.to(dtype)
 
 
@@ -378,12 +378,6 @@ def _tma_descriptors(a: Tensor, b: Tensor, c: Tensor, cfg: dict):
     else:
         return None
     return TensorDescriptor.from_tensor(a, [bm, bk]), b_desc, TensorDescriptor.from_tensor(c, [bm, bn]), kmajor
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +473,7 @@ def triton_matmul(
             float(alpha), float(beta),
             HAS_BIAS=xb is not None,
             IS_FP32=a.dtype == torch.float32,
-            PRECISION=_dot_precision(a.dtype),
+            PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"],

@@ -530,21 +530,12 @@ def _result_dtype(x: Tensor, kind: str, dtype: Optional[torch.dtype]) -> torch.d
     return x.dtype
 
 
-def _exact_upcast(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether src -> dst is exact, so the kernel may load src and convert in registers."""
-    if src == dst:
-        return True
-    if src in _common.HALF_DTYPES:
-        return dst in (torch.float32, torch.float64)
-    return src == torch.float32 and dst == torch.float64
-
-
 def _prepare_input(x: Tensor, kind: str, dtype: Optional[torch.dtype]) -> Tuple[Tensor, torch.dtype]:
     """Input converted as aten converts it, and the accumulation dtype (fp32, fp64 for fp64)."""
     res = _result_dtype(x, kind, dtype)
     if kind in ("amax", "amin"):
         return x, x.dtype
-    if not _exact_upcast(x.dtype, res) or not x.is_floating_point():
+    if not _common.exact_upcast(x.dtype, res) or not x.is_floating_point():
         # aten casts the input to dtype= first (e.g. fp32 -> bf16, int -> float); do the same.
         x = x.to(res)
     acc = torch.float64 if torch.float64 in (x.dtype, res) else torch.float32

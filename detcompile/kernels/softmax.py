@@ -227,23 +227,6 @@ def _check(x: Tensor, dim: int) -> int:
     return dim % n
 
 
-def _rows(x: Tensor, dim: int) -> Tensor:
-    """x with `dim` moved last, as a contiguous [rows, R] tensor."""
-    if x.dim() == 0:
-        return x.reshape(1, 1)
-    xm = x.movedim(dim, -1)
-    return xm.reshape(-1, x.shape[dim]).contiguous()
-
-
-def _restore(out2: Tensor, x: Tensor, dim: int) -> Tensor:
-    """[rows, R] result back to x's shape, contiguous (what the fake impl promises)."""
-    if x.dim() == 0:
-        return out2.reshape(())
-    shape = list(x.shape)
-    moved = shape[:dim] + shape[dim + 1:] + [shape[dim]]
-    return out2.reshape(moved).movedim(-1, dim).contiguous()
-
-
 def _on_device(x: Tensor):
     """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -255,7 +238,7 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
         raise UnsupportedError("detcompile.softmax: Triton cannot run on this tensor")
     dim = _check(x, dim)
     # 16-byte aligned rows give vectorized loads (the bits do not depend on it).
-    x2 = _common.aligned16(_rows(x, dim))
+    x2 = _common.aligned16(_common.rows_last(x, dim))
     rows, R = x2.shape
     out2 = torch.empty((rows, R), dtype=_out_dtype(x, half_to_float), device=x.device)
     if rows > 0 and R > 0:
@@ -276,13 +259,13 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
                     maxnreg=None if out2.dtype != x2.dtype else _rd.ROW_SPLIT_MAXNREG,
                     LOG=bool(log), ACC_FP64=acc64,
                 )
-    return _restore(out2, x, dim)
+    return _common.restore_rows(out2, x, dim)
 
 
 def cpu_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = False) -> Tensor:
     """CPU path: exact max, elementwise exp, fixed-tree sum."""
     dim = _check(x, dim)
-    xa = _rows(x, dim).to(_common.acc_dtype(x.dtype))
+    xa = _common.rows_last(x, dim).to(_common.acc_dtype(x.dtype))
     m = _cpu.row_max(xa).unsqueeze(-1)
     z = xa - m
     # torch.exp/log on CPU run through vml, whose loop tail is a partial vector: every element
@@ -290,7 +273,7 @@ def cpu_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = Fa
     e = torch.exp(z)
     s = _cpu.tree_sum(e).unsqueeze(-1)
     out2 = (z - torch.log(s)) if log else (e / s)
-    return _restore(out2.to(_out_dtype(x, half_to_float)), x, dim)
+    return _common.restore_rows(out2.to(_out_dtype(x, half_to_float)), x, dim)
 
 
 @torch.library.custom_op(
