@@ -13,7 +13,6 @@ import copy
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
 from typing import Any
@@ -329,6 +328,7 @@ def create_app(server: Server) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         if exc.status < 500 and exc.status != 503:
             server.counters["rejected_invalid"] += 1
+        log.info("request rejected %s %s status=%d: %s", request.method, request.url.path, exc.status, exc.message)
         return JSON(_error_body(exc.status, exc.message, exc.param, exc.kind), status_code=exc.status,
                     headers=exc.headers)
 
@@ -345,7 +345,9 @@ def create_app(server: Server) -> FastAPI:
             where = ".".join(loc) or "body"
             param = param or where
             parts.append(f"{where}: {e.get('msg')}")
-        return JSON(_error_body(400, "; ".join(parts) or "invalid request", param), status_code=400)
+        msg = "; ".join(parts) or "invalid request"
+        log.info("request rejected %s %s status=400: %s", request.method, request.url.path, msg)
+        return JSON(_error_body(400, msg, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -851,6 +853,3 @@ async def _openai_run(server: Server, req, request: Request, items, *, chat: boo
         out.append(ch)
     return JSON(dict(base, choices=out, usage=usage()), headers=headers)
 
-
-def _nonfinite_safe(x: float) -> float | None:
-    return x if math.isfinite(x) else None

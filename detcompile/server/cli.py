@@ -69,11 +69,11 @@ def cmd_serve(args) -> int:
     _positive("--max-queue", args.max_queue, allow_zero=True)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    try:
-        import uvicorn  # noqa: F401
-        import fastapi  # noqa: F401
-    except ImportError:
-        raise RuntimeError("detcompile serve needs the serve extra: pip install 'detcompile[serve]'") from None
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"detcompile serve needs {', '.join(missing)}: pip install 'detcompile[serve]'")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("detcompile.server")
@@ -92,7 +92,7 @@ def cmd_serve(args) -> int:
 
     model, tok, name = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                                   seed=args.seed)
-    on_cpu = next(model.parameters()).device.type == "cpu" if not isinstance(model, str) else False
+    on_cpu = next(model.parameters()).device.type == "cpu"
     kw = dict(tokenizer=tok, max_num_seqs=args.max_num_seqs or (32 if on_cpu else 256),
               max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
               chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.no_prefix_caching,
@@ -100,8 +100,6 @@ def cmd_serve(args) -> int:
               log=lambda msg: log.info("%s", msg))
     if args.kv_cache_gb is not None:
         kw["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
-    if args.dtype != "auto" and isinstance(model, str):
-        kw["dtype"] = args.dtype
     engine = Engine(model, **kw)
     server = Server(engine, model_name=args.served_model_name or name, api_key=api_key, max_queue=args.max_queue)
     app = create_app(server)

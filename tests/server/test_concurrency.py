@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import threading
 import time
 
 import httpx
 
-from ._util import result_key, sse_events
+from ._util import result_key
 from .conftest import MAX_NUM_SEQS, MAX_QUEUE
 
 N_CLIENTS = 32
@@ -23,7 +24,7 @@ def _requests():
     for i in range(N_CLIENTS):
         out.append({"text": prompts[i % 8], "return_logprob": True, "top_logprobs_num": i % 3,
                     "sampling_params": {"temperature": [0.0, 0.7, 1.0, 1.3][i // 8], "sampling_seed": 100 + i,
-                                        "max_new_tokens": 6 + i % 5}})
+                                        "max_new_tokens": 4 + i % 5}})
     return out
 
 
@@ -152,3 +153,6 @@ def test_metrics_text(server, client):
     m = server.metrics()
     assert m["requests_total"] >= 1 and m["generation_tokens_total"] >= 2
     assert 0 <= m["prefix_cache_hit_rate"] <= 1
+    # One log line per request: id, prompt and output tokens, latency.
+    assert re.search(r"request gen-\w+ /generate prompts=1 prompt_tokens=8 cached_tokens=\d+ output_tokens=2 "
+                     r"latency=[0-9.]+s status=ok", server.log_text())
