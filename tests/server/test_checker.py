@@ -2,6 +2,10 @@
 and exits 0; against a server whose answers vary it exits 1."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import json
 import random
 import threading

@@ -2,6 +2,10 @@
 that leaves mid-stream aborts its request and frees its KV blocks; past the queue bound, 503."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import concurrent.futures
 import json
 import re

@@ -1,6 +1,10 @@
 """Bad input gets a 400 (or 401/404) JSON error naming the problem, never a 5xx, and changes nothing."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import httpx
 import pytest
 

@@ -2,6 +2,10 @@
 logprobs from logprob_start_len=0, /flush_cache between calls, seeds."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import pytest
 
 from ._util import result_key, sse_events

@@ -1,6 +1,10 @@
 """The ``openai`` package as the client of /v1: completions and chat, streaming and not, seeds."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import pytest
 
 openai = pytest.importorskip("openai")

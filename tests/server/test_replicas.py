@@ -2,6 +2,10 @@
 requests (what lets replicas sit behind a load balancer)."""
 from __future__ import annotations
 
+from ._deps import require
+
+require()  # skip without the serve extra, before importing it
+
 import torch
 
 from detcompile.server.fingerprint import tensor_digest
