@@ -97,6 +97,11 @@ class EngineLoop:
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         eng = self.engine
+        dev = eng.runner.device
+        if dev.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(dev)  # the current device is per thread; kernels launch on the engine's
         while not self._stop.is_set():
             if not eng.has_unfinished():
                 try:
