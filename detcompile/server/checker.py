@@ -11,7 +11,10 @@ Modes (the reference system's determinism client has the first three):
 - ``radix``: a long prompt computed cold (after ``/flush_cache``) and warm (from the prefix cache),
   alone and beside prompts that share part of it;
 - ``p_vs_d``: generate (decode) then re-score prompt + output in one prefill (``/generate`` with
-  ``return_logprob`` and ``logprob_start_len``): the output tokens' logprobs must be the same bits.
+  ``return_logprob`` and ``logprob_start_len``): the output tokens' logprobs must be the same bits;
+- ``load`` (not part of ``all``): ``--n-requests`` different requests (mixed prompt and output
+  lengths, sampled with seeds) sent one at a time, then all at once over ``--concurrency`` clients:
+  every answer must equal its serial one; prints throughput and p50/p99 latency.
 
 Each trial sends its batch either as one list request or split over concurrent requests, so the
 engine sees both whole and interleaved batches. Only the standard library is used (urllib).
@@ -22,6 +25,7 @@ import concurrent.futures
 import json
 import os
 import random
+import time
 import urllib.error
 import urllib.request
 
@@ -209,6 +213,43 @@ class Checker:
             self.log(f"Trial {t + 1} with batch size {len(names)}: generated, then re-scored in prefill")
         return [(f"{n} (decode vs prefill logprobs)", seen[n]) for n in texts]
 
+    def load(self):
+        n = self.args.n_requests
+        temp = self.args.temperature or 0.8
+        rng = random.Random(99)
+        reqs = []
+        for i in range(n):
+            plen = rng.randint(8, max(8, min(2048, self.long_len - self.new)))
+            start = rng.randrange(0, max(1, self.long_len - plen))
+            reqs.append(self.body([self.long[start:start + plen]], sampling_params={
+                "temperature": temp, "sampling_seed": 1000 + i, "max_new_tokens": rng.randint(max(1, self.new // 4),
+                                                                                              self.new)}))
+
+        def send(body):
+            t0 = time.perf_counter()
+            r = self.client.call("/generate", body)[0]
+            return r, time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        serial = [send(b) for b in reqs]
+        t_serial = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(self.args.concurrency) as pool:
+            together = list(pool.map(send, reqs))
+        t_conc = time.perf_counter() - t0
+        tokens = sum(r["meta_info"]["completion_tokens"] for r, _ in together)
+        lat = sorted(t for _, t in together)
+        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+        self.out(f"[load] {n} requests, temperature {temp}: serial {t_serial:.1f} s "
+                 f"({sum(r['meta_info']['completion_tokens'] for r, _ in serial) / t_serial:.1f} tok/s); "
+                 f"{self.args.concurrency} concurrent clients {t_conc:.1f} s ({tokens / t_conc:.1f} tok/s), "
+                 f"latency p50 {pct(0.5):.2f} s p99 {pct(0.99):.2f} s")
+        same = sum(self.key(a) == self.key(b) for (a, _), (b, _) in zip(serial, together))
+        self.out(f"[load] concurrent answers equal to serial: {same}/{n}")
+        # One "prompt" per request: its serial and concurrent answers must be one sample.
+        return [(f"Request {i}", [self.key(a), self.key(b)]) for i, ((a, _), (b, _)) in enumerate(zip(serial, together))
+                if self.key(a) != self.key(b)] or [(f"All {n} requests", [self.key(serial[0][0])])]
+
 
 def _ids_of(checker: Checker, text: str) -> list[int]:
     """Token ids for a text prompt: the server's tokenization, read back through a 1-token request
@@ -221,13 +262,15 @@ def _ids_of(checker: Checker, text: str) -> list[int]:
     return cache[text]
 
 
-MODES = ("single", "mixed", "prefix", "radix", "p_vs_d")
+MODES = ("single", "mixed", "prefix", "radix", "p_vs_d")  # "all"; "load" runs alone
 
 
 def run_check(args, out=print) -> int:
     try:
         checker = Checker(args, out)
         modes = MODES if args.mode == "all" else (args.mode,)
+        if not hasattr(args, "n_requests"):
+            args.n_requests = 64
         worst = 0
         out(f"check-server: {args.url}, fingerprint {checker.info.get('system_fingerprint')}, "
             f"deterministic={checker.info.get('deterministic')}, {args.n_trials} trials, "

@@ -42,10 +42,12 @@ def add_subcommands(sub) -> None:
     c = sub.add_parser("check-server", help="send the same prompts to a running server in varying batch "
                                             "compositions and count distinct outputs per prompt (exit 1 if any > 1)")
     c.add_argument("--url", default="http://127.0.0.1:30000")
-    c.add_argument("--mode", default="single", choices=["single", "mixed", "prefix", "radix", "p_vs_d", "all"])
+    c.add_argument("--mode", default="single", choices=["single", "mixed", "prefix", "radix", "p_vs_d", "all", "load"],
+                   help="all = the first five; load = serial vs concurrent equality, throughput, latency")
     c.add_argument("--n-trials", type=int, default=50)
     c.add_argument("--n-start", type=int, default=1, help="batch size of the first trial")
     c.add_argument("--max-new-tokens", type=int, default=100)
+    c.add_argument("--n-requests", type=int, default=64, help="requests of --mode load")
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--sampling-seed", type=int, default=42)
     c.add_argument("--concurrency", type=int, default=8, help="parallel HTTP clients used to mix batches")
@@ -120,8 +122,8 @@ def cmd_serve(args) -> int:
 def cmd_check_server(args) -> int:
     from .checker import run_check
 
-    if args.n_trials < 1 or args.n_start < 1 or args.max_new_tokens < 1 or args.concurrency < 1:
-        raise ValueError("--n-trials, --n-start, --max-new-tokens and --concurrency must be >= 1")
+    if min(args.n_trials, args.n_start, args.max_new_tokens, args.concurrency, args.n_requests) < 1:
+        raise ValueError("--n-trials, --n-start, --max-new-tokens, --concurrency and --n-requests must be >= 1")
     return run_check(args)
 
 

@@ -1,8 +1,9 @@
 """Server tests: the real ``detcompile serve`` process (tiny model, CPU) on a free loopback port.
 
-Two server processes are started once per test session, side by side (they compile in parallel):
-``server`` (used by every module) and ``replica`` (same options, for the scale-out test). Both
-require an API key, so every request here also exercises the key check.
+Three server processes are started once per test session: ``server`` (used by every module) and
+``replica`` (same options, for the scale-out test) side by side, so they compile in parallel; then
+``stock`` (``--no-deterministic``: stock kernels, which check-server must catch; no compile) while
+the first tests run. All require an API key, so every request here also exercises the key check.
 """
 from __future__ import annotations
 
@@ -99,12 +100,19 @@ def _procs() -> dict[str, ServerProcess]:
 @pytest.fixture(scope="session")
 def server():
     p = _procs()["server"].wait()
+    if "stock" not in _PROCS:  # starts now, is ready by the time test_stock runs (the last module)
+        _PROCS["stock"] = ServerProcess("stock", ["--no-deterministic"])
     yield p
 
 
 @pytest.fixture(scope="session")
 def replica():
     return _procs()["replica"].wait()
+
+
+@pytest.fixture(scope="session")
+def stock(server):
+    return _PROCS["stock"].wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

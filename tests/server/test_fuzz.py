@@ -44,7 +44,7 @@ def test_schema_fuzz_no_5xx(server, mode):
             continue
         strategy = op.as_strategy(generation_mode=getattr(schemathesis.GenerationMode, mode.upper()))
 
-        @settings(max_examples=int(os.environ.get("DETC_FUZZ_EXAMPLES", "15")), deadline=None, database=None, derandomize=True,
+        @settings(max_examples=int(os.environ.get("DETC_FUZZ_EXAMPLES", "10")), deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def run(case):
