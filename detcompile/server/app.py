@@ -179,8 +179,8 @@ class Pending:
                 update, self._get = self._get.result(), None
                 if update.error is not None:
                     self.close()
-                    raise ApiError(400 if "internal" not in update.error else 500, update.error,
-                                   kind="invalid_request_error" if "internal" not in update.error else "server_error")
+                    raise ApiError(update.error_status, update.error, kind="invalid_request_error"
+                                   if update.error_status < 500 else "server_error")
                 if update.final is not None:
                     self.finals[update.index] = update.final
                 return update

@@ -39,6 +39,7 @@ class Update:
     samples: list[SampleDelta] = field(default_factory=list)
     final: RequestOutput | None = None  # set once every sample has finished
     error: str | None = None
+    error_status: int = 400  # 500 for an engine failure
 
 
 @dataclass
@@ -167,7 +168,7 @@ class EngineLoop:
                 self.engine.pop_output(rid)
             except Exception:  # noqa: BLE001
                 pass
-            self._post(h, Update(h.index, error="internal engine error (see the server log)"))
+            self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
         self._handles.clear()
 
     def _publish(self, changed) -> None:
