@@ -109,10 +109,11 @@ def test_stream_updates_final_and_failure_recovery():
         loop_thread.abort("e")
         ups = await _collect(sink5)
         assert ups[-1].final.finish_reason == "abort"
-        return loop_thread.snapshot
 
-    snap = asyncio.run(main())
-    assert loop_thread.alive and snap["failed_steps"] == 1 and snap["aborted"] == 2  # the failed one, the dropped one
-    assert snap["aborted_kv_blocks_freed"] >= 1
+    asyncio.run(main())
+    assert loop_thread.alive
     loop_thread.stop()
     assert not loop_thread.alive
+    snap = loop_thread.snapshot  # (final once the thread has stopped)
+    assert snap["failed_steps"] == 1 and snap["aborted"] == 2  # the failed request, the dropped one
+    assert snap["aborted_kv_blocks_freed"] >= 1
