@@ -272,9 +272,10 @@ def run_check(args, out=print) -> int:
         if not hasattr(args, "n_requests"):
             args.n_requests = 64
         worst = 0
+        what = (f"{args.n_requests} requests over {args.concurrency} clients" if args.mode == "load"
+                else f"{args.n_trials} trials, temperature {args.temperature}")
         out(f"check-server: {args.url}, fingerprint {checker.info.get('system_fingerprint')}, "
-            f"deterministic={checker.info.get('deterministic')}, {args.n_trials} trials, "
-            f"{checker.new} new tokens, temperature {args.temperature}")
+            f"deterministic={checker.info.get('deterministic')}, {what}, up to {checker.new} new tokens")
         for mode in modes:
             for name, samples in getattr(checker, mode)():
                 k = len(set(samples))
