@@ -126,6 +126,12 @@ class EngineLoop:
             self._take_snapshot()
 
     def _do(self, cmd) -> None:
+        try:
+            self._do_command(cmd)
+        except Exception:  # noqa: BLE001  (a command must not kill the thread)
+            log.error("engine command %s failed:\n%s", cmd[0], traceback.format_exc())
+
+    def _do_command(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
             for h in cmd[1]:
@@ -133,6 +139,10 @@ class EngineLoop:
                     self.engine.add_request(h.prompt_ids, h.params, h.rid)
                 except ValueError as e:
                     self._post(h, Update(h.index, error=str(e)))
+                    continue
+                except Exception:  # noqa: BLE001
+                    log.error("add_request failed:\n%s", traceback.format_exc())
+                    self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
                     continue
                 h.sent = [0] * h.params.n
                 self._handles[h.rid] = h
@@ -172,31 +182,44 @@ class EngineLoop:
         self._handles.clear()
 
     def _publish(self, changed) -> None:
-        eng = self.engine
         for rid in dict.fromkeys(s.request_id for s in changed):
             h = self._handles.get(rid)
             if h is None:
                 continue
-            seqs = eng.requests[rid]
-            done = all(s.finished for s in seqs)
-            if not (done or h.stream):
-                continue
-            deltas = []
-            for i, s in enumerate(seqs):
-                k = h.sent[i]
-                want = s.params.logprobs is not None
-                deltas.append(SampleDelta(
-                    list(s.output[k:]), list(s.logprobs[k:]) if want else None,
-                    list(s.top_logprobs[k:]) if want and s.params.logprobs else None,
-                    s.finish_reason, _matched(eng, s) if s.finished else None))
-                h.sent[i] = len(s.output)
-            update = Update(h.index, deltas)
-            if done:
-                update.final = eng.pop_output(rid)
-                del self._handles[rid]
-                self.finished_requests += 1
-            if done or any(d.token_ids for d in deltas):
-                self._post(h, update)
+            try:
+                self._publish_one(rid, h)
+            except Exception:  # noqa: BLE001
+                log.error("publishing %s failed:\n%s", rid, traceback.format_exc())
+                self._handles.pop(rid, None)
+                try:
+                    self.engine.abort(rid)
+                    self.engine.pop_output(rid)
+                except Exception:  # noqa: BLE001
+                    pass
+                self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
+
+    def _publish_one(self, rid: str, h: Handle) -> None:
+        eng = self.engine
+        seqs = eng.requests[rid]
+        done = all(s.finished for s in seqs)
+        if not (done or h.stream):
+            return
+        deltas = []
+        for i, s in enumerate(seqs):
+            k = h.sent[i]
+            want = s.params.logprobs is not None
+            deltas.append(SampleDelta(
+                list(s.output[k:]), list(s.logprobs[k:]) if want else None,
+                list(s.top_logprobs[k:]) if want and s.params.logprobs else None,
+                s.finish_reason, _matched(eng, s) if s.finished else None))
+            h.sent[i] = len(s.output)
+        update = Update(h.index, deltas)
+        if done:
+            update.final = eng.pop_output(rid)
+            del self._handles[rid]
+            self.finished_requests += 1
+        if done or any(d.token_ids for d in deltas):
+            self._post(h, update)
 
     @staticmethod
     def _post(h: Handle, update: Update) -> None:
