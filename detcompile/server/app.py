@@ -91,7 +91,7 @@ class Server:
         self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
         self.vocab_size = engine.vocab_size
         self.max_model_len = engine.max_model_len
-        self.fingerprint, self.fingerprint_parts = compute_fingerprint(engine, model_name)
+        self.fingerprint, self.fingerprint_parts = compute_fingerprint(engine)
         self.loop = EngineLoop(engine)
         self.inflight = 0  # sequences accepted and not finished (event-loop thread only)
         self.counters = {"http_requests": 0, "rejected_overload": 0, "rejected_invalid": 0, "client_disconnects": 0,

@@ -3,7 +3,7 @@ request itself (and its seed, which every response reports beside the fingerprin
 
 Two servers with the same fingerprint give the same bits for the same request, so replicas with one
 fingerprint are interchangeable behind a load balancer. It covers the weights (an exact integer
-checksum of every parameter and buffer), the detcompile source (the kernels, passes and engine
+checksum of every parameter and buffer), the model config, the tokenizer, the detcompile source (the kernels, passes and engine
 files), the versions of torch, transformers and triton, the device kind, the dtype, deterministic or
 stock kernels, the engine settings and the ``DETCOMPILE_*`` kernel knobs of the environment.
 """
@@ -60,6 +60,29 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
+_CONFIG_NOISE = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
+                 "architectures"}  # (the class that runs is hashed instead)
+
+
+def config_digest(model) -> str:
+    """sha256 of the model config (what the weights do not say: RoPE, norms, windows, ...)."""
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _CONFIG_NOISE}
+
+    blob = json.dumps([type(model).__name__, clean(model.config.to_dict())], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str | None:
+    """sha256 of the tokenizer (text prompts become these ids) and its chat template."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", {}))])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
 def source_digest() -> str:
     """sha256 of detcompile's own Python files (kernels, passes, engine): what version numbers miss."""
     root = Path(__file__).resolve().parents[1]
@@ -86,8 +109,9 @@ def device_kind(device: torch.device) -> str:
     return f"{device.type}:{platform.machine()}"
 
 
-def fingerprint(engine, model_name: str) -> tuple[str, dict]:
-    """(fingerprint, its components) of an engine."""
+def fingerprint(engine) -> tuple[str, dict]:
+    """(fingerprint, its components) of an engine. The served model name is not part of it:
+    replicas may call the same weights by different names."""
     import detcompile
 
     runner = engine.runner
@@ -97,7 +121,8 @@ def fingerprint(engine, model_name: str) -> tuple[str, dict]:
         knobs["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
     parts = {
         "weights_sha256": weights_digest(engine.model),
-        "model": model_name,
+        "config_sha256": config_digest(engine.model),
+        "tokenizer_sha256": tokenizer_digest(engine.tokenizer),
         "detcompile": detcompile.__version__,
         "detcompile_source_sha256": source_digest(),
         "torch": torch.__version__,

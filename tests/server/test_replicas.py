@@ -53,3 +53,22 @@ def test_weight_digest_is_exact():
     assert tensor_digest(w2) != d
     assert tensor_digest(w.to(torch.bfloat16)) != tensor_digest(w.to(torch.float16))
     assert tensor_digest(w[:500]) != d
+
+
+def test_config_and_tokenizer_digests(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from detcompile.models import tiny_model, tiny_tokenizer
+    from detcompile.server.fingerprint import config_digest, tokenizer_digest, weights_digest
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    # A checkpoint written and read back is the same model, whatever its path.
+    assert weights_digest(again) == weights_digest(model) and config_digest(again) == config_digest(model)
+    assert tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path)) == tokenizer_digest(tok)
+    again.config.rope_theta = 1234.0  # same weights, different model
+    assert config_digest(again) != config_digest(model)
+    tok.chat_template = "{{ messages }}"
+    assert tokenizer_digest(tok) != tokenizer_digest(tiny_tokenizer())
