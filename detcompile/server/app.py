@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine, RequestOutput, SamplingParams
 from .engine_loop import EngineLoop, Handle, Update
 from .fingerprint import fingerprint as compute_fingerprint
-from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, GenerateSamplingParams
+from .protocol import AbortRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest, GenerateSamplingParams
 
 log = logging.getLogger("detcompile.server")
 
@@ -372,6 +372,18 @@ def create_app(server: Server) -> FastAPI:
     async def flush_cache():
         await asyncio.wrap_future(server.loop.call(lambda e: e.flush_cache()))
         return {"success": True, "message": "Cache flushed."}
+
+    @app.post("/abort_request")
+    async def abort_request(req: AbortRequest):
+        """Abort a request by its id (``meta_info.id``, or the ``rid`` you gave), or all of them: its
+        client gets what was generated so far with finish_reason ``{"type": "abort"}``."""
+        if req.abort_all:
+            server.loop.abort_all()
+        elif req.rid:
+            server.loop.abort(req.rid)
+        else:
+            raise ApiError(400, "give 'rid' or 'abort_all': true", "rid")
+        return {"success": True}
 
     @app.get("/get_model_info")
     async def get_model_info():

@@ -89,6 +89,9 @@ class EngineLoop:
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
+    def abort_all(self) -> None:
+        self._inbox.put(("abort_all",))
+
     def call(self, fn) -> concurrent.futures.Future:
         """Run ``fn(engine)`` on the engine thread between steps; its result comes in the future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -148,6 +151,9 @@ class EngineLoop:
                 self._handles[h.rid] = h
         elif kind == "abort":
             self._abort(cmd[1])
+        elif kind == "abort_all":
+            for rid in list(self._handles):
+                self._abort(rid)
         elif kind == "call":
             fn, fut = cmd[1], cmd[2]
             if fut.set_running_or_notify_cancel():
@@ -157,17 +163,17 @@ class EngineLoop:
                     fut.set_exception(e)
 
     def _abort(self, rid: str) -> None:
-        h = self._handles.pop(rid, None)
+        h = self._handles.get(rid)
         seqs = self.engine.requests.get(rid)
         if seqs is None:
             return
         if any(not s.finished for s in seqs):
             self.aborted_kv_blocks_freed += sum(len(s.block_table) for s in seqs if not s.finished)
             self.engine.abort(rid)
-        out = self.engine.pop_output(rid)
         if h is not None:
-            self._post(h, Update(h.index, final=out, samples=[
-                SampleDelta([], None, None, o.finish_reason) for o in out.outputs]))
+            self._publish_one(rid, h)  # what it has so far, finish_reason "abort"
+        else:
+            self.engine.pop_output(rid)
 
     def _fail_all(self, tb: str) -> None:
         self.failed_steps += 1

@@ -60,6 +60,11 @@ class GenerateRequest(_Strict):
     stream: bool = False
 
 
+class AbortRequest(_Strict):
+    rid: str = ""
+    abort_all: bool = False
+
+
 # -- OpenAI-compatible ---------------------------------------------------------------------------
 class StreamOptions(_Strict):
     include_usage: bool = False

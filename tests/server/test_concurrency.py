@@ -160,3 +160,30 @@ def test_metrics_text(server, client):
     # One log line per request: id, prompt and output tokens, latency.
     assert re.search(r"request gen-\w+ /generate prompts=1 prompt_tokens=8 cached_tokens=\d+ output_tokens=2 "
                      r"latency=[0-9.]+s status=ok", server.log_text())
+
+
+def test_abort_request_by_rid(server):
+    m0 = _wait_idle(server)
+    result = {}
+
+    def waiter():
+        with server.client() as c:
+            result["r"] = c.post("/generate", json={"text": "Go on: ", "rid": "abort-me", "sampling_params": {
+                "max_new_tokens": 450, "ignore_eos": True}})
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    t0 = time.time()
+    while server.metrics()["running_sequences"] == 0 and time.time() - t0 < 20:
+        time.sleep(0.05)
+    with server.client() as c:
+        assert c.post("/abort_request", json={"rid": "abort-me"}).json() == {"success": True}
+        assert c.post("/abort_request", json={}).status_code == 400
+    t.join(20)
+    r = result["r"]
+    assert r.status_code == 200
+    out = r.json()
+    assert out["meta_info"]["finish_reason"]["type"] == "abort" and out["meta_info"]["id"] == "abort-me"
+    assert 0 < len(out["output_ids"]) < 450 and out["meta_info"]["completion_tokens"] == len(out["output_ids"])
+    m = _wait_idle(server)
+    assert m["requests_aborted_total"] == m0["requests_aborted_total"] + 1 and m["kv_cache_blocks_used"] == 0
