@@ -32,6 +32,7 @@ log = logging.getLogger("detcompile.server")
 #: The chat prompt of a tokenizer without a chat template: one "role: content" line per message,
 #: then "assistant:" for the model to continue (documented in docs/server.md).
 FALLBACK_CHAT_TEMPLATE = "{role}: {content}\n"
+MAX_BODY_BYTES = 32 << 20
 
 
 class ApiError(Exception):
@@ -490,6 +491,11 @@ class _Edge:
             # Every POST body here is JSON; read it as such whatever the client said (curl -d says form).
             scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
                          + [(b"content-type", b"application/json")])
+        size = headers.get(b"content-length", b"0")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:
+            resp = JSON(_error_body(413, f"request body of {int(size)} bytes is over the limit of {MAX_BODY_BYTES}"),
+                        status_code=413)
+            return await resp(scope, receive, send_with_header)
         if self.expected is not None and scope["path"] != "/health":
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):

@@ -112,3 +112,8 @@ def test_nothing_was_queued_and_the_server_still_serves(server, client):
     r = client.post(G, json={"text": "still fine", "sampling_params": {"max_new_tokens": 2}})
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
     assert "internal server error" not in server.log_text()
+
+
+def test_huge_body_is_refused_unread(client):
+    r = client.post(G, content=b'{"text": "' + b"a" * (33 << 20) + b'"}')
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
