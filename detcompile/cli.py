@@ -1,4 +1,5 @@
-"""The ``detcompile`` command line: ``detcompile demo``, ``detcompile explain`` and ``detcompile audit``."""
+"""The ``detcompile`` command line: ``detcompile demo``, ``detcompile explain``, ``detcompile audit``, and
+``detcompile serve`` / ``detcompile check-server`` (registered by ``detcompile.server.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--all", action="store_true",
                    help="also list every divergent node (root: no input differs; inherits: an input does)")
     a.set_defaults(func=_cmd_audit)
+
+    from .server.cli import add_subcommands as _add_server_commands  # serve, check-server
+
+    _add_server_commands(sub)
     return p
 
 
