@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The server on the GPU: `detcompile serve` with the Llama-3-8B-shaped random model, then
+# `detcompile check-server` in every mode and a load run; logs under $OUT.
+# Usage (repo root, GPU machine): bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
+# Wheels for fastapi/uvicorn/pydantic (absent on the GPU image) are installed from .whl/ if present.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+TRIALS=${1:-50}; LOAD=${2:-64}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+python3 -m detcompile serve --model llama3-8b-random --port 30000 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve.log" && break; sleep 2; done
+grep -q "listening on" "$OUT/serve.log" || { tail -30 "$OUT/serve.log"; kill $SERVER; exit 1; }
+URL=http://127.0.0.1:30000
+{
+  for m in single mixed prefix radix p_vs_d; do
+    python3 -m detcompile check-server --url $URL --mode $m --n-trials "$TRIALS" --quiet || echo "FAIL $m"
+  done
+  python3 -m detcompile check-server --url $URL --mode single --n-trials 10 --temperature 0.8 --quiet || echo "FAIL single T=0.8"
+  python3 -m detcompile check-server --url $URL --mode load --n-requests "$LOAD" --concurrency "$LOAD" \
+    --temperature 0.8 --max-new-tokens 256 || echo "FAIL load"
+} 2>&1 | tee "$OUT/check_server.txt"
+kill $SERVER; wait $SERVER 2>/dev/null
+grep -E "ready|KV cache|captured" "$OUT/serve.log" | head -5
