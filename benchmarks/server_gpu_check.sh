@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The server on the GPU: `detcompile serve` with the Llama-3-8B-shaped random model, then
 # `detcompile check-server` in every mode and a load run; logs under $OUT.
-# Usage (repo root, GPU machine): bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
+# Usage (repo root, GPU machine): [MODEL=tiny] bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
 # Wheels for fastapi/uvicorn/pydantic (absent on the GPU image) are installed from .whl/ if present.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,7 +12,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
-python3 -m detcompile serve --model llama3-8b-random --port 30000 > "$OUT/serve.log" 2>&1 &
+python3 -m detcompile serve --model "${MODEL:-llama3-8b-random}" --port 30000 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve.log" && break; sleep 2; done
 grep -q "listening on" "$OUT/serve.log" || { tail -30 "$OUT/serve.log"; kill $SERVER; exit 1; }
