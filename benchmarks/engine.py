@@ -44,7 +44,6 @@ at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -71,14 +70,13 @@ if not torch.cuda.is_available():
     # Triton kernels run in the interpreter without a GPU; it must be set before triton.jit runs.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from detcompile.models import LLAMA3_8B_CONFIG, random_llama  # noqa: E402  (after TRITON_INTERPRET)
+
 PARTS = ("decode1", "throughput", "hf", "startup")
 GIB = 2**30
 
 #: Llama-3-8B's shapes (random weights).
-LLAMA8B_CONFIG = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-)
+LLAMA8B_CONFIG = LLAMA3_8B_CONFIG
 TINY_CONFIG = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=512, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
@@ -337,35 +335,12 @@ def environment(device: torch.device, argv: list[str]) -> dict:
     return env
 
 
-def _no_init():
-    """transformers' no_init_weights (the model's weights are set right after), if this version has it."""
-    for mod in ("transformers.initialization", "transformers.modeling_utils"):
-        try:
-            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights(), "no_init_weights"
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext(), "hf_init"
-
-
 def build_model(spec: ModelSpec, seed: int = 0):
     """A random-weight Llama built on ``spec.device``: 2-D weights ~ N(0, 0.02), norm weights 1.
     Returns (model, info)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**spec.config)
     sync(spec.device)
     t0 = time.perf_counter()
-    ctx, how = _no_init()
-    with spec.device, ctx:
-        model = LlamaForCausalLM._from_config(cfg, dtype=spec.dtype)
-    gen = torch.Generator(spec.device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
-    model.eval()
+    model, how = random_llama(spec.config, spec.dtype, spec.device, seed)
     sync(spec.device)
     params = list({id(p): p for p in model.parameters()}.values())
     embed = model.get_input_embeddings().weight

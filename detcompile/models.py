@@ -413,3 +413,42 @@ def tiny_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+#: Llama-3-8B's shapes: the realistic GPU model of the benchmarks and the server's load tests.
+LLAMA3_8B_CONFIG = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+)
+
+
+def _no_init():
+    """transformers' no_init_weights (the weights are set right after), if this version has it."""
+    import contextlib
+
+    for mod in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights(), "no_init_weights"
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext(), "hf_init"
+
+
+def random_llama(config: dict, dtype: torch.dtype, device, seed: int = 0):
+    """A Llama of ``config`` built directly on ``device`` with seeded random weights: 2-D weights
+    ~ N(0, 0.02), norm weights 1 (seconds for 8B on a GPU; HF's own init is skipped). Returns
+    (model in eval mode, how the init was skipped)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(device)
+    ctx, how = _no_init()
+    with device, ctx:
+        model = LlamaForCausalLM._from_config(LlamaConfig(**config), dtype=dtype)
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)
+    return model.eval(), how

@@ -7,6 +7,7 @@
 Any Hugging Face causal LM works: pass ``Engine("/path/to/checkpoint")`` instead of the demo model.
 """
 import logging
+import os
 
 import uvicorn
 
@@ -26,4 +27,4 @@ app = create_app(server)
 print("fingerprint:", server.fingerprint)
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=30000)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", 30000)))

@@ -19,9 +19,14 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # slow tests run when selected (-m "...slow...") or with DETCOMPILE_RUN_SLOW=1: the default run stays fast
+    run_slow = "slow" in (config.getoption("-m") or "") or os.environ.get("DETCOMPILE_RUN_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: select with -m slow or DETCOMPILE_RUN_SLOW=1")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture

@@ -36,6 +36,36 @@ def test_engine_generate_example():
         assert line in res.stdout, res.stdout
 
 
+def test_server_example_answers_generate():
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="", PORT=str(port))
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "examples", "server.py")], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        body = {"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        a = httpx.post(url + "/generate", json=body, timeout=60).json()
+        b = httpx.post(url + "/generate", json=body, timeout=60).json()
+        assert a["meta_info"]["completion_tokens"] == 8 and a["output_ids"] == b["output_ids"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(REPO, "examples")) if f.endswith(".py")))
 def test_every_example_is_tested(script):
-    assert script in {"check_invariance.py", "audit_stock_model.py", "engine_generate.py"}, f"add a test for examples/{script}"
+    assert script in {"check_invariance.py", "audit_stock_model.py", "engine_generate.py", "server.py"}, f"add a test for examples/{script}"

@@ -410,7 +410,7 @@ def create_app(server: Server) -> FastAPI:
         n = items[0][2].n
         headers = {"X-Detcompile-Seed": str(items[0][2].effective_seed)} if single else None
         if req.stream:
-            return _ClosingStream(_generate_stream(server, pending, states, n, request), media_type="text/event-stream",
+            return _ClosingStream(_sse(server, pending, "/generate(stream)", _generate_events(pending, states, n, request)), media_type="text/event-stream",
                                   headers=headers)
         try:
             while not pending.done:
@@ -623,17 +623,14 @@ def _generate_items(server: Server, req: GenerateRequest):
     return items, single, base
 
 
-async def _generate_stream(server: Server, pending: Pending, states: dict, n: int, request: Request):
+async def _sse(server: Server, pending: Pending, label: str, events):
+    """Pass a stream's ``data:`` lines through, then ``[DONE]``. An API error becomes one error
+    event; a client that leaves is counted (its request is aborted when ``pending`` closes); the
+    request's log line is written once, whatever happened."""
     status = "ok"
     try:
-        while not pending.done:
-            u = await pending.next(request)
-            for j, d in enumerate(u.samples):
-                st = states[(u.index, j)]
-                if st.apply(d, u.final):
-                    chunk = st.to_json()
-                    chunk["index"] = u.index * n + j
-                    yield f"data: {_dumps(chunk)}\n\n"
+        async for line in events:
+            yield line
         yield "data: [DONE]\n\n"
     except ClientGone:
         status = "client-disconnected"
@@ -648,7 +645,18 @@ async def _generate_stream(server: Server, pending: Pending, states: dict, n: in
         raise
     finally:
         pending.close()
-        pending.log_line("/generate(stream)", status)
+        pending.log_line(label, status)
+
+
+async def _generate_events(pending: Pending, states: dict, n: int, request: Request):
+    while not pending.done:
+        u = await pending.next(request)
+        for j, d in enumerate(u.samples):
+            st = states[(u.index, j)]
+            if st.apply(d, u.final):
+                chunk = st.to_json()
+                chunk["index"] = u.index * n + j
+                yield f"data: {_dumps(chunk)}\n\n"
 
 
 # -- OpenAI helpers ----------------------------------------------------------------------------------
@@ -801,51 +809,35 @@ async def _openai_run(server: Server, req, request: Request, items, *, chat: boo
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def gen():
-            status = "ok"
+        async def events():
             obj = "chat.completion.chunk" if chat else "text_completion"
-            try:
-                if chat:
-                    for c in sorted(choices.values(), key=lambda c: c.index):
-                        first = dict(base, object=obj, choices=[{"index": c.index, "delta": {"role": "assistant",
-                                     "content": ""}, "logprobs": None, "finish_reason": None}])
-                        yield f"data: {_dumps(first)}\n\n"
-                elif any(echo):
-                    for c in sorted(choices.values(), key=lambda c: c.index):
-                        yield f"data: {_dumps(dict(base, object=obj, choices=[{'index': c.index, 'text': c.echo, 'logprobs': None, 'finish_reason': None}]))}\n\n"  # noqa: E501
-                while not pending.done:
-                    u = await pending.next(request)
-                    for j, d in enumerate(u.samples):
-                        c = choices[(u.index, j)]
-                        text, ids, lps, tops = c.apply(d, u.final)
-                        if not (text or ids or c.finish):
-                            continue
-                        ch = {"index": c.index, "logprobs": c.logprobs_json(ids, lps, tops),
-                              "finish_reason": c.finish, "seed": seeds[c.index]}
-                        if chat:
-                            ch["delta"] = {"content": text} if text or not c.finish else {}
-                        else:
-                            ch["text"] = text
-                        yield f"data: {_dumps(dict(base, object=obj, choices=[ch]))}\n\n"
-                if include_usage:
-                    yield f"data: {_dumps(dict(base, object=obj, choices=[], usage=usage()))}\n\n"
-                yield "data: [DONE]\n\n"
-            except ClientGone:
-                status = "client-disconnected"
-                server.counters["client_disconnects"] += 1
-            except ApiError as e:
-                status = f"error {e.status}"
-                yield f"data: {_dumps(_error_body(e.status, e.message, e.param, e.kind))}\n\n"
-                yield "data: [DONE]\n\n"
-            except (asyncio.CancelledError, GeneratorExit):
-                status = "client-disconnected"
-                server.counters["client_disconnects"] += 1
-                raise
-            finally:
-                pending.close()
-                pending.log_line(endpoint + "(stream)", status)
+            if chat:
+                for c in sorted(choices.values(), key=lambda c: c.index):
+                    first = dict(base, object=obj, choices=[{"index": c.index, "delta": {"role": "assistant",
+                                 "content": ""}, "logprobs": None, "finish_reason": None}])
+                    yield f"data: {_dumps(first)}\n\n"
+            elif any(echo):
+                for c in sorted(choices.values(), key=lambda c: c.index):
+                    yield f"data: {_dumps(dict(base, object=obj, choices=[{'index': c.index, 'text': c.echo, 'logprobs': None, 'finish_reason': None}]))}\n\n"  # noqa: E501
+            while not pending.done:
+                u = await pending.next(request)
+                for j, d in enumerate(u.samples):
+                    c = choices[(u.index, j)]
+                    text, ids, lps, tops = c.apply(d, u.final)
+                    if not (text or ids or c.finish):
+                        continue
+                    ch = {"index": c.index, "logprobs": c.logprobs_json(ids, lps, tops),
+                          "finish_reason": c.finish, "seed": seeds[c.index]}
+                    if chat:
+                        ch["delta"] = {"content": text} if text or not c.finish else {}
+                    else:
+                        ch["text"] = text
+                    yield f"data: {_dumps(dict(base, object=obj, choices=[ch]))}\n\n"
+            if include_usage:
+                yield f"data: {_dumps(dict(base, object=obj, choices=[], usage=usage()))}\n\n"
 
-        return _ClosingStream(gen(), media_type="text/event-stream", headers=headers)
+        return _ClosingStream(_sse(server, pending, endpoint + "(stream)", events()), media_type="text/event-stream",
+                              headers=headers)
 
     try:
         while not pending.done:

@@ -179,13 +179,17 @@ class EngineLoop:
         self.failed_steps += 1
         log.error("engine step failed; failing its %d requests:\n%s", len(self._handles), tb)
         for rid, h in list(self._handles.items()):
-            try:
-                self.engine.abort(rid)
-                self.engine.pop_output(rid)
-            except Exception:  # noqa: BLE001
-                pass
-            self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
+            self._fail_one(rid, h)
         self._handles.clear()
+
+    def _fail_one(self, rid: str, h: Handle) -> None:
+        """Drop a request the engine failed on (best effort) and tell its client: a 500, once."""
+        try:
+            self.engine.abort(rid)
+            self.engine.pop_output(rid)
+        except Exception:  # noqa: BLE001  (the engine is already in trouble; the client must still hear)
+            pass
+        self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
 
     def _publish(self, changed) -> None:
         for rid in dict.fromkeys(s.request_id for s in changed):
@@ -197,12 +201,7 @@ class EngineLoop:
             except Exception:  # noqa: BLE001
                 log.error("publishing %s failed:\n%s", rid, traceback.format_exc())
                 self._handles.pop(rid, None)
-                try:
-                    self.engine.abort(rid)
-                    self.engine.pop_output(rid)
-                except Exception:  # noqa: BLE001
-                    pass
-                self._post(h, Update(h.index, error="internal engine error (see the server log)", error_status=500))
+                self._fail_one(rid, h)
 
     def _publish_one(self, rid: str, h: Handle) -> None:
         eng = self.engine

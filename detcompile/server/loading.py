@@ -15,10 +15,6 @@ import torch
 
 NAMED = ("demo", "tiny", "llama3-8b-random")
 
-LLAMA3_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,27 +34,11 @@ def resolve_dtype(dtype: str, device: torch.device):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16; got {dtype!r}") from None
 
 
-def _random_llama(config: dict, dtype, device: torch.device, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**config)
-    with device:
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
-    return model.eval()
-
-
 def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
                seed: int = 0):
     """(model or checkpoint path, tokenizer or None, display name). A path is handed to the Engine,
     which loads it; named models are built here."""
-    from ..models import demo_model, tiny_model, tiny_tokenizer
+    from ..models import LLAMA3_8B_CONFIG, demo_model, random_llama, tiny_model, tiny_tokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -78,7 +58,8 @@ def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto", 
     if name_or_path == "llama3-8b-random":
         if dev.type != "cuda":
             raise ValueError("--model llama3-8b-random needs a CUDA GPU (16 GB of bf16 weights)")
-        return _random_llama(LLAMA3_8B, dt or torch.bfloat16, dev, seed), tok or tiny_tokenizer(), "llama3-8b-random"
+        model, _ = random_llama(LLAMA3_8B_CONFIG, dt or torch.bfloat16, dev, seed)
+        return model, tok or tiny_tokenizer(), "llama3-8b-random"
     if not os.path.isdir(name_or_path):
         raise ValueError(f"--model {name_or_path!r} is neither a local checkpoint directory nor one of "
                          f"{', '.join(NAMED)} (nothing is downloaded)")
