@@ -42,6 +42,18 @@ def _wait_idle(server, timeout=30):
     raise AssertionError(f"server not idle: {m}")
 
 
+
+def wait_for_abort(server, m0: dict, timeout: float = 20.0) -> dict:
+    """The metrics once the server has aborted one more request and freed every KV block (or the last
+    ones read at the timeout: the caller's asserts say what was missing)."""
+    t0 = time.time()
+    while True:
+        m = server.metrics()
+        done = m["requests_aborted_total"] > m0["requests_aborted_total"] and m["kv_cache_blocks_used"] == 0
+        if done or time.time() - t0 > timeout:
+            return m
+        time.sleep(0.1)
+
 def test_concurrent_clients_get_their_serial_answers(server, client):
     reqs = _requests()
     client.post("/flush_cache")
@@ -78,12 +90,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
                     break  # (leaving iter_lines closes the connection)
     assert used > 0
     # The connection is closed: the server must abort the request and free its pages.
-    t0 = time.time()
-    while time.time() - t0 < 20:
-        m = server.metrics()
-        if m["requests_aborted_total"] > m0["requests_aborted_total"] and m["kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.1)
+    m = wait_for_abort(server, m0)
     assert m["requests_aborted_total"] == m0["requests_aborted_total"] + 1
     assert m["kv_cache_blocks_used"] == 0 and m["inflight_sequences"] == 0
     assert m["aborted_kv_blocks_freed_total"] > m0["aborted_kv_blocks_freed_total"]
@@ -136,12 +143,7 @@ def test_non_streaming_client_that_leaves_is_aborted(server):
             c.post("/generate", content=body, timeout=1.0)
         except httpx.TimeoutException:
             pass  # the client gives up and closes the connection
-    t0 = time.time()
-    while time.time() - t0 < 20:
-        m = server.metrics()
-        if m["requests_aborted_total"] > m0["requests_aborted_total"] and m["kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.1)
+    m = wait_for_abort(server, m0)
     assert m["requests_aborted_total"] == m0["requests_aborted_total"] + 1
     assert m["kv_cache_blocks_used"] == 0
 
