@@ -8,7 +8,7 @@ from detcompile.models import tiny_causal_lm
 
 from ._util import fingerprint, prompts
 
-ARCHS = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "mixtral", "qwen3_moe", "phi3", "gpt_neox", "opt"]
+ARCHS = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "mixtral", "qwen3_moe", "phi3", "gpt_neox", "opt", "gpt_oss"]
 
 
 def check(model, device):
