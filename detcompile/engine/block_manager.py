@@ -77,28 +77,31 @@ class BlockManager:
             self.ref[page] += 1
         seq.block_table = list(pages)
         seq.num_computed = len(pages) * self.block_size
+        seq.committed_pages = len(pages)  # matched pages are registered: the chain continues from the last
+        seq.last_page_hash = self.block_hash[pages[-1]] if pages else None
         seq.num_cached_prompt = seq.num_computed
         self.queried_tokens += seq.first_logit_pos
         self.hit_tokens += seq.num_computed
 
     def commit(self, seq: Sequence) -> None:
-        """Register the pages ``seq`` has filled completely, so later sequences can reuse them."""
+        """Register the pages ``seq`` has filled completely since the last call, so later sequences
+        can reuse them (incremental: a decode step costs nothing until a page fills)."""
         if not self.enable_prefix_caching:
             return
-        bs, tokens = self.block_size, None
-        h = None
-        for i, page in enumerate(seq.block_table[: seq.num_computed // bs]):
-            if self.block_hash[page] is not None:
-                h = self.block_hash[page]
-                continue
-            tokens = tokens or seq.tokens
+        bs = self.block_size
+        full = seq.num_computed // bs
+        if seq.committed_pages >= full:
+            return
+        tokens, h = seq.tokens, seq.last_page_hash
+        for i in range(seq.committed_pages, full):
+            page = seq.block_table[i]
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             h = self._hash(h, chunk)
-            if h in self.cached:  # the same content sits in another page already
-                continue
-            self.cached[h] = page
-            self.block_hash[page] = h
-            self.block_tokens[page] = chunk
+            if self.block_hash[page] is None and h not in self.cached:  # else: cached already, here or elsewhere
+                self.cached[h] = page
+                self.block_hash[page] = h
+                self.block_tokens[page] = chunk
+        seq.committed_pages, seq.last_page_hash = full, h
 
     def flush(self) -> None:
         """Forget every cached prefix (pages in use keep their contents, unregistered)."""
@@ -137,3 +140,4 @@ class BlockManager:
                     self.free.append(page)
         seq.block_table = []
         seq.num_computed = 0
+        seq.committed_pages, seq.last_page_hash = 0, None

@@ -37,6 +37,8 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at the last admission
+    committed_pages: int = 0  # leading pages already offered to the prefix cache
+    last_page_hash: int | None = None  # chained hash of the last of them
     status: Status = Status.WAITING
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
