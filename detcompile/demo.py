@@ -1,5 +1,7 @@
 """``detcompile demo``: one prompt alone and inside batches of several sizes, through eager PyTorch,
-stock ``torch.compile`` and ``backend="deterministic"``; how many distinct outputs each gives.
+stock ``torch.compile`` and ``backend="deterministic"``; how many distinct outputs each gives. Then
+seeded sampling, the case users feel: HF ``generate(do_sample=True)`` after ``torch.manual_seed``
+against detcompile's engine with a seed, the prompt again alone and in each batch.
 
 The model is the embedded default (``detcompile.models.demo_model``): a small Llama-shaped model built
 from a built-in config with seeded random weights, so nothing is downloaded.
@@ -42,8 +44,10 @@ def run_demo(
     ways=("eager", "torch.compile", "deterministic"),
     seed: int = 0,
     progress: bool = True,
+    sampling: bool = True,
 ) -> dict:
-    """Run the demo and return {way: {"logits": n_distinct, "tokens": n_distinct, "seconds": s}}."""
+    """Run the demo and return {way: {"logits": n_distinct, "tokens": n_distinct, "seconds": s}}, and
+    with ``sampling`` the distinct seeded samples of HF generate and of the engine."""
     from tqdm.auto import tqdm
 
     if device == "auto":
@@ -91,7 +95,47 @@ def run_demo(
             "seconds": time.perf_counter() - t0,
         }
     bar.close()
-    return {"device": device, "dtype": dtype, "batch_sizes": list(batch_sizes), "results": results}
+    res = {"device": device, "dtype": dtype, "batch_sizes": list(batch_sizes), "results": results}
+    if sampling:
+        res["sampling"] = _sampling(model, prompt, neighbours, batch_sizes, new_tokens, seed, device, progress)
+    return res
+
+
+def _batch(prompt, neighbours, bs):
+    row = bs // 2
+    return torch.cat([neighbours[:row], prompt, neighbours[row: bs - 1]]), row
+
+
+def _sampling(model, prompt, neighbours, batch_sizes, new_tokens, seed, device, progress) -> dict:
+    """Distinct samples of the prompt (temperature 0.8, one seed) over the batch sizes: HF draws from
+    the global generator, so the prompt's draw depends on the rows before it; the engine's noise is a
+    hash of (seed, position, token), the prompt's alone."""
+    from tqdm.auto import tqdm
+
+    from .engine import Engine, SamplingParams
+
+    hf, engine_samples = set(), set()
+    bar = tqdm(total=2 * len(batch_sizes), desc="sampling", disable=not progress)
+    for bs in batch_sizes:
+        batch, row = _batch(prompt, neighbours, bs)
+        torch.manual_seed(seed)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.generate(batch.to(device), attention_mask=torch.ones_like(batch, device=device),
+                                 do_sample=True, temperature=0.8, top_k=0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0)
+        hf.add(tuple(out[row, batch.shape[1]:].tolist()))
+        bar.update(1)
+    engine = Engine(model, max_num_seqs=max(batch_sizes), max_model_len=prompt.shape[1] + new_tokens + 8,
+                    kv_cache_bytes=None if device == "cuda" else 64 << 20, cuda_graphs=False, log=lambda m: None)
+    params = SamplingParams(temperature=0.8, seed=seed, max_new_tokens=new_tokens, ignore_eos=True)
+    for bs in batch_sizes:
+        batch, row = _batch(prompt, neighbours, bs)
+        outs = engine.generate([r.tolist() for r in batch], params, use_tqdm=False)
+        engine_samples.add(tuple(outs[row].token_ids))
+        bar.update(1)
+    bar.close()
+    return {"hf_generate": len(hf), "engine": len(engine_samples)}
 
 
 def format_demo(res: dict) -> str:
@@ -103,4 +147,12 @@ def format_demo(res: dict) -> str:
     ]
     for way, r in res["results"].items():
         lines.append(f"  {way:<16}{r['logits']:>17}{r['tokens']:>17}{r['seconds']:>10.1f}")
+    if "sampling" in res:
+        smp = res["sampling"]
+        lines += [
+            "",
+            "Seeded sampling of the same prompt (temperature 0.8, one seed), alone and in each batch:",
+            f"  HF generate(do_sample=True) after torch.manual_seed: {smp['hf_generate']} distinct samples",
+            f"  detcompile Engine, SamplingParams(seed=...):        {smp['engine']} distinct sample(s)",
+        ]
     return "\n".join(lines)
