@@ -127,7 +127,7 @@ def _sampling(model, prompt, neighbours, batch_sizes, new_tokens, seed, device, 
         hf.add(tuple(out[row, batch.shape[1]:].tolist()))
         bar.update(1)
     engine = Engine(model, max_num_seqs=max(batch_sizes), max_model_len=prompt.shape[1] + new_tokens + 8,
-                    kv_cache_bytes=None if device == "cuda" else 64 << 20, cuda_graphs=False, log=lambda m: None)
+                    kv_cache_bytes=256 << 20, cuda_graphs=False, log=lambda m: None)
     params = SamplingParams(temperature=0.8, seed=seed, max_new_tokens=new_tokens, ignore_eos=True)
     for bs in batch_sizes:
         batch, row = _batch(prompt, neighbours, bs)
