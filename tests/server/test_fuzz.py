@@ -1,4 +1,4 @@
-"""A schema fuzz of /openapi.json (schemathesis, optional: skipped when it is not installed): no
+"""A schema fuzz of /openapi.json (schemathesis, in the test extra; skipped where it is not installed): no
 request the schema allows, or nearly allows, gets a 5xx."""
 from __future__ import annotations
 
