@@ -89,7 +89,8 @@ def cmd_serve(args) -> int:
         raise RuntimeError(f"cannot bind {args.host}:{args.port}: {e}") from None
 
     from ..engine import Engine
-    from .app import Server, create_app
+    from .app import create_app
+    from .state import Server
     from .loading import load_model
 
     model, tok, name = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
