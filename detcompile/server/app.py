@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import SamplingParams
 from .protocol import AbortRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
-from .state import ApiError, ClientGone, JSON, Server, _ClosingStream, _error_body, _new_id, _sse
+from .state import ApiError, JSON, Server, _ClosingStream, _error_body, _new_id, _sse, drain
 from .native_api import GenState, _generate_events, _generate_items
 from .openai_api import _chat_prompt, _check_model, _completion_prompts, _openai_params, _openai_run
 
@@ -122,20 +122,11 @@ def create_app(server: Server) -> FastAPI:
         n = items[0][2].n
         headers = {"X-Detcompile-Seed": str(items[0][2].effective_seed)} if single else None
         if req.stream:
-            return _ClosingStream(_sse(server, pending, "/generate(stream)", _generate_events(pending, states, n, request)), media_type="text/event-stream",
+            events = _generate_events(pending, states, n, request)
+            return _ClosingStream(_sse(server, pending, "/generate(stream)", events), media_type="text/event-stream",
                                   headers=headers)
-        try:
-            while not pending.done:
-                u = await pending.next(request)
-                for j, d in enumerate(u.samples):
-                    states[(u.index, j)].apply(d, u.final)
-        except ClientGone:
-            server.counters["client_disconnects"] += 1
-            pending.log_line("/generate", "client-disconnected")
+        if not await drain(server, pending, "/generate", states, request):
             return JSON({}, status_code=499)
-        finally:
-            pending.close()
-        pending.log_line("/generate", "ok")
         results = [states[k].to_json() for k in sorted(states)]
         return JSON(results[0] if single and n == 1 else results, headers=headers)
 

@@ -8,7 +8,7 @@ from fastapi import Request
 
 from ..engine import RequestOutput, SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .state import ApiError, ClientGone, JSON, Server, _ClosingStream, _dumps, _sse
+from .state import ApiError, JSON, Server, _ClosingStream, _dumps, _sse, drain
 from .native_api import TextStream
 
 #: The chat prompt of a tokenizer without a chat template: one "role: content" line per message,
@@ -195,18 +195,8 @@ async def _openai_run(server: Server, req, request: Request, items, *, chat: boo
         return _ClosingStream(_sse(server, pending, endpoint + "(stream)", events()), media_type="text/event-stream",
                               headers=headers)
 
-    try:
-        while not pending.done:
-            u = await pending.next(request)
-            for j, d in enumerate(u.samples):
-                choices[(u.index, j)].apply(d, u.final)
-    except ClientGone:
-        server.counters["client_disconnects"] += 1
-        pending.log_line(endpoint, "client-disconnected")
+    if not await drain(server, pending, endpoint, choices, request):
         return JSON({}, status_code=499)
-    finally:
-        pending.close()
-    pending.log_line(endpoint, "ok")
     out = []
     for c in sorted(choices.values(), key=lambda c: c.index):
         c.offset = len(c.echo)

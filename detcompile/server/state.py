@@ -222,3 +222,21 @@ async def _sse(server: Server, pending: Pending, label: str, events):
     finally:
         pending.close()
         pending.log_line(label, status)
+
+
+async def drain(server: Server, pending: Pending, label: str, states: dict, request) -> bool:
+    """A non-streamed request: feed every update to ``states[(index, sample)].apply`` until done.
+    False if the client left (counted, logged); the request's log line is written either way."""
+    try:
+        while not pending.done:
+            u = await pending.next(request)
+            for j, d in enumerate(u.samples):
+                states[(u.index, j)].apply(d, u.final)
+    except ClientGone:
+        server.counters["client_disconnects"] += 1
+        pending.log_line(label, "client-disconnected")
+        return False
+    finally:
+        pending.close()
+    pending.log_line(label, "ok")
+    return True
