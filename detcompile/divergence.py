@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from .passes.classify import classify
-from .passes.manager import op_name, source_line
+from .passes.manager import by_precedence, op_name, source_line
 
 
 def _pass_ops() -> dict[str, set[str]]:
@@ -476,7 +476,8 @@ def _coverage(
     from .passes import SPECS
 
     device = "cpu" if on_cpu else "cuda"
-    table_pass = next((p for p, ops in tables.items() if name in ops and device in SPECS[p].devices), None)
+    table_pass = next((s.name for s in by_precedence(SPECS.values())
+                       if name in tables[s.name] and device in s.devices), None)
     reason = classify(node) if node.op == "call_function" else None
     why = (f"the audit pass reports it: {reason}" if reason
            else "the audit pass classifies it as batch-invariant, so no pass rewrites it")

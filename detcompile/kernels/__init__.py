@@ -18,3 +18,5 @@ from . import grouped_mm  # noqa: F401
 from . import cpu_pointwise  # noqa: F401
 from . import conv1d  # noqa: F401
 from . import solve_triangular  # noqa: F401
+from . import rotary_embedding  # noqa: F401
+from . import silu_mul  # noqa: F401

@@ -7,7 +7,7 @@ their coverage from there.
 """
 from . import (
     convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, matmul, reductions, rms_norm,
-    sdpa, softmax, solve_triangular, sort,
+    rotary, sdpa, silu_mul, softmax, solve_triangular, sort,
 )
 from .classify import NondeterminismError, audit_pass, classify
 from .manager import Leftover, PassContext, PassManager, PassSpec, Report, Rewrite
@@ -26,6 +26,8 @@ ATEN_SPECS = [
     convolution.SPEC,
     solve_triangular.SPEC,
     sort.SPEC,
+    rotary.SPEC,  # fusions of pointwise ops: nothing above rewrites these patterns' ops
+    silu_mul.SPEC,  # before cpu_pointwise, which would take the silu
     cpu_pointwise.SPEC,  # after the norms/softmax patterns, which read rsqrt/exp
 ]
 

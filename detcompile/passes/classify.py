@@ -209,11 +209,12 @@ def classify(node: fx.Node) -> str | None:
 
 
 def _declared_by(node: fx.Node):
-    """The first pass that declares this op as a target on the node's device, if any."""
+    """The first pass that declares this op as a target on the node's device, if any (fusions last)."""
     from . import SPECS  # the package imports this module: resolve at call time
+    from .manager import by_precedence
 
     device = "cpu" if _on_cpu(node) else "cuda"
-    return next((s for s in SPECS.values() if device in s.devices and s.handles(node.target)), None)
+    return next((s for s in by_precedence(SPECS.values()) if device in s.devices and s.handles(node.target)), None)
 
 
 def _reason(node: fx.Node, t, base: str) -> str | None:

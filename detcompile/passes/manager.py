@@ -89,6 +89,9 @@ class PassSpec:
     when: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
     level: str = "aten"  #: "aten" (after AOTAutograd) or "torch" (the Dynamo graph)
+    #: A fusion: the targets are rewritten only together, as one pattern (rotary, SwiGLU). Such a pass is
+    #: named for a left op only when no other pass declares that op (``by_precedence``).
+    fusion: bool = False
 
     @functools.cached_property
     def version(self) -> str:
@@ -107,6 +110,11 @@ class PassSpec:
     def op_names(self) -> set[str]:
         """The targets' overload packet names."""
         return {t.split(".")[0] for t in self.targets}
+
+
+def by_precedence(specs) -> list[PassSpec]:
+    """The specs in pass order, fusions last: which pass to name for an op none of them rewrote."""
+    return sorted(specs, key=lambda s: s.fusion)
 
 
 class PassManager:
@@ -236,3 +244,28 @@ def is_call(node: Any, *targets: Any) -> bool:
 
 
 GETITEM = operator.getitem
+
+
+def static_eq(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, known without adding a guard (False when it cannot be told)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(static_eq(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same stride in every dim that can have more than one element."""
+    return same_shape(a, b) and all(
+        static_eq(n, 1) or static_eq(sa, sb) for n, sa, sb in zip(a.shape, a.stride(), b.stride())
+    )
+
+
+def kernel_dtype(v: torch.Tensor) -> bool:
+    """A floating dtype the detcompile kernels take on v's device (float64 on the CPU only)."""
+    from ..kernels import _common
+
+    return v.dtype in (_common.GPU_DTYPES if v.device.type == "cuda" else _common.CPU_DTYPES)

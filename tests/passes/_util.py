@@ -23,3 +23,20 @@ def run_pass(gm, pass_fn):
 
 def targets(gm) -> set:
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def compiled_logits(model, ids, disable=(), **options):
+    """(logits, {pass name: rewrites}) of ``model(ids)`` under the backend (strict), the passes in
+    ``disable`` off."""
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="deterministic",
+                             options={"strict": True, "disable_passes": tuple(disable), "report_sink": reports.append,
+                                      **options})
+    with torch.no_grad():
+        logits = compiled(ids).logits
+    counts: dict = {}
+    for report in reports:
+        for r in report.rewrites:
+            counts[r.pass_name] = counts.get(r.pass_name, 0) + 1
+    return logits, counts
