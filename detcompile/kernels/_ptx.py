@@ -65,11 +65,14 @@ if _common.HAS_TRITON:
     _SILU_ASM = tl.constexpr(SILU_PTX)  # a jit function reads module globals only as constexprs
 
     @triton.jit
+    def _f32_op(a, b, ASM: tl.constexpr):
+        return tl.inline_asm_elementwise(ASM, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
     def mul_rn(a, b, PTX: tl.constexpr):
         """fp32 ``a * b``, rounded once (never contracted into an FMA)."""
         if PTX:
-            y = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
-                                          is_pure=True, pack=1)
+            y = _f32_op(a, b, "mul.rn.f32 $0, $1, $2;")
         else:
             y = a * b
         return y
@@ -78,8 +81,7 @@ if _common.HAS_TRITON:
     def add_rn(a, b, PTX: tl.constexpr):
         """fp32 ``a + b``, rounded once (never contracted into an FMA)."""
         if PTX:
-            y = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
-                                          is_pure=True, pack=1)
+            y = _f32_op(a, b, "add.rn.f32 $0, $1, $2;")
         else:
             y = a + b
         return y
