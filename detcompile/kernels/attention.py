@@ -42,6 +42,7 @@ from ._common import HAS_TRITON, UnsupportedError, tl, triton
 
 OP = "attention"
 PAGED_OP = "paged_attention"
+VARLEN_OP = "paged_attention_varlen"
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2147483647
 #: Largest supported (padded) head dim: larger tiles would not fit in registers/shared memory.
@@ -276,6 +277,7 @@ if HAS_TRITON:
     def _attention_kernel(
         Q, K, V, Mask, Origin, Out,
         BT, KVLens, WsAcc, WsML,
+        QStart, QLens, TileSeq, TileBlk,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -293,6 +295,7 @@ if HAS_TRITON:
         PARALLEL_SPLITS: tl.constexpr,
         HAS_WINDOW: tl.constexpr,  # query p sees keys p - WINDOW < k <= p
         HAS_SINKS: tl.constexpr,  # per-head sink logit in the softmax denominator (gpt-oss)
+        VARLEN: tl.constexpr,  # paged, ragged: program (hk, tile) -> (row b, row block) via TileSeq/TileBlk
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -305,11 +308,22 @@ if HAS_TRITON:
         whole group. Each row's arithmetic is its own: which rows share a program never matters."""
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
-        if IS_CAUSAL:
-            # Last (longest) row blocks first: better load balance (scheduling only).
-            pid_m = tl.num_programs(1) - 1 - pid_m
-        b = (pid_bh // Hkv).to(tl.int64)
-        hk = (pid_bh % Hkv).to(tl.int64)
+        if VARLEN:
+            # Row b's Lq queries sit at QStart[b].. of a flat [T, Hq, D] q (sqb = sob = 0). Spare
+            # tiles point at a row of no queries and no keys: they load nothing and store nothing.
+            tile = tl.num_programs(1) - 1 - pid_m  # the host lists long rows' tiles last
+            b = tl.load(TileSeq + tile).to(tl.int64)
+            pid_m = tl.load(TileBlk + tile)
+            hk = pid_bh.to(tl.int64)
+            Lq = tl.load(QLens + b)
+            q_row0 = tl.load(QStart + b).to(tl.int64)
+        else:
+            if IS_CAUSAL:
+                # Last (longest) row blocks first: better load balance (scheduling only).
+                pid_m = tl.num_programs(1) - 1 - pid_m
+            b = (pid_bh // Hkv).to(tl.int64)
+            hk = (pid_bh % Hkv).to(tl.int64)
+            q_row0 = 0
         TILES_PER_SPLIT: tl.constexpr = SPLIT_KEYS // BLOCK_N
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,7 +336,7 @@ if HAS_TRITON:
         offs_nn = tl.arange(0, BLOCK_N)
 
         q = tl.load(
-            Q + b * sqb + h[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,
+            Q + b * sqb + h[:, None] * sqh + (q_row0 + qi)[:, None] * sqm + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
@@ -468,7 +482,7 @@ if HAS_TRITON:
                     L, ACC = _fold_sink(M, L, ACC, tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32))
                 res = _finalize(L, ACC)
                 tl.store(
-                    Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
+                    Out + b * sob + h[:, None] * soh + (q_row0 + qi)[:, None] * som + offs_dv[None, :] * sod,
                     res.to(Out.dtype.element_ty),
                     mask=(in_pass & row_ok)[:, None] & (offs_dv[None, :] < Dv),
                 )
@@ -550,6 +564,7 @@ def _launch(
     _attention_kernel[grid](
         q4, k4, v4, mask_arg, origin_arg, out,
         bt, kvl, ws_acc, ws_ml,
+        out, out, out, out,  # varlen metadata: unused
         *q4.stride(), *kv_strides["k"], *kv_strides["v"], *mstr, *gstr, *out.stride(),
         sbt, page,
         Hkv, Lq, Lk, D, Dv, G, num_splits,
@@ -562,6 +577,7 @@ def _launch(
         PARALLEL_SPLITS=parallel_splits,
         HAS_WINDOW=window > 0,
         HAS_SINKS=sinks is not None,
+        VARLEN=False,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=block_d,
@@ -735,6 +751,108 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
         parallel_splits=_parallel_splits, block_m=_block_m, block_n=_block_n, split=_split,
         window=window, sinks=None if sinks is None else sinks.float().contiguous(),
     )
+    return out
+
+
+def varlen_block_m(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> int:
+    """Query rows (GQA group x queries) per program of the ragged paged launch. The host lays the
+    tiles out with it (``varlen_tiles``); it is the decode launch's tile (same bits as prefill's)."""
+    return _tiles(head_dim, head_dim_v, dtype, 1)[0]
+
+
+def varlen_tiles(q_lens: list[int], group: int, block_m: int, num_tiles: int | None = None,
+                 spare_row: int | None = None) -> Tensor:
+    """int32 [2, num_tiles] (row, row block) of every program of a ragged launch, row by row.
+    ``num_tiles`` pads the list (a CUDA graph's fixed grid) with tiles of ``spare_row``, a row of
+    no queries and no keys."""
+    rows, blocks = [], []
+    for b, n in enumerate(q_lens):
+        k = -(-group * n // block_m)
+        rows.extend([b] * k)
+        blocks.extend(range(k))
+    if num_tiles is not None:
+        if len(rows) > num_tiles or spare_row is None:
+            raise ValueError(f"detcompile.{PAGED_OP}: {len(rows)} tiles do not fit a launch of {num_tiles}")
+        rows.extend([spare_row] * (num_tiles - len(rows)))
+        blocks.extend([0] * (num_tiles - len(blocks)))
+    return torch.tensor([rows, blocks], dtype=torch.int32)
+
+
+def max_varlen_tiles(tokens: int, rows: int, group: int, block_m: int) -> int:
+    """Most tiles ``tokens`` query tokens over at most ``rows`` rows can need (a fixed grid)."""
+    return -(-group * tokens // block_m) + rows
+
+
+def _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles):
+    if q.dim() != 3:
+        raise ValueError(f"detcompile.{VARLEN_OP}: expected q [T, Hq, D]; got {tuple(q.shape)}")
+    S = block_table.shape[0]
+    for name, t in (("q_start", q_start), ("q_lens", q_lens), ("tiles", tiles)):
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"detcompile.{VARLEN_OP}: {name} must be int32 on {q.device}; got {t.dtype} on {t.device}")
+    if q_start.shape != (S,) or q_lens.shape != (S,) or tiles.dim() != 2 or tiles.shape[0] != 2:
+        raise ValueError(f"detcompile.{VARLEN_OP}: expected q_start and q_lens [{S}] and tiles [2, N]; got "
+                         f"{tuple(q_start.shape)}, {tuple(q_lens.shape)}, {tuple(tiles.shape)}")
+
+
+def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None,
+                                  softcap=0.0, window=0, sinks=None, *, _block_m=None, _block_n=None,
+                                  _split=None):
+    """One launch for ragged rows: row b's queries are ``q[q_start[b] : q_start[b] + q_lens[b]]``
+    (the last q_lens[b] of its kv_lens[b] tokens); ``tiles`` from ``varlen_tiles``. Tokens of no
+    row get zeros. Grid (Hkv, tiles): no host sync, so a CUDA graph can hold it."""
+    _validate_paged(q.transpose(0, 1)[None], k_cache, v_cache, block_table[:1], kv_lens[:1], scale, softcap,
+                    window, sinks)
+    _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles)
+    if q.dtype not in _common.GPU_DTYPES:
+        raise UnsupportedError(f"detcompile.{VARLEN_OP}: dtype {q.dtype} is not supported by the Triton kernel")
+    T, Hq, D = q.shape
+    page, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    out = torch.zeros((T, Hq, Dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0 or tiles.shape[1] == 0:
+        return out
+    scale = _default_scale(D) if scale is None else scale
+    G = Hq // Hkv
+    bm, bn, num_warps, num_stages = _tiles(D, Dv, q.dtype, 1)
+    bm, bn = _block_m or bm, _block_n or bn
+    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
+    ks, vs = k_cache.stride(), v_cache.stride()
+    if ks[0] != page * ks[1] or vs[0] != page * vs[1]:
+        raise ValueError(f"detcompile.{VARLEN_OP}: pages of the cache must be contiguous slots")
+    sinks_arg = out if sinks is None else sinks.float().contiguous()
+    sq, so = q.stride(), out.stride()
+    _attention_kernel[(Hkv, tiles.shape[1])](
+        q, k_cache, v_cache, out, out, out,
+        block_table, kv_lens, out, out,
+        q_start, q_lens, tiles[0], tiles[1],
+        0, sq[1], sq[0], sq[2],
+        0, ks[2], ks[1], ks[3],
+        0, vs[2], vs[1], vs[3],
+        0, 0, 0, 0,
+        0, 0, 0,
+        0, so[1], so[0], so[2],
+        block_table.stride(0), page,
+        Hkv, 0, block_table.shape[1] * page, D, Dv, G, 1,
+        float(scale), float(softcap), 0.0, int(window), sinks_arg,
+        IS_CAUSAL=True, MASK_KIND=0, HAS_ORIGIN=False, HAS_SOFTCAP=softcap > 0, PAGED=True,
+        PARALLEL_SPLITS=False, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None, VARLEN=True,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DOT_PREC=_common.dot_precision(q.dtype), SPLIT_KEYS=_split or SPLIT,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False,
+    )
+    return out
+
+
+def cpu_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None,
+                               softcap=0.0, window=0, sinks=None):
+    """CPU path: each row on its own through ``cpu_paged_attention`` (no graphs on the CPU)."""
+    _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles)
+    out = q.new_zeros((q.shape[0], q.shape[1], v_cache.shape[3]))
+    for b, (s, n) in enumerate(zip(q_start.tolist(), q_lens.tolist())):
+        if n:
+            o = cpu_paged_attention(q[s:s + n].transpose(0, 1)[None], k_cache, v_cache, block_table[b:b + 1],
+                                    kv_lens[b:b + 1], scale, softcap, window, sinks)
+            out[s:s + n] = o[0].transpose(0, 1)
     return out
 
 
@@ -993,6 +1111,52 @@ def _(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window
     if not HAS_TRITON:
         raise UnsupportedError(f"detcompile.{PAGED_OP}: the CUDA path needs Triton")
     return triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
+
+
+@torch.library.custom_op(f"{_common.NAMESPACE}::{VARLEN_OP}", mutates_args=())
+def paged_attention_varlen(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    kv_lens: Tensor,
+    q_start: Tensor,
+    q_lens: Tensor,
+    tiles: Tensor,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    window: int = 0,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """``paged_attention`` of ragged rows in one call: q [T, Hq, D] holds row b's queries at
+    ``q_start[b] .. + q_lens[b]`` (its last positions, as in ``paged_attention``); returns
+    [T, Hq, Dv], zeros for tokens of no row. ``tiles`` [2, N] (``varlen_tiles``) lists the
+    programs, so the launch needs no host sync (CUDA graphs of mixed prefill/decode steps). Same
+    kernel, tiles and bits as ``paged_attention``."""
+    _common.check_inputs(VARLEN_OP, q, k_cache, v_cache)
+    raise UnsupportedError(f"detcompile.{VARLEN_OP}: device {q.device.type!r} is not supported (only cpu and cuda)")
+
+
+@paged_attention_varlen.register_fake
+def _(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None, softcap=0.0, window=0,
+      sinks=None):
+    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+@paged_attention_varlen.register_kernel("cpu")
+def _(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None, softcap=0.0, window=0,
+      sinks=None):
+    return cpu_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale,
+                                      softcap, window, sinks)
+
+
+@paged_attention_varlen.register_kernel("cuda")
+def _(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None, softcap=0.0, window=0,
+      sinks=None):
+    if not HAS_TRITON:
+        raise UnsupportedError(f"detcompile.{VARLEN_OP}: the CUDA path needs Triton")
+    return triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale,
+                                         softcap, window, sinks)
 
 
 # ----------------------------------------------------------------------------------------------

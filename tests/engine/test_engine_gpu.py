@@ -28,6 +28,27 @@ def test_cuda_graph_decode_equals_eager_decode():
         assert a == b, n
 
 
+def test_cuda_graph_mixed_steps_equal_eager_steps():
+    # Prompts of 2..700 tokens arriving together and in waves, chunked at 256 tokens: the prefill
+    # steps (chunks next to decode tokens) replay the mixed-step graphs, padded to their token
+    # buckets; every token and logprob equals the eager engine's.
+    rng = torch.Generator().manual_seed(5)
+    kw = dict(device="cuda", dtype=torch.bfloat16, config=WIDE, kv_cache_bytes=1 << 30, max_model_len=1024,
+              chunked_prefill_size=256)
+    graphs, eager = make_engine(**kw), make_engine(cuda_graphs=False, **kw)
+    assert graphs.runner.mixed_graphs and not eager.runner.mixed_graphs
+    lengths = [int(x) for x in torch.randint(2, 700, (9,), generator=rng)] + [1, 255, 256, 257]
+    ps = prompts(rng, lengths, graphs.vocab_size)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_new_tokens=6, logprobs=1,
+                             prompt_logprobs=0 if i % 4 == 0 else None) for i in range(len(ps))]
+    a = [fingerprint(o) for o in graphs.generate(ps, params, use_tqdm=False)]
+    b = [fingerprint(o) for o in eager.generate(ps, params, use_tqdm=False)]
+    assert a == b
+    kinds = graphs.runner.step_kinds
+    assert kinds["mixed graph"] > 0 and kinds["decode graph"] > 0, kinds
+    assert eager.runner.step_kinds.keys() == {"eager"}
+
+
 def test_long_shared_prefix_cut_points():
     rng = torch.Generator().manual_seed(2)
     eng = make_engine(device="cuda", dtype=torch.bfloat16, config=WIDE, kv_cache_bytes=4 << 30, max_model_len=4608,

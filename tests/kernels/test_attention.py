@@ -580,20 +580,24 @@ from triton.compiler import ASTSource
 from detcompile.kernels import attention as A
 
 fn = A._attention_kernel
-for dt, hd, mask_kind, causal, softcap, paged, par, extras in [
-        ("bf16", 128, 2, False, True, False, False, False), ("fp16", 64, 1, False, False, False, False, False),
-        ("fp32", 128, 0, True, False, False, False, False), ("bf16", 128, 0, True, False, True, True, True),
-        ("bf16", 128, 0, True, True, True, False, True)]:
+for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
+        ("bf16", 128, 2, False, True, False, False, False, False),
+        ("fp16", 64, 1, False, False, False, False, False, False),
+        ("fp32", 128, 0, True, False, False, False, False, False),
+        ("bf16", 128, 0, True, False, True, True, True, False),
+        ("bf16", 128, 0, True, True, True, False, True, False),
+        ("bf16", 128, 0, True, False, True, False, False, True)]:
     bm, bn, nw, ns = A.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
     const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
-                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras,
+                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=A.SPLIT,
                  sqd=1, skd=1, svd=1, sod=1, smn=1)
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({n: "*" + dt for n in ("Q", "K", "V", "Out")})
     sig.update({"Mask": "*u8" if mask_kind == 1 else "*" + dt, "Origin": "*i32", "scale": "fp32",
                 "softcap": "fp32", "mask_min": "fp32", "BT": "*i32", "KVLens": "*i32",
-                "WsAcc": "*fp32", "WsML": "*fp32", "Sinks": "*fp32"})
+                "WsAcc": "*fp32", "WsML": "*fp32", "Sinks": "*fp32",
+                "QStart": "*i32", "QLens": "*i32", "TileSeq": "*i32", "TileBlk": "*i32"})
     sig.update({n: "constexpr" for n in const})
     try:
         src = ASTSource(fn, sig, constexprs=const)
