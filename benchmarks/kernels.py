@@ -13,7 +13,7 @@ compiles, ``--quick`` under 90 s; not yet run on a GPU when written). Sections:
 * ``norms``: ``detcompile.rms_norm`` / ``softmax`` / ``log_softmax`` over [T, 4096] and [T, 128256]
   against the stock torch ops; GB/s against copy bandwidth.
 * ``attention``: 32 query / 8 KV heads, head dim 128: causal prefill against SDPA (flash), and decode
-  from a paged cache (``detcompile.kernels.attention.paged_attention``, skipped while it does not
+  from a paged cache (``detcompile.kernels.paged_attention.paged_attention``, skipped while it does not
   exist) against the bandwidth floor (KV bytes / copy bandwidth).
 
 Timing: each number is the median, over replays, of one call inside a CUDA graph that holds many calls
@@ -820,8 +820,8 @@ def run_prefill(ctx: Context, grid: Grid, section: Section) -> None:
 
 
 def find_paged_attention() -> Callable | None:
-    """``detcompile.kernels.attention.paged_attention``, or None while it does not exist."""
-    return getattr(importlib.import_module("detcompile.kernels.attention"), "paged_attention", None)
+    """``detcompile.kernels.paged_attention.paged_attention``, or None while it does not exist."""
+    return getattr(importlib.import_module("detcompile.kernels.paged_attention"), "paged_attention", None)
 
 
 @dataclasses.dataclass
@@ -858,7 +858,7 @@ def run_decode(ctx: Context, grid: Grid, section: Section) -> None:
     paged = find_paged_attention()
     if paged is None:
         section.notes.append("Decode: skipped: paged_attention not available "
-                             "(`detcompile.kernels.attention.paged_attention` does not exist yet).")
+                             "(`detcompile.kernels.paged_attention.paged_attention` does not exist yet).")
         return
     cells = section.tables.setdefault("decode", [])
     hq, hkv, d = grid.heads_q, grid.heads_kv, grid.head_dim

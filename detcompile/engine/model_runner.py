@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..kernels.attention import max_varlen_tiles, varlen_block_m, varlen_tiles
+from ..kernels.paged_attention import max_varlen_tiles, varlen_block_m, varlen_tiles
 from . import attention
 from .scheduler import Work
 

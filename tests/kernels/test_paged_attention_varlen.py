@@ -7,8 +7,9 @@ the grid; tokens of no row get zeros; the launch reads nothing on the host (CUDA
 import pytest
 import torch
 
-from detcompile.kernels import attention as A
-from detcompile.kernels.attention import triton_paged_attention, triton_paged_attention_varlen
+from detcompile.kernels.paged_attention import (
+    max_varlen_tiles, triton_paged_attention, triton_paged_attention_varlen, varlen_block_m, varlen_tiles,
+)
 
 from ._host_sync import HostSyncRecorder
 from ._util import HAS_CUDA, LAUNCH_DEV, needs_triton
@@ -58,7 +59,7 @@ def test_triton_varlen_rows_equal_alone(gen, dtype, feature):
     q, starts, lens = ragged(q_full, kv_lens, q_lens, pad_tokens=3)
     kvl = torch.tensor(kv_lens, dtype=torch.int32, device=LAUNCH_DEV)
     G = Hq // Hkv
-    tiles = A.varlen_tiles(q_lens, G, 16).to(LAUNCH_DEV)
+    tiles = varlen_tiles(q_lens, G, 16).to(LAUNCH_DEV)
     out = triton_paged_attention_varlen(q, kc, vc, bt, kvl, starts, lens, tiles, **kw, **SMALL)
     check_rows(out, q_full, kc, vc, bt, kv_lens, q_lens, starts, **kw, **SMALL)
     assert not out[sum(q_lens):].any()  # tokens of no row: zeros
@@ -68,8 +69,8 @@ def test_triton_varlen_rows_equal_alone(gen, dtype, feature):
     bt2 = torch.cat([bt, torch.zeros_like(bt[:1])])
     kvl2 = torch.cat([kvl, kvl.new_zeros(1)])
     starts2, lens2 = torch.cat([starts, starts.new_zeros(1)]), torch.cat([lens, lens.new_zeros(1)])
-    n = A.max_varlen_tiles(q.shape[0], B + 1, G, 16)
-    tiles2 = A.varlen_tiles(q_lens + [0], G, 16, num_tiles=n, spare_row=B).to(LAUNCH_DEV)
+    n = max_varlen_tiles(q.shape[0], B + 1, G, 16)
+    tiles2 = varlen_tiles(q_lens + [0], G, 16, num_tiles=n, spare_row=B).to(LAUNCH_DEV)
     with HostSyncRecorder() as rec:
         out2 = triton_paged_attention_varlen(q, kc, vc, bt2, kvl2, starts2, lens2, tiles2, **kw, **SMALL)
     assert rec.calls == []
@@ -77,13 +78,13 @@ def test_triton_varlen_rows_equal_alone(gen, dtype, feature):
 
 
 def test_varlen_tiles_layout():
-    t = A.varlen_tiles([1, 40, 3], group=4, block_m=64)
+    t = varlen_tiles([1, 40, 3], group=4, block_m=64)
     assert t.tolist() == [[0, 1, 1, 1, 2], [0, 0, 1, 2, 0]]
-    t = A.varlen_tiles([1, 40, 3], group=4, block_m=64, num_tiles=8, spare_row=3)
+    t = varlen_tiles([1, 40, 3], group=4, block_m=64, num_tiles=8, spare_row=3)
     assert t.tolist() == [[0, 1, 1, 1, 2, 3, 3, 3], [0, 0, 1, 2, 0, 0, 0, 0]]
-    assert A.max_varlen_tiles(44, 3, 4, 64) >= 5
+    assert max_varlen_tiles(44, 3, 4, 64) >= 5
     with pytest.raises(ValueError, match="do not fit"):
-        A.varlen_tiles([1, 40, 3], group=4, block_m=64, num_tiles=4, spare_row=3)
+        varlen_tiles([1, 40, 3], group=4, block_m=64, num_tiles=4, spare_row=3)
 
 
 def test_cpu_varlen_rows_equal_alone(gen):
@@ -93,7 +94,7 @@ def test_cpu_varlen_rows_equal_alone(gen):
     kc, vc, bt = build_cache(k, v, page, gen)
     kv_lens, q_lens = [40, 7, 19], [1, 7, 4]
     q, starts, lens = ragged(q_full, kv_lens, q_lens, pad_tokens=2)
-    tiles = A.varlen_tiles(q_lens, 2, 64)
+    tiles = varlen_tiles(q_lens, 2, 64)
     out = varlen_op(q, kc, vc, bt, torch.tensor(kv_lens, dtype=torch.int32), starts, lens, tiles)
     for b, (n, m) in enumerate(zip(kv_lens, q_lens)):
         alone = torch.ops.detcompile.paged_attention(q_full[b : b + 1, :, n - m : n], kc, vc, bt[b : b + 1],
@@ -148,15 +149,15 @@ def test_gpu_varlen_equals_alone_and_graph(gen, dtype):
     kc, vc, bt = build_cache(k, v, page, gen)
     q, starts, lens = ragged(q_full, kv_lens, q_lens, pad_tokens=5)
     kvl = torch.tensor(kv_lens, dtype=torch.int32, device=dev)
-    G, bm = Hq // Hkv, A.varlen_block_m(D, D, dtype)
-    tiles = A.varlen_tiles(q_lens, G, bm).to(dev)
+    G, bm = Hq // Hkv, varlen_block_m(D, D, dtype)
+    tiles = varlen_tiles(q_lens, G, bm).to(dev)
     out = varlen_op(q, kc, vc, bt, kvl, starts, lens, tiles)
     check_rows(out, q_full, kc, vc, bt, kv_lens, q_lens, starts)
 
     bt2 = torch.cat([bt, torch.zeros_like(bt[:1])])
     kvl2, starts2, lens2 = (torch.cat([t, t.new_zeros(1)]) for t in (kvl, starts, lens))
-    n = A.max_varlen_tiles(q.shape[0], B + 1, G, bm)
-    tiles2 = A.varlen_tiles(q_lens + [0], G, bm, num_tiles=n, spare_row=B).to(dev)
+    n = max_varlen_tiles(q.shape[0], B + 1, G, bm)
+    tiles2 = varlen_tiles(q_lens + [0], G, bm, num_tiles=n, spare_row=B).to(dev)
     varlen_op(q, kc, vc, bt2, kvl2, starts2, lens2, tiles2)  # warm the launch
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -177,5 +178,5 @@ def test_gpu_varlen_opcheck(gen):
     kl = torch.tensor([50, 3], dtype=torch.int32, device=dev)
     starts = torch.tensor([0, 3], dtype=torch.int32, device=dev)
     lens = torch.tensor([3, 3], dtype=torch.int32, device=dev)
-    tiles = A.varlen_tiles([3, 3], 2, A.varlen_block_m(64, 64, torch.bfloat16)).to(dev)
+    tiles = varlen_tiles([3, 3], 2, varlen_block_m(64, 64, torch.bfloat16)).to(dev)
     torch.library.opcheck(varlen_op.default, (q, kc, kc, bt, kl, starts, lens, tiles))
