@@ -40,7 +40,7 @@ class StepContext:
     # Ragged steps only (None: a decode step, token i is row i's one query):
     q_start: Tensor | None = None  # [B] int32: first token of each row in the step
     q_lens: Tensor | None = None  # [B] int32: tokens of each row in the step
-    tiles: Tensor | None = None  # [2, N] int32: the kernel's programs (kernels.attention.varlen_tiles)
+    tiles: Tensor | None = None  # [2, N] int32: the kernel's programs (kernels.paged_attention.varlen_tiles)
 
 
 _current: StepContext | None = None
