@@ -169,3 +169,28 @@ def test_strict_error_names_graph_breaks():
     status, reason, ops, _ = model_sweep.classify_compile_exception(e)
     assert status == "strict-error" and ops == ["graph break", "aten.cumprod.default"]
     assert reason.startswith("graph break (Dynamo stopped the graph here (x)")
+
+
+def test_diagnose_prints_the_whole_chain_and_the_failing_batch():
+    # benchmarks/diagnose_compile.py is the GPU follow-up of a one-line sweep failure: it must say at which
+    # batch size (3: the dynamic-shape recompile) the compile failed, and print every exception of the chain.
+    from benchmarks.diagnose_compile import describe, run_backend
+
+    class FailsWhenDynamic(torch.nn.Module):
+        def forward(self, ids):
+            if ids.shape[0] == 3:
+                raise RuntimeError("inner cause")
+            return ids.float() * 2
+
+    logged = []
+    verdict = run_backend(FailsWhenDynamic(), lambda bs: torch.ones(bs, 4, dtype=torch.long), "eager", logged.append)
+    assert verdict.startswith("batch 3: ")
+    assert any("inner cause" in line for line in logged)
+    try:
+        try:
+            raise ValueError("root")
+        except ValueError as e:
+            raise RuntimeError("wrapper") from e
+    except RuntimeError as e:
+        chain = describe(e)
+    assert "RuntimeError: wrapper" in chain and "ValueError: root" in chain
