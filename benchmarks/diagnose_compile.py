@@ -34,15 +34,10 @@ BATCH_SIZES = (1, 3, 8)
 
 def describe(e: BaseException) -> str:
     """Every exception of the chain (cause, context, Dynamo's inner_exception), each with its message."""
-    out, seen, todo = [], set(), [e]
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        out.append(f"{type(x).__module__}.{type(x).__name__}: {x}")
-        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
-    return "\n--- caused by / during ---\n".join(out)
+    from benchmarks.model_sweep import _exception_chain
+
+    return "\n--- caused by / during ---\n".join(f"{type(x).__module__}.{type(x).__name__}: {x}"
+                                                 for x in _exception_chain(e))
 
 
 def run_backend(model, ids_for, backend: str, log) -> str:
