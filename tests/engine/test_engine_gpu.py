@@ -68,10 +68,8 @@ def test_long_shared_prefix_cut_points():
     assert [o.num_cached_tokens for o in outs][1:] == [496, 2048, 4096]
 
 
-@pytest.mark.xfail(strict=True, reason="detcompile.grouped_mm reads group sizes on the host (offs.tolist()), which "
-                   "CUDA-graph capture refuses; a one-launch grouped kernel (branch moe, 29097b5) gave wrong rows "
-                   "on the H200 (2026-12-02) and was not merged")
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+# mixtral / qwen3_moe: experts [G, N, K] passed transposed; gpt_oss: [G, K, N] experts with biases.
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_moe_decode_is_captured_and_equals_eager(arch):
     rng = torch.Generator().manual_seed(4)
     model = tiny_causal_lm(arch, dtype=torch.bfloat16, device="cuda")
