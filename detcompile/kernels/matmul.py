@@ -155,6 +155,29 @@ if HAS_TRITON:
         group_m = tl.minimum(tiles_m - first_m, GROUP_M)
         return first_m + (t % in_group) % group_m, (t % in_group) // group_m
 
+    @triton.jit
+    def k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
+                    IS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``acc`` plus the [BLOCK_M, K] @ [K, BLOCK_N] product of the tiles at ``a_ptrs`` /
+        ``b_ptrs`` (K offset 0), over ``num_k`` chunks: the pointer kernels' K loop, shared with
+        ``grouped_mm`` so that its rows get matmul's bits.
+
+        Whole K, ascending BLOCK_K chunks, one accumulator: the same reduction order for every
+        output element whatever M is. Out-of-range K (and masked rows / columns) load as exact 0,
+        so a row zero-padded along K produces the same bits."""
+        offs_k = tl.arange(0, BLOCK_K)
+        for kb in range(0, num_k):
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            if IS_FP32:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+        return acc
+
     # M and the batch count change with the batch size: not letting Triton specialize on them
     # (==1, divisible by 16) keeps M=1 from getting its own compiled variant. Strides, N and K
     # stay specialized: their alignment only decides how memory is moved (vector width, cp.async
@@ -204,19 +227,8 @@ if HAS_TRITON:
             b_ptrs = b_ptr + bid64 * s_bb + offs_k[:, None] * s_bk + on[None, :] * s_bn
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # Whole K, ascending BLOCK_K chunks, one accumulator: the same reduction order for
-            # every output element whatever M is. Out-of-range K loads as exact 0, so a row
-            # zero-padded along K produces the same bits.
-            for kb in range(0, num_k):
-                k_left = K - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-                if IS_FP32:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K * s_ak
-                b_ptrs += BLOCK_K * s_bk
+            acc = k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
+                              IS_FP32, PRECISION, BLOCK_K)
 
             # Epilogue in fp32, then the single rounding to the output dtype.
             acc = acc * alpha

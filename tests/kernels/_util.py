@@ -42,6 +42,21 @@ def check_batch_invariant(fn, target, gen, sizes, bdim=0, out_dim=None):
     return ref
 
 
+def capture_cuda_graph(fn):
+    """``fn()`` warmed up (compiled) on a side stream, then captured: ``(graph, output)``. Replaying
+    the graph reruns ``fn`` on whatever its input buffers hold then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def grouped_mm_ref(x, w, offs):
     """float64 grouped matmul: rows ``offs[g-1]:offs[g]`` of ``x`` times ``w[g]``; rows past the last
     offset are zero."""
