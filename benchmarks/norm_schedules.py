@@ -31,11 +31,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.kernels import (
-    cuda_missing,
-    DTYPE, GraphTimer, Timing, fmt_pct, fmt_time, gbps, markdown_table, measure_copy_bandwidth,
-    norm_bytes, same_bits, triton_version,
-)
+from benchmarks.kernels.bandwidth import measure_copy_bandwidth
+from benchmarks.kernels.cli import cuda_missing
+from benchmarks.kernels.measures import DTYPE, gbps, same_bits
+from benchmarks.kernels.norms import norm_bytes
+from benchmarks.kernels.report import triton_version
+from benchmarks.kernels.tables import fmt_pct, fmt_time, markdown_table
+from benchmarks.kernels.timing import GraphTimer, Timing
 
 #: (width, tokens) cells: the LM-head width (split rows) and a hidden size (one program per row).
 CELLS = ((128256, (64, 1024, 8192)), (4096, (1024, 8192)))
