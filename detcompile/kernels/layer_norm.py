@@ -23,7 +23,6 @@ CPU: fixed pairwise tree sums of elementwise adds (``_cpu.tree_sum``), then elem
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -31,15 +30,14 @@ from torch import Tensor
 
 from . import _common, _cpu
 from . import row_kernels as _rk
+from ._common import HAS_TRITON, tl, triton
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
 #: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
-if _common.HAS_TRITON:
-    triton = _common.triton
-    tl = _common.tl
+if HAS_TRITON:
     from ._trees import tree_sum
     from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
@@ -233,11 +231,6 @@ if _common.HAS_TRITON:
 _aligned = _common.aligned16
 
 
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _common.HALF_DTYPES else dtype
 
@@ -259,15 +252,7 @@ def _check(x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | No
             f"trailing dims of x.shape={list(x.shape)}"
         )
     n = math.prod(normalized_shape)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise _common.UnsupportedError(f"detcompile.layer_norm: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise _common.UnsupportedError(f"detcompile.layer_norm: {name} is on {t.device} but x is on {x.device}")
-        if t.numel() != n:
-            raise ValueError(f"detcompile.layer_norm: {name} has {t.numel()} elements, expected {n}")
+    _common.check_norm_params("layer_norm", x, n, f"{n}", weight=weight, bias=bias)
     return n
 
 
@@ -292,7 +277,7 @@ def triton_layer_norm(
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointers when absent
     b = _aligned(bias.reshape(-1)) if bias is not None else xc
     plan = _rk.row_plan(n)
-    with _on_device(x):
+    with _common.on_device(x):
         if plan is None:
             _layer_norm_loop_kernel[(m,)](
                 xc, w, b, out, mean, rstd, n, float(eps),
@@ -319,13 +304,7 @@ def cpu_layer_norm(
     dt = _common.acc_dtype(x.dtype)
     stats_shape = _stats_shape(x, normalized_shape)
     m = math.prod(stats_shape)
-    u = x.contiguous().to(dt).reshape(m, n)
-    mean = _cpu.tree_sum(u) / n
-    d = u - mean.unsqueeze(-1)
-    var = _cpu.tree_sum(d * d) / n
-    # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
-    rstd = 1.0 / torch.sqrt(var + eps)
-    y = d * rstd.unsqueeze(-1)
+    y, mean, rstd = _cpu.normalize(x.contiguous().to(dt).reshape(m, n), eps)
     if weight is not None:
         y = y * weight.reshape(n).to(dt)
     if bias is not None:

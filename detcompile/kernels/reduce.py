@@ -19,7 +19,7 @@ Integer/bool results are exact in any order, so those cases just call the aten o
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -220,6 +220,23 @@ def _int_result(x: Tensor, kind: str, dtype) -> bool:
     return not (res.is_floating_point or res.is_complex)
 
 
+def _reduce(
+    x: Tensor, dim: Optional[Sequence[int]], keepdim: bool, kind: str, dtype,
+    reduce_rows: Callable[[Tensor, torch.dtype, torch.dtype], Tensor],
+) -> Tensor:
+    """What the Triton and CPU paths of ``reduce`` share: dims, dtypes, integer results (aten: exact
+    in any order) and the ``[rows, R]`` layout. ``reduce_rows(x2, acc, out_dtype)`` reduces the rows
+    of x2 (accumulating in ``acc``) to a ``[rows]`` tensor of ``out_dtype``."""
+    red = _norm_dims("reduce", x.dim(), dim)
+    out_dtype = _result_dtype(x, kind, dtype)
+    out_shape = _out_shape(x.shape, red, keepdim)
+    if _int_result(x, kind, dtype):
+        return _int_reduce(x, red, keepdim, kind, dtype)
+    _check_nonempty(kind, x, red)
+    xin, acc = _prepare_input(x, kind, dtype)
+    return reduce_rows(_rows(xin, red), acc, out_dtype).reshape(out_shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton launchers.
 # ----------------------------------------------------------------------------------------------
@@ -235,23 +252,19 @@ def triton_reduce(
     """Triton path of ``detcompile::reduce`` (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     if not _common.triton_launchable(x):
         raise UnsupportedError("detcompile.reduce: Triton cannot run on this tensor")
-    red = _norm_dims("reduce", x.dim(), dim)
-    out_dtype = _result_dtype(x, kind, dtype)
-    out_shape = _out_shape(x.shape, red, keepdim)
-    if _int_result(x, kind, dtype):
-        return _int_reduce(x, red, keepdim, kind, dtype)
-    _check_nonempty(kind, x, red)
-    xin, acc = _prepare_input(x, kind, dtype)
-    x2 = _rows(xin, red)
-    rows, R = x2.shape
-    out = torch.empty(rows, dtype=out_dtype, device=x.device)
-    if rows > 0:
-        _reduce_kernel[(rows,)](
-            x2, out, R,
-            KIND=_KIND_ID[kind], ACC_FP64=acc == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
-            num_warps=NUM_WARPS,
-        )
-    return out.reshape(out_shape)
+
+    def launch(x2: Tensor, acc: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+        rows, R = x2.shape
+        out = torch.empty(rows, dtype=out_dtype, device=x.device)
+        if rows > 0:
+            _reduce_kernel[(rows,)](
+                x2, out, R,
+                KIND=_KIND_ID[kind], ACC_FP64=acc == torch.float64, BLOCK=BLOCK, LOG2=LOG2_BLOCK,
+                num_warps=NUM_WARPS,
+            )
+        return out
+
+    return _reduce(x, dim, keepdim, kind, dtype, launch)
 
 
 def triton_var_mean(
@@ -283,33 +296,28 @@ def triton_var_mean(
 def cpu_reduce(
     x: Tensor, dim: Optional[Sequence[int]], keepdim: bool, kind: str, dtype=None
 ) -> Tensor:
-    red = _norm_dims("reduce", x.dim(), dim)
-    out_dtype = _result_dtype(x, kind, dtype)
-    out_shape = _out_shape(x.shape, red, keepdim)
-    if _int_result(x, kind, dtype):
-        return _int_reduce(x, red, keepdim, kind, dtype)
-    _check_nonempty(kind, x, red)
-    xin, acc = _prepare_input(x, kind, dtype)
-    x2 = _rows(xin, red)
-    R = x2.shape[1]
-    if kind == "amax":
-        res = _cpu.row_max(x2)  # exact in any order
-    elif kind == "amin":
-        res = torch.amin(x2, dim=-1)
-    else:
-        xa = x2.to(acc)
-        if kind in ("sum", "mean"):
-            res = _cpu.tree_sum(xa)
-            if kind == "mean":
-                res = res / R
-        else:  # logsumexp
-            m = _cpu.row_max(xa)
-            m = torch.where(m.abs() == float("inf"), torch.zeros_like(m), m)
-            # torch.exp/log on CPU go through vml (a vector loop whose tail is a partial vector),
-            # so each element gets the same instructions wherever it sits in the tensor.
-            s = _cpu.tree_sum(torch.exp(xa - m.unsqueeze(-1)))
-            res = torch.log(s) + m
-    return res.to(out_dtype).reshape(out_shape)
+    def reduce_rows(x2: Tensor, acc: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+        R = x2.shape[1]
+        if kind == "amax":
+            res = _cpu.row_max(x2)  # exact in any order
+        elif kind == "amin":
+            res = torch.amin(x2, dim=-1)
+        else:
+            xa = x2.to(acc)
+            if kind in ("sum", "mean"):
+                res = _cpu.tree_sum(xa)
+                if kind == "mean":
+                    res = res / R
+            else:  # logsumexp
+                m = _cpu.row_max(xa)
+                m = torch.where(m.abs() == float("inf"), torch.zeros_like(m), m)
+                # torch.exp/log on CPU go through vml (a vector loop whose tail is a partial
+                # vector), so each element gets the same instructions wherever it sits.
+                s = _cpu.tree_sum(torch.exp(xa - m.unsqueeze(-1)))
+                res = torch.log(s) + m
+        return res.to(out_dtype)
+
+    return _reduce(x, dim, keepdim, kind, dtype, reduce_rows)
 
 
 def cpu_var_mean(

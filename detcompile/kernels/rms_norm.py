@@ -22,22 +22,19 @@ CPU: a fixed pairwise tree sum of elementwise adds (``_cpu.tree_sum``), then ele
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from . import _common, _cpu
 from . import row_kernels as _rk
+from ._common import HAS_TRITON, tl, triton
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
 #: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
-if _common.HAS_TRITON:
-    triton = _common.triton
-    tl = _common.tl
+if HAS_TRITON:
     from ._trees import tree_sum
     from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
@@ -173,31 +170,13 @@ if _common.HAS_TRITON:
 _aligned = _common.aligned16
 
 
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _check(x: Tensor, weight: Tensor | None) -> None:
     _common.check_inputs("rms_norm", x, weight)
     if x.dim() == 0:
         raise ValueError("detcompile.rms_norm: x must have at least one dimension")
     if not x.is_floating_point():
         raise _common.UnsupportedError(f"detcompile.rms_norm: x must be floating point, got {x.dtype}")
-    if weight is not None:
-        if not weight.is_floating_point():
-            raise _common.UnsupportedError(
-                f"detcompile.rms_norm: weight must be floating point, got {weight.dtype}"
-            )
-        if weight.device != x.device:
-            raise _common.UnsupportedError(
-                f"detcompile.rms_norm: weight is on {weight.device} but x is on {x.device}"
-            )
-        if weight.numel() != x.shape[-1]:
-            raise ValueError(
-                f"detcompile.rms_norm: weight has {weight.numel()} elements, expected x.shape[-1]"
-                f" = {x.shape[-1]}"
-            )
+    _common.check_norm_params("rms_norm", x, x.shape[-1], f"x.shape[-1] = {x.shape[-1]}", weight=weight)
 
 
 def _all_half(*tensors: Tensor | None) -> bool:
@@ -218,7 +197,7 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         return out
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointer when absent
     plan = _rk.row_plan(n)
-    with _on_device(x):
+    with _common.on_device(x):
         if plan is None:
             _rms_norm_loop_kernel[(m,)](
                 xc, w, out, n, float(eps), HAS_WEIGHT=weight is not None, BLOCK=BLOCK,

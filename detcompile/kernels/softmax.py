@@ -34,8 +34,6 @@ A row that is entirely -inf gives NaN, as in torch.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -223,15 +221,7 @@ def _check(x: Tensor, dim: int) -> int:
     _common.check_inputs("softmax", x)
     if not x.is_floating_point():
         raise UnsupportedError(f"detcompile.softmax: expected a floating tensor, got {x.dtype}")
-    n = max(x.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(f"detcompile.softmax: dim {dim} is out of range for {x.dim()} dims")
-    return dim % n
-
-
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return _common.wrap_dim("softmax", dim, x.dim())
 
 
 def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = False) -> Tensor:
@@ -246,7 +236,7 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
     if rows > 0 and R > 0:
         acc64 = x.dtype == torch.float64
         plan = _rk.row_plan(R)
-        with _on_device(x):
+        with _common.on_device(x):
             if plan is None:
                 _softmax_loop_kernel[(rows,)](
                     x2, out2, R,
