@@ -18,7 +18,7 @@ from benchmarks.kernels.measures import GB, gbps, geomean, row0_matches, same_bi
 from benchmarks.kernels.plots import log2_axis
 from benchmarks.kernels.shapes import Grid
 from benchmarks.kernels.tables import (
-    fmt, fmt_bool, fmt_bytes, fmt_pct, fmt_time, markdown_table, target, targets_table,
+    bitwise_target, floor_target, fmt, fmt_bool, fmt_bytes, fmt_pct, fmt_time, markdown_table, targets_table,
 )
 from benchmarks.kernels.timing import Timing
 
@@ -78,11 +78,9 @@ def prefill_summary(cells: list[dict]) -> dict:
         "ratio_geomean": geomean(c["ratio"] for c in compared),
         "ratio_min": None if worst is None else worst["ratio"],
         "targets": [
-            target(f"every cell >= {PREFILL_TARGET}x SDPA flash",
-                   "–" if worst is None else f"min {worst['ratio']:.3f} (B={worst['batch']}, L={worst['tokens']})",
-                   None if worst is None else worst["ratio"] >= PREFILL_TARGET),
-            target("batch row 0 bitwise equal to batch 1", f"{sum(c['row0_bitwise'] for c in checked)}/{len(checked)}",
-                   all(c["row0_bitwise"] for c in checked) if checked else None),
+            floor_target(f"every cell >= {PREFILL_TARGET}x SDPA flash", worst, "ratio", PREFILL_TARGET,
+                         lambda c: f"min {c['ratio']:.3f} (B={c['batch']}, L={c['tokens']})"),
+            bitwise_target("batch row 0 bitwise equal to batch 1", checked),
         ],
     }
 
@@ -117,13 +115,10 @@ def decode_summary(cells: list[dict]) -> dict:
         "floor_fraction_geomean": geomean(c["floor_fraction"] for c in judged),
         "floor_fraction_min": None if worst is None else worst["floor_fraction"],
         "targets": [
-            target(f"batch >= {DECODE_TARGET_MIN_BATCH}: every cell >= {DECODE_FLOOR_TARGET:.0%} of the "
-                   "bandwidth floor",
-                   "–" if worst is None else f"min {fmt_pct(worst['floor_fraction'])} (KV {worst['kv_len']}, "
-                                             f"batch {worst['batch']})",
-                   None if worst is None else worst["floor_fraction"] >= DECODE_FLOOR_TARGET),
-            target("batch row 0 bitwise equal to batch 1", f"{sum(c['row0_bitwise'] for c in checked)}/{len(checked)}",
-                   all(c["row0_bitwise"] for c in checked) if checked else None),
+            floor_target(f"batch >= {DECODE_TARGET_MIN_BATCH}: every cell >= {DECODE_FLOOR_TARGET:.0%} of the "
+                         "bandwidth floor", worst, "floor_fraction", DECODE_FLOOR_TARGET,
+                         lambda c: f"min {fmt_pct(c['floor_fraction'])} (KV {c['kv_len']}, batch {c['batch']})"),
+            bitwise_target("batch row 0 bitwise equal to batch 1", checked),
         ],
     }
 

@@ -12,7 +12,7 @@ from benchmarks.kernels.measures import gbps, geomean, row0_matches, speed_ratio
 from benchmarks.kernels.plots import log2_axis
 from benchmarks.kernels.shapes import Grid
 from benchmarks.kernels.tables import (
-    fmt, fmt_bool, fmt_pct, fmt_time, markdown_table, target, targets_table,
+    bitwise_target, floor_target, fmt, fmt_bool, fmt_pct, fmt_time, markdown_table, targets_table,
 )
 from benchmarks.kernels.timing import Timing
 
@@ -53,12 +53,10 @@ def norms_summary(cells: list[dict]) -> dict:
         "copy_fraction_min": None if worst is None else worst["ours_copy_fraction"],
         "min_cell": None if worst is None else f"{worst['op']} [{worst['tokens']}, {worst['width']}]",
         "targets": [
-            target(f"T >= {NORM_TARGET_MIN_TOKENS}: every cell >= {NORM_BW_TARGET:.0%} of copy bandwidth",
-                   "–" if worst is None else f"min {fmt_pct(worst['ours_copy_fraction'])} ({worst['op']} "
-                                             f"[{worst['tokens']}, {worst['width']}])",
-                   None if worst is None else worst["ours_copy_fraction"] >= NORM_BW_TARGET),
-            target("row 0 bitwise equal to T=1 in every cell", f"{sum(c['row0_bitwise'] for c in cells)}/{len(cells)}",
-                   all(c["row0_bitwise"] for c in cells) if cells else None),
+            floor_target(f"T >= {NORM_TARGET_MIN_TOKENS}: every cell >= {NORM_BW_TARGET:.0%} of copy bandwidth",
+                         worst, "ours_copy_fraction", NORM_BW_TARGET,
+                         lambda c: f"min {fmt_pct(c['ours_copy_fraction'])} ({c['op']} [{c['tokens']}, {c['width']}])"),
+            bitwise_target("row 0 bitwise equal to T=1 in every cell", cells),
         ],
     }
 

@@ -1,7 +1,7 @@
 """Formatting of numbers, markdown tables and target lines (pure: tested on the CPU)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from benchmarks.kernels.measures import GB
 
@@ -45,6 +45,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def target(description: str, measured: str, ok: bool | None) -> dict:
     """One target line: ``ok`` None means nothing was measured that it applies to."""
     return {"target": description, "measured": measured, "pass": ok}
+
+
+def floor_target(description: str, worst: dict | None, key: str, floor: float,
+                 measured: Callable[[dict], str]) -> dict:
+    """A target every judged cell must reach (``cell[key] >= floor``), judged by the worst one;
+    ``measured(worst)`` describes it. None: no cell was judged."""
+    if worst is None:
+        return target(description, "–", None)
+    return target(description, measured(worst), worst[key] >= floor)
+
+
+def bitwise_target(description: str, cells: list[dict], key: str = "row0_bitwise") -> dict:
+    """Row 0 of every cell has the bits it has alone (``cell[key]``); None: no cell was checked."""
+    return target(description, f"{sum(c[key] for c in cells)}/{len(cells)}",
+                  all(c[key] for c in cells) if cells else None)
 
 
 def verdict(ok: bool | None) -> str:
