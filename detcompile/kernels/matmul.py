@@ -16,7 +16,6 @@ Why it is batch-invariant:
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
@@ -460,6 +459,16 @@ def triton_matmul(
     key = (str(a.device), descs is not None, b_kmajor, a.dtype, xb is not None,
            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
 
+    # What both kernels take from the config; the pipeline depth is fitted at launch.
+    tile_args = dict(
+        HAS_BIAS=xb is not None,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+    )
+
     def launch_tma(stages):
         a_desc, b_desc, c_desc, _ = descs
         _matmul_tma_kernel[grid](
@@ -467,14 +476,9 @@ def triton_matmul(
             M, N, K,
             *x_strides[1:],
             float(alpha), float(beta),
-            HAS_BIAS=xb is not None,
             B_KMAJOR=b_kmajor,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"],
             num_stages=stages,
+            **tile_args,
         )
 
     def launch_pointer(stages):
@@ -483,19 +487,14 @@ def triton_matmul(
             nb, M, N, K,
             *a3.stride(), *b3.stride(), *c3.stride(), *x_strides,
             float(alpha), float(beta),
-            HAS_BIAS=xb is not None,
             IS_FP32=a.dtype == torch.float32,
             PRECISION=_common.dot_precision(a.dtype),
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"],
             num_stages=stages,
+            **tile_args,
         )
 
     # Triton launches on the current CUDA device; make that a's device.
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with _common.on_device(a):
         _launch_fitting(key, cfg["num_stages"], launch_tma if descs is not None else launch_pointer)
     return out
 

@@ -43,12 +43,7 @@ def _check(self: Tensor, dim: int, index: Tensor, src: Tensor) -> int:
         )
     if self.device != src.device or self.device != index.device:
         raise RuntimeError("detcompile.scatter_add: self, index and src must be on one device")
-    n = max(self.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(
-            f"detcompile.scatter_add: dim {dim} is out of range for {self.dim()} dims"
-        )
-    dim = dim % n
+    dim = _common.wrap_dim("scatter_add", dim, self.dim())
     if index.numel() > 0:
         if not (index.dim() == self.dim() == src.dim()):
             raise RuntimeError(
