@@ -6,7 +6,7 @@ The attention kernel runs ONE tile config for prefill and decode alike (its layo
 of the row sums), so a config must be good at both. For each candidate this times causal prefill
 (Llama-3-8B heads: 32 q / 8 kv, head dim 128, bf16) and decode from a paged cache, and checks that
 the decoded token equals the last row of the prefill bit for bit. It is the evidence behind
-``attention.tile_config``.
+``attention_triton.tile_config``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main(argv=None):
     from triton.testing import do_bench_cudagraph
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
-    from detcompile.kernels import attention as A
+    from detcompile.kernels import attention_triton as AT
+    from detcompile.kernels import paged_attention as P
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     res = {"flash": {}}
@@ -55,33 +56,33 @@ def main(argv=None):
         dec_inputs[(B, n)] = (q, kc, vc, bt, kl)
     bw = 2436.0  # GB/s copy bandwidth measured by benchmarks.kernels on this H100
     for cfg in CANDIDATES:
-        A._TILE_OVERRIDE = cfg
+        AT._TILE_OVERRIDE = cfg
         row = {}
         try:
             for (B, L), (q, k, v) in pre_inputs.items():
-                f = lambda: A.triton_attention(q, k, v, None, True, enable_gqa=True)
+                f = lambda: AT.triton_attention(q, k, v, None, True, enable_gqa=True)
                 f()
                 t = do_bench_cudagraph(f, rep=20)
                 row[f"pre B{B}/L{L}"] = 2 * B * HQ * L * L * D / t / 1e9 / res["flash"][f"B{B}/L{L}"]
             for (B, n), (q, kc, vc, bt, kl) in dec_inputs.items():
-                f = lambda: A.triton_paged_attention(q, kc, vc, bt, kl)
+                f = lambda: P.triton_paged_attention(q, kc, vc, bt, kl)
                 f()
                 t = do_bench_cudagraph(f, rep=20)
                 floor = B * n * HKV * D * 2 * 2 / bw / 1e3  # ms
                 row[f"dec B{B}/KV{n}"] = floor / t
             # Self-consistency: decoded token == last prefill row (one sequence, 3000 keys).
             q, k, v = (torch.randn(1, h, 3000, D, device=dev, dtype=dt) for h in (HQ, HKV, HKV))
-            full = A.triton_attention(q, k, v, None, True, enable_gqa=True)
+            full = AT.triton_attention(q, k, v, None, True, enable_gqa=True)
             kc = k[0].transpose(0, 1).reshape(3000 // 8, 8, HKV, D).contiguous()
             vc = v[0].transpose(0, 1).reshape(3000 // 8, 8, HKV, D).contiguous()
             bt = torch.arange(3000 // 8, device=dev, dtype=torch.int32)[None]
-            one = A.triton_paged_attention(q[:, :, -1:], kc, vc, bt, torch.tensor([3000], device=dev, dtype=torch.int32))
+            one = P.triton_paged_attention(q[:, :, -1:], kc, vc, bt, torch.tensor([3000], device=dev, dtype=torch.int32))
             row["decode==prefill"] = bool(torch.equal(one, full[:, :, -1:]))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         res[str(cfg)] = row
         print(cfg, " ".join(f"{k}:{v:.2f}" if isinstance(v, float) else f"{k}:{v}" for k, v in row.items()), flush=True)
-    A._TILE_OVERRIDE = None
+    AT._TILE_OVERRIDE = None
     print("flash TFLOP/s", {k: round(v) for k, v in res["flash"].items()})
     with open(os.path.join(args.out, "attention_configs.json"), "w") as f:
         json.dump(res, f, indent=1)

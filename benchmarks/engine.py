@@ -538,6 +538,8 @@ def bench_throughput_wave(engine, device, requests: list[Request], use_tqdm: boo
     params = [sampled_params(r) for r in requests]
     sched = getattr(engine, "scheduler", None)
     pre0 = getattr(sched, "num_preemptions", None)
+    runner = getattr(engine, "runner", None)
+    kinds0 = dict(getattr(runner, "step_kinds", {}))
     seconds, outs = timed_generate(engine, device, prompts, params, use_tqdm=use_tqdm)
     tokens = [list(o.token_ids) for o in outs]
     out_tok = sum(len(t) for t in tokens)
@@ -550,6 +552,8 @@ def bench_throughput_wave(engine, device, requests: list[Request], use_tqdm: boo
     }
     if pre0 is not None:
         rec["preemptions"] = sched.num_preemptions - pre0
+    if runner is not None and hasattr(runner, "step_kinds"):  # steps by kind: decode graph / mixed graph / eager
+        rec["steps"] = {k: v - kinds0.get(k, 0) for k, v in runner.step_kinds.items()}
     return rec
 
 

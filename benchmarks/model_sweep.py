@@ -1,7 +1,9 @@
 """Architecture sweep: does every Hugging Face causal-LM architecture compile deterministically?
 
     python -m benchmarks.model_sweep [--archs a,b] [--time-budget S] [--device cpu|cuda]
-                                     [--dtype float32|bfloat16] [--out docs/models.md]
+                                     [--dtype float32|bfloat16|float16] [--out docs/models.md]
+    python -m benchmarks.model_sweep --archs ctrl,xlnet --widths 64,256,1024 --dtypes bfloat16,float32 \
+                                     --device cuda [--out docs/models_variants.md]
 
 For each architecture of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it builds a tiny random-weight model
 (``detcompile.models.tiny_causal_lm``) and runs :func:`check_model`, which checks in order:
@@ -20,6 +22,15 @@ For each architecture of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it builds a tiny 
 Every architecture runs in its own subprocess with a time limit (``timeout``), so a hang or a crash
 cannot stop the sweep. The results go to a markdown table (``--out``), a JSON file and a PNG bar chart
 beside it.
+
+``--widths`` and ``--dtypes`` make it a variant sweep: every (architecture, width, dtype) is one case, each
+model built at that hidden size (``tiny_causal_lm(width=...)``: FFN 2x, heads of 64, vocabulary width^2/16).
+The GPU matmul's launch config depends on M (12, 36, 96 rows here) and N; in 16-bit, at 96 rows, the
+tiny default (width 64, vocabulary 256) only gets 64x128 tiles, the 128x128 six-stage tiles need N > 8448
+(the LM head from width 512) and the 128x256 tiles N > 33k (width 1024): ``--widths 64,512,1024`` covers all
+three (ctrl, xlnet and trocr crashed in the deep-pipeline configs once). A variant sweep writes its own
+report (default ``docs/models_variants.md``), one row per case, and prints each case's status and the first
+line of its error as it finishes.
 """
 from __future__ import annotations
 
@@ -72,9 +83,38 @@ class Result:
     #: strict-error: the same checks without strict mode (the flagged ops run with their stock kernels):
     #: "invariant", "not-invariant", "inaccurate" or "error: ..." (evidence, not a proof, for each flagged op)
     non_strict: str = ""
+    width: int | None = None  #: variant sweeps: the hidden size the model was built at
+    dtype: str | None = None  #: variant sweeps: the model's dtype (a plain sweep has one, in its environment)
+    #: compile-error: the full traceback (the worker prints it to its log; not in the JSON)
+    trace: str = dataclasses.field(default="", repr=False)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["trace"]
+        for key in ("width", "dtype"):  # a plain sweep's JSON stays as it was
+            if d[key] is None:
+                del d[key]
+        return d
+
+    @property
+    def key(self) -> tuple:
+        return self.arch, self.width, self.dtype
+
+    @property
+    def label(self) -> str:
+        return case_label(self.arch, self.width, self.dtype)
+
+
+def case_label(arch: str, width: int | None, dtype: str | None) -> str:
+    """``ctrl@1024/float32`` for a variant case, the bare name in a plain sweep."""
+    if width is None and dtype is None:
+        return arch
+    return f"{arch}@{width}/{dtype}"
+
+
+def first_line(reason: str, limit: int = 200) -> str:
+    line = reason.strip().splitlines()[0] if reason.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +184,8 @@ def _exception_chain(e: BaseException):
         todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
 
 
-_OP_LINE = re.compile(r"^\s+- (\S+): (.+)$", re.M)
+# "  - op: reason" lines of a NondeterminismError; an op may be two words ("graph break").
+_OP_LINE = re.compile(r"^\s+- ([^:\n]+?): (.+)$", re.M)
 
 
 def strict_ops(e: BaseException) -> list[tuple[str, str]] | None:
@@ -329,6 +370,7 @@ def check_model(
     except Exception as e:  # noqa: BLE001
         status, reason, ops, frame = classify_compile_exception(e)
         res.ops, res.detcompile_frame = ops, frame
+        res.trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         if status == "strict-error" and non_strict_follow_up:
             # Evidence for each flagged op: does the model stay invariant with its stock kernel here?
             res.status, res.reason = status, reason  # reported as it is if the follow-up runs out of time
@@ -358,15 +400,16 @@ def vocab_of(model: torch.nn.Module) -> int:
     return int(vocab)
 
 
-def check_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None) -> Result:
-    """Build ``arch``'s tiny causal LM and run :func:`check_model` on it."""
+def check_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress=None,
+               width: int | None = None) -> Result:
+    """Build ``arch``'s tiny causal LM (at hidden size ``width``, default the tiny 64) and run :func:`check_model`."""
     from detcompile.models import special_token_ids, tiny_causal_lm
 
     t0 = time.time()
     if progress is not None:
         progress("build", None)
     try:
-        model = tiny_causal_lm(arch, dtype=dtype, device=device)
+        model = tiny_causal_lm(arch, dtype=dtype, device=device, width=width)
         vocab = vocab_of(model)
         special = special_token_ids(model.config)
     except Exception as e:  # noqa: BLE001
@@ -382,7 +425,7 @@ def check_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float3
 # ------------------------------------------------------------------------------------------------
 
 
-def _worker(arch: str, device: str, dtype: str, result_file: str) -> None:
+def _worker(arch: str, device: str, dtype: str, result_file: str, width: int | None = None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -399,12 +442,16 @@ def _worker(arch: str, device: str, dtype: str, result_file: str) -> None:
             data["partial"] = res.to_json()
         path.write_text(json.dumps(data))
 
-    res = check_arch(arch, device=device, dtype=getattr(torch, dtype), progress=progress)
+    res = check_arch(arch, device=device, dtype=getattr(torch, dtype), progress=progress, width=width)
+    if res.trace:
+        print(res.trace, flush=True)  # the log (run_one's --logs) keeps what the one-line reason leaves out
     path.write_text(json.dumps({**res.to_json(), "final": True}))
 
 
-def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int | None = None) -> Result:
-    """Run ``check_arch`` in a subprocess killed after ``time_budget`` seconds."""
+def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int | None = None,
+            width: int | None = None, log_dir: str | Path | None = None) -> Result:
+    """Run ``check_arch`` in a subprocess killed after ``time_budget`` seconds; its output is copied to
+    ``log_dir/<case>.log`` when given."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
@@ -413,7 +460,7 @@ def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "benchmarks.model_sweep", "--worker", arch, "--device", device, "--dtype",
-               dtype, "--result-file", result_file]
+               dtype, "--result-file", result_file] + (["--width", str(width)] if width is not None else [])
         with open(log_file, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     cwd=str(Path(__file__).resolve().parent.parent))
@@ -429,7 +476,12 @@ def run_one(arch: str, device: str, dtype: str, time_budget: float, threads: int
                 data = json.loads(Path(result_file).read_text())
             except json.JSONDecodeError:
                 data = {}
-        log_tail = Path(log_file).read_text(errors="replace")[-2000:]
+        log_text = Path(log_file).read_text(errors="replace")
+        log_tail = log_text[-2000:]
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            label = arch if width is None else f"{arch}@{width}_{dtype}"
+            (Path(log_dir) / f"{label}.log").write_text(log_text)
     elapsed = round(time.time() - t0, 1)
     if data.get("final"):
         data.pop("final")
@@ -517,31 +569,42 @@ def _md_escape(s: str) -> str:
 def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[str], time_budget: float,
                    wall: float, png_name: str | None, in_progress: bool = False) -> None:
     c = counts(results)
+    variant = "widths" in env  # a variant sweep: one row per (architecture, width, dtype)
+    if variant:
+        tolerance = "the dtype's relative error (" + ", ".join(
+            f"{d} {TOLERANCE.get(getattr(torch, d), 3e-2):g}" for d in env["dtypes"]) + ") of eager"
+    else:
+        tolerance = f"{TOLERANCE.get(getattr(torch, env['dtype']), 3e-2):g} relative error of eager"
     lines = [
-        "# Architecture sweep",
+        "# Architecture sweep" + (": widths and dtypes" if variant else ""),
         "",
         "Every architecture of transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built from a tiny config with "
         "random weights (`detcompile.models.tiny_causal_lm`), checked by `benchmarks/model_sweep.py`: "
         "(1) the eager forward works, (2) `torch.compile(model, backend=\"deterministic\", "
         "options={\"strict\": True})` compiles and runs, (3) the target row's logits are bitwise equal at batch "
         f"sizes {', '.join(map(str, BATCH_SIZES))} with different neighbours, (4) they are within "
-        f"{TOLERANCE.get(getattr(torch, env['dtype']), 3e-2):g} relative error of eager"
+        + tolerance
         + ("" if env["dtype"] == "float32" else
            " (or, 16-bit only, at most 2x as far from a float32 copy of the model as eager 16-bit is)")
         + ", or, for a model whose own code changes under Dynamo, within it of stock "
         "`torch.compile(backend=\"eager\")`"
-        + f". Sequence length {SEQ}.",
+        + f". Sequence length {SEQ}."
+        + (" Each architecture is built at every width (hidden size; FFN 2x, attention heads of 64, a "
+           "vocabulary growing as the width squared: `detcompile.models.width_sizes`) in every dtype."
+           if variant else ""),
         "",
         f"- date: {env['date']}",
-        f"- device: {env['device']} ({env['device_name']}), dtype {env['dtype']}",
+        f"- device: {env['device']} ({env['device_name']}), dtype {env['dtype']}"
+        + (f", widths {', '.join(map(str, env['widths']))}" if variant else ""),
         f"- torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
         f"- detcompile commit: {env.get('commit') or 'unknown'}"
         + (f" at the start, {env['commit_end']} at the end" if env.get("commit_end", env.get("commit")) != env.get("commit") else ""),
-        f"- {env.get('jobs', 1)} architecture(s) at a time"
+        f"- {env.get('jobs', 1)} {'case' if variant else 'architecture'}(s) at a time"
         + (f", {env['threads']} torch thread(s) each" if env.get("threads") else ""),
-        f"- time limit per architecture: {time_budget:g} s (each in its own subprocess); sweep wall time "
-        f"{wall / 60:.1f} min",
-        f"- architectures run: {len(results)}" + (f" of {len(results) + len(not_run)}" if not_run else ""),
+        f"- time limit per {'case' if variant else 'architecture'}: {time_budget:g} s (each in its own "
+        f"subprocess); sweep wall time {wall / 60:.1f} min",
+        f"- {'cases' if variant else 'architectures'} run: {len(results)}"
+        + (f" of {len(results) + len(not_run)}" if not_run else ""),
     ]
     for rr in env.get("reruns", []):
         differs = ", ".join(f"{k} {rr[k]}" for k in ("torch", "transformers", "device_name", "dtype") if k in rr)
@@ -550,6 +613,10 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
     lines += [
         "- counts: " + ", ".join(f"{s} {n}" for s, n in c.items()),
     ]
+    if variant:  # where the failures are: by width and dtype
+        for w, d in sorted({(r.width or 0, r.dtype or "") for r in results}):
+            cc = counts([r for r in results if (r.width or 0, r.dtype or "") == (w, d)])
+            lines.append(f"  - width {w}, {d}: " + ", ".join(f"{s} {n}" for s, n in cc.items() if n))
     if not_run:
         why = "sweep still in progress" if in_progress else "the sweep's total time budget ran out"
         lines.append(f"- not run ({why}): {', '.join(not_run)}")
@@ -575,18 +642,27 @@ def write_markdown(path: Path, results: list[Result], env: dict, not_run: list[s
     ]
     if png_name:
         lines += [f"![status counts]({png_name})", ""]
-    lines += ["| architecture | status | reason | time (s) |", "| --- | --- | --- | --- |"]
-    for r in sorted(results, key=lambda r: r.arch):
+    if variant:
+        lines += ["| architecture | width | dtype | status | reason | time (s) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    else:
+        lines += ["| architecture | status | reason | time (s) |", "| --- | --- | --- | --- |"]
+    for r in sorted(results, key=_sort_key):
         reason = r.reason or (f"rel. err {r.rel_err:.2g}" if r.rel_err is not None else "")
         if r.status == "strict-error" and r.non_strict:
             reason += f". Without strict mode: {r.non_strict}"
         if r.status == "pass" and r.graph_breaks:
             reason += f"; {r.graph_breaks} graph break(s): the code between graphs ran eagerly, unaudited"
-        lines.append(f"| {r.arch} | {r.status} | {_md_escape(reason)} | {r.seconds:g} |")
+        case = f"{r.arch} | {r.width} | {r.dtype}" if variant else r.arch
+        lines.append(f"| {case} | {r.status} | {_md_escape(reason)} | {r.seconds:g} |")
     notes = notes_path(path)
     if notes.exists():  # hand-written notes on this run, kept across re-renders
         lines += ["", notes.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _sort_key(r: Result) -> tuple:
+    return r.arch, r.width or 0, r.dtype or ""
 
 
 def notes_path(report: Path) -> Path:
@@ -605,8 +681,9 @@ def write_png(path: Path, results: list[Result], env: dict) -> None:
     bars = ax.bar(list(c), list(c.values()), color=[STATUS_COLORS.get(s, "#777777") for s in c])
     ax.bar_label(bars)
     ax.set_ylim(0, max(c.values()) * 1.12 + 1)
-    ax.set_ylabel("architectures")
-    ax.set_title(f"detcompile architecture sweep ({len(results)} archs, {env['device']}, {env['dtype']}, "
+    ax.set_ylabel("cases" if "widths" in env else "architectures")
+    ax.set_title(f"detcompile architecture sweep ({len(results)} {'cases' if 'widths' in env else 'archs'}, "
+                 f"{env['device']}, {env['dtype']}, "
                  f"torch {env['torch']}, transformers {env['transformers']})", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
@@ -625,7 +702,7 @@ def write_reports(out: Path, results: list[Result], env: dict, not_run: list[str
         png = None
     write_markdown(out, results, env, not_run, time_budget, wall, png.name if png else None, in_progress)
     payload = {"environment": env, "in_progress": in_progress, "time_budget_s": time_budget, "wall_s": round(wall, 1), "counts": counts(results),
-               "not_run": not_run, "results": [r.to_json() for r in sorted(results, key=lambda r: r.arch)]}
+               "not_run": not_run, "results": [r.to_json() for r in sorted(results, key=_sort_key)]}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
@@ -640,66 +717,121 @@ def all_archs() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _dtype_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
+    return names
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+VARIANT_OUT = "docs/models_variants.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", help="comma-separated architectures (default: every causal-LM architecture)")
     p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET,
-                   help="seconds per architecture before it counts as a timeout (default %(default)s)")
+                   help="seconds per architecture (per case) before it counts as a timeout (default %(default)s)")
     p.add_argument("--total-budget", type=float, default=None,
                    help="seconds for the whole sweep: architectures not started by then are listed as not run")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--out", default="docs/models.md", help="markdown table; .json and .png are written beside it")
-    p.add_argument("--jobs", type=int, default=1, help="architectures run at once (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--widths", type=_int_list,
+                   help="variant sweep: comma-separated hidden sizes, multiples of 64 (e.g. 64,256,1024)")
+    p.add_argument("--dtypes", type=_dtype_list, help="variant sweep: comma-separated dtypes (default: --dtype)")
+    p.add_argument("--out", default=None,
+                   help=f"markdown table; .json and .png are written beside it (default docs/models.md, "
+                        f"{VARIANT_OUT} for a variant sweep)")
+    p.add_argument("--jobs", type=int, default=1, help="architectures (cases) run at once (default 1)")
+    p.add_argument("--logs", help="folder for each worker's output (full tracebacks of compile errors)")
     p.add_argument("--resume", action="store_true", help="keep the results already in the JSON beside --out; architectures named by --archs are re-run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        _worker(args.worker, args.device, args.dtype, args.result_file)
+        _worker(args.worker, args.device, args.dtype, args.result_file, args.width)
         return 0
 
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
+    from detcompile.models import BASE_WIDTH, width_sizes
+
+    variant = args.widths is not None or args.dtypes is not None
+    widths: list[int | None] = [None]
+    dtypes: list[str | None] = [None]
+    if variant:
+        widths = args.widths or [BASE_WIDTH]
+        dtypes = args.dtypes or [args.dtype]
+        for w in widths:
+            try:
+                width_sizes(w)
+            except ValueError as e:
+                p.error(str(e))
     archs = args.archs.split(",") if args.archs else all_archs()
-    out = Path(args.out)
-    done: dict[str, Result] = {}
+    cases = [(a, w, d) for a in archs for w in widths for d in dtypes]
+    out = Path(args.out or (VARIANT_OUT if variant else "docs/models.md"))
+    done: dict[tuple, Result] = {}
     prior: dict = {}
     if args.resume and out.with_suffix(".json").exists():
         prior = json.loads(out.with_suffix(".json").read_text())
+        if ("widths" in (prior.get("environment") or {})) != variant:
+            p.error(f"--resume: {out.with_suffix('.json')} is a {'plain' if variant else 'variant'} sweep's; "
+                    "use another --out")
         for r in prior["results"]:
-            done[r["arch"]] = Result(**r)
+            res = Result(**r)
+            done[res.key] = res
     # Named architectures are re-run even when the JSON has them; the rest of the JSON is kept, so a
     # few re-runs merge into a full sweep's table.
-    todo = archs if args.archs else [a for a in archs if a not in done]
-    env = environment(args.device, args.dtype)
+    todo = cases if args.archs else [c for c in cases if c not in done]
+    env = environment(args.device, ",".join(dtypes) if variant else args.dtype)
+    if variant:
+        env["widths"], env["dtypes"] = widths, dtypes
     if done:
-        env = resumed_environment(prior, env, todo)
+        env = resumed_environment(prior, env, [case_label(*c) for c in todo])
+        if variant:  # the header lists every width and dtype the table holds
+            env["widths"] = sorted(set(env["widths"]) | set(widths))
+            env["dtypes"] = list(dict.fromkeys(env["dtypes"] + dtypes))
+            env["dtype"] = ",".join(env["dtypes"])
     t0 = time.time()
-    results: dict[str, Result] = {a: r for a, r in done.items() if a not in todo}
+    results: dict[tuple, Result] = {k: r for k, r in done.items() if k not in todo}
     not_run: list[str] = []
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     if not done:
         env["jobs"], env["threads"] = max(1, args.jobs), threads
 
-    def job(arch):
+    def job(case):
+        arch, width, dtype = case
         if args.total_budget is not None and time.time() - t0 > args.total_budget:
-            return arch, None
-        return arch, run_one(arch, args.device, args.dtype, args.time_budget, threads)
+            return case, None
+        res = run_one(arch, args.device, dtype or args.dtype, args.time_budget, threads, width=width,
+                      log_dir=args.logs)
+        res.width, res.dtype = width, dtype
+        return case, res
 
-    bar = tqdm(total=len(todo), desc="architectures", unit="arch")
+    what = "cases" if variant else "architectures"
+    bar = tqdm(total=len(todo), desc=what, unit="case" if variant else "arch")
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for arch, res in pool.map(job, todo):
+        for case, res in pool.map(job, todo):
             if res is None:
-                not_run.append(arch)
+                not_run.append(case_label(*case))
             else:
-                results[arch] = res
-                bar.set_postfix_str(f"{arch}: {res.status}")
+                results[case] = res
+                bar.set_postfix_str(f"{res.label}: {res.status}")
+                if variant:  # one line per case, so the log alone says what failed and why
+                    why = "" if res.status == "pass" else f": {first_line(res.reason)}"
+                    tqdm.write(f"{res.status:>14} {res.label}{why}")
                 # Written as it goes, so an interrupted sweep still leaves its results.
-                pending = [a for a in todo if a not in results]
+                pending = [case_label(*c) for c in todo if c not in results]
                 write_reports(out, list(results.values()), env, pending, args.time_budget, time.time() - t0,
                               in_progress=bool(pending))
             bar.update()
@@ -712,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         env["commit_end"] = git_commit()
     write_reports(out, list(results.values()), env, not_run, args.time_budget, wall)
     c = counts(list(results.values()))
-    print(f"{len(results)} architectures in {wall / 60:.1f} min: " + ", ".join(f"{s} {n}" for s, n in c.items()))
+    print(f"{len(results)} {what} in {wall / 60:.1f} min: " + ", ".join(f"{s} {n}" for s, n in c.items()))
     if not_run:
         print(f"not run: {', '.join(not_run)}")
     print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")

@@ -3,9 +3,9 @@
     python -m benchmarks.norm_schedules [--out DIR] [--ops rms_norm,softmax,...] [--warps 4,8,16] [--quick]
 
 For bf16 ``[T, 128256]`` (T in 64, 1024, 8192) and ``[T, 4096]`` (T in 1024, 8192), times every
-schedule of split rows (``detcompile.kernels.reduce.choose_schedule``): ``two_launch`` (the default),
+schedule of split rows (``detcompile.kernels.row_kernels.choose_schedule``): ``two_launch`` (the default),
 ``sync`` (one launch of cooperating programs) and ``row_loop`` (one program per row) with each warp
-count of ``--warps``. The schedule is switched in-process with ``reduce.row_schedule`` (it is read
+count of ``--warps``. The schedule is switched in-process with ``row_kernels.row_schedule`` (it is read
 when a kernel is launched, so also when the timer captures its CUDA graph). Every schedule's output
 must have the bits of ``two_launch``'s (``same_bits``); a mismatch is printed and makes the exit
 status 1. A ``[T, 4096]`` row is not split (one program per row): no schedule applies, it is timed
@@ -31,11 +31,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.kernels import (
-    cuda_missing,
-    DTYPE, GraphTimer, Timing, fmt_pct, fmt_time, gbps, markdown_table, measure_copy_bandwidth,
-    norm_bytes, same_bits, triton_version,
-)
+from benchmarks.kernels.bandwidth import measure_copy_bandwidth
+from benchmarks.kernels.cli import cuda_missing
+from benchmarks.kernels.measures import DTYPE, gbps, same_bits
+from benchmarks.kernels.norms import norm_bytes
+from benchmarks.kernels.report import triton_version
+from benchmarks.kernels.tables import fmt_pct, fmt_time, markdown_table
+from benchmarks.kernels.timing import GraphTimer, Timing
 
 #: (width, tokens) cells: the LM-head width (split rows) and a hidden size (one program per row).
 CELLS = ((128256, (64, 1024, 8192)), (4096, (1024, 8192)))
@@ -83,12 +85,12 @@ def run_cells(timer: Callable[..., Timing], device: torch.device, copy_gbps: flo
     """Time every (op, shape, schedule) with ``timer(fn, *args) -> Timing``; one record per timing.
     (The timer and the device are parameters so that the loop can be tried on the CPU, in the
     Triton interpreter, with a stand-in timer.)"""
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     fns = op_functions()
     records = []
     for width, token_counts in cells:
-        plan = rd.row_plan(width)
+        plan = rk.row_plan(width)
         x_all = torch.randn(max(token_counts), width, dtype=DTYPE, device=device)
         w = torch.randn(width, dtype=DTYPE, device=device)
         b = torch.randn(width, dtype=DTYPE, device=device)
@@ -100,8 +102,8 @@ def run_cells(timer: Callable[..., Timing], device: torch.device, copy_gbps: flo
                 todo = variants(warps) if plan.split else [("one program per row", None, None)]
                 ref = None
                 for label, schedule, nw in todo:
-                    with rd.row_schedule(schedule, row_loop_warps=nw):
-                        effective = rd.choose_schedule(tokens, plan.segments) if plan.split else "register"
+                    with rk.row_schedule(schedule, row_loop_warps=nw):
+                        effective = rk.choose_schedule(tokens, plan.segments) if plan.split else "register"
                         t = timer(fn, x, w, b)
                         out = fn(x, w, b)
                     if device.type == "cuda":
@@ -161,7 +163,7 @@ def table(records: list[dict], warps: Sequence[int]) -> str:
 
 def environment(device: torch.device, argv: Sequence[str], timer: GraphTimer) -> dict:
     from benchmarks.model_sweep import git_commit
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     props = torch.cuda.get_device_properties(device)
     return {
@@ -172,10 +174,10 @@ def environment(device: torch.device, argv: Sequence[str], timer: GraphTimer) ->
         "command": " ".join(["python -m benchmarks.norm_schedules", *argv]),
         "timing": f"median over {timer.replays} replays of a CUDA graph of ~{timer.target_s * 1e3:g} ms of calls; "
                   f"inputs rotate over >= {timer.rotate_bytes / 2**20:.0f} MiB",
-        "row_constants": {k: getattr(rd, k) for k in (
+        "row_constants": {k: getattr(rk, k) for k in (
             "ROW_LANES", "ROW_SEG_CHUNKS", "ROW_NUM_WARPS", "ROW_LOOP_NUM_WARPS", "ROW_MAX_SYNC_SEGMENTS",
             "ROW_SPLIT_MAXNREG")},
-        "has_atomic_poll": rd.HAS_ATOMIC_POLL,
+        "has_atomic_poll": rk.HAS_ATOMIC_POLL,
     }
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The server on the GPU: `detcompile serve` with the Llama-3-8B-shaped random model, then
 # `detcompile check-server` in every mode and a load run; logs under $OUT.
-# Usage (repo root, GPU machine): [MODEL=tiny] bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
+# Usage (repo root, GPU machine): [MODEL=tiny] [NEW=100] [LOAD_NEW=256] [MODES="single ..."] \
+#   bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
+# NEW: new tokens per check request; LOAD_NEW: most new tokens of a load request; LOAD=0 skips the load run.
 # Wheels for fastapi/uvicorn/pydantic (absent on the GPU image) are installed from .whl/ if present.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,12 +20,17 @@ for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve.log" && break; slee
 grep -q "listening on" "$OUT/serve.log" || { tail -30 "$OUT/serve.log"; kill $SERVER; exit 1; }
 URL=http://127.0.0.1:30000
 {
-  for m in single mixed prefix radix p_vs_d; do
-    python3 -m detcompile check-server --url $URL --mode $m --n-trials "$TRIALS" --quiet || echo "FAIL $m"
+  for m in ${MODES:-single mixed prefix radix p_vs_d}; do
+    t0=$SECONDS
+    python3 -m detcompile check-server --url $URL --mode $m --n-trials "$TRIALS" --max-new-tokens "${NEW:-100}" \
+      --quiet || echo "FAIL $m"
+    echo "[time] $m $((SECONDS - t0)) s"
   done
   python3 -m detcompile check-server --url $URL --mode single --n-trials 10 --temperature 0.8 --quiet || echo "FAIL single T=0.8"
-  python3 -m detcompile check-server --url $URL --mode load --n-requests "$LOAD" --concurrency "$LOAD" \
-    --temperature 0.8 --max-new-tokens 256 || echo "FAIL load"
+  if [ "$LOAD" -gt 0 ]; then
+    python3 -m detcompile check-server --url $URL --mode load --n-requests "$LOAD" --concurrency "$LOAD" \
+      --temperature 0.8 --max-new-tokens "${LOAD_NEW:-256}" || echo "FAIL load"
+  fi
 } 2>&1 | tee "$OUT/check_server.txt"
 kill $SERVER; wait $SERVER 2>/dev/null
 grep -E "ready|KV cache|captured" "$OUT/serve.log" | head -5

@@ -47,12 +47,16 @@ DEMO_CONFIG = dict(
 )
 
 
-def tiny_config(arch: str, attn_implementation: str | None = None, **overrides):
+def tiny_config(arch: str, attn_implementation: str | None = None, width: int | None = None, **overrides):
     """A shrunk ``AutoConfig.for_model(arch)``; unknown keys for an architecture are skipped.
 
     The architectures of ``EXTRA`` (and Bloom) keep the original recipe (shared sizes set on the
     default config); every other architecture goes through :func:`_generic_tiny_config`, which shrinks
     the whole config dict (sub-configs, per-layer lists, MoE/MLA/SSM sizes) and rebuilds the config.
+
+    ``width`` (a multiple of 64; default: 64) sets the hidden size and the sizes tied to it, vocabulary
+    included (:func:`width_sizes`), so that a sweep reaches the matmul launch configurations of wider
+    models; layer and expert counts stay tiny. ``width=64`` is the default tiny config.
     """
     from transformers import AutoConfig
 
@@ -65,13 +69,14 @@ def tiny_config(arch: str, attn_implementation: str | None = None, **overrides):
             raise
         cfg = None
     if arch not in _ORIGINAL_RECIPE:
-        cfg = _generic_tiny_config(arch, cfg, overrides)
+        cfg = _generic_tiny_config(arch, cfg, overrides, width)
         if attn_implementation is not None:
             cfg._attn_implementation = attn_implementation
         return cfg
-    sizes = {**TINY, **EXTRA.get(arch, {}), **overrides}
+    extra = _scaled(EXTRA.get(arch, {}), width)
+    sizes = {**_scaled(TINY, width), **extra, **overrides}
     for key, value in sizes.items():
-        if hasattr(cfg, key) or key in overrides or key in EXTRA.get(arch, {}):
+        if hasattr(cfg, key) or key in overrides or key in extra:
             try:
                 setattr(cfg, key, value)
             except (AttributeError, TypeError, ValueError):
@@ -86,6 +91,15 @@ def tiny_config(arch: str, attn_implementation: str | None = None, **overrides):
     if attn_implementation is not None:
         cfg._attn_implementation = attn_implementation
     return cfg
+
+
+def _scaled(sizes: dict, width: int | None) -> dict:
+    """The original recipe's sizes (``TINY``, ``EXTRA``) at ``width``: each width-tied key takes its size."""
+    if width is None:
+        return sizes
+    w = width_sizes(width)
+    return {k: w[_KIND[k]] if k in _KIND else w["head_dim"] if k == "query_pre_attn_scalar" else v
+            for k, v in sizes.items()}
 
 
 def tiny_model(
@@ -140,41 +154,78 @@ _ORIGINAL_RECIPE = frozenset(EXTRA) | {"llama", "bloom"}
 
 #: key -> tiny value; a config value (at any depth: text, vision, audio sub-configs) is capped to it.
 _CAPS: dict[str, int] = {}
+#: key -> which size it is ("hidden", "ffn", "half", "heads", "head_dim", "vocab"): the caps that ``width``
+#: scales (:func:`width_sizes`); every other cap stays as written.
+_KIND: dict[str, str] = {}
+
+#: The width the caps are written for: ``tiny_config(arch, width=BASE_WIDTH)`` is the default tiny config.
+BASE_WIDTH = 64
 
 
-def _cap(value: int, *keys: str) -> None:
+def _cap(value: int, *keys: str, kind: str | None = None) -> None:
     for key in keys:
         _CAPS[key] = value
+        if kind is not None:
+            _KIND[key] = kind
+
+
+def width_sizes(width: int) -> dict[str, int]:
+    """The sizes of a tiny model of hidden size ``width``: FFN 2x, MoE experts/latent ranks 1/2x, attention
+    heads of width 64 from 4 per 256 (4 heads of 16 at the base width 64), so that the head dim stays realistic
+    and ``heads * head_dim == width``. The vocabulary grows as the width squared (256 at 64, 4096 at 256, 65536
+    at 1024, at most 262144): the LM head is a model's widest matmul, and on the GPU only an N of several
+    thousand columns selects the large-tile, deep-pipeline launch configurations (``select_config``)."""
+    if width < BASE_WIDTH or width % BASE_WIDTH:
+        raise ValueError(f"detcompile: width must be a multiple of {BASE_WIDTH}, got {width}")
+    heads = 4 * max(1, width // 256)
+    if width % heads:
+        raise ValueError(f"detcompile: width {width} does not split into {heads} heads; use a multiple of 256")
+    vocab = min(256 * (width // BASE_WIDTH) ** 2, 262144)
+    return {"hidden": width, "ffn": 2 * width, "half": width // 2, "heads": heads, "head_dim": width // heads,
+            "vocab": vocab}
+
+
+def _caps(width: int | None) -> dict[str, int]:
+    if width is None:
+        return _CAPS
+    sizes = width_sizes(width)
+    return {key: sizes[_KIND[key]] if key in _KIND else value for key, value in _CAPS.items()}
 
 
 _cap(64, "hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "embedding_dim", "embedding_size",
      "word_embed_proj_dim", "model_dim", "attention_hidden_size", "out_hidden_size", "text_hidden_size",
-     "hidden_dim")
+     "hidden_dim", kind="hidden")
 _cap(128, "mamba_d_ssm", "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "d_inner",
-     "ffn_hidden_size", "dim_feedforward", "mlp_dim", "intermediate_dim")
+     "ffn_hidden_size", "dim_feedforward", "mlp_dim", "intermediate_dim", kind="ffn")
 _cap(32, "moe_intermediate_size", "shared_expert_intermediate_size", "shared_experts_intermediate_size",
      "expert_intermediate_size", "moe_ffn_hidden_size", "shared_intermediate_size",
-     "moe_shared_expert_intermediate_size", "expert_ffn_hidden_size", "kv_lora_rank", "q_lora_rank")
+     "moe_shared_expert_intermediate_size", "expert_ffn_hidden_size", "kv_lora_rank", "q_lora_rank", kind="half")
+# Attention head counts scale with the width; expert and linear-attention head counts do not.
 _cap(4, "num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "decoder_attention_heads",
-     "num_heads", "attention_heads", "index_n_heads", "linear_num_value_heads", "num_experts",
+     "num_heads", "attention_heads", kind="heads")
+_cap(4, "index_n_heads", "linear_num_value_heads", "num_experts",
      "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts", "n_experts")
 _cap(2, "num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "kv_n_heads",
      "linear_num_key_heads", "num_experts_per_tok", "moe_topk", "top_k", "moe_top_k", "num_experts_per_token",
      "top_k_experts", "experts_per_token", "num_selected_experts", "moe_k")
-_cap(16, "head_dim", "kv_channels", "attention_head_dim", "head_size", "index_head_dim", "v_head_dim",
+# Attention head dims scale (heads * head_dim == width); latent-attention (MLA) and SSM dims do not.
+_cap(16, "head_dim", "kv_channels", "attention_head_dim", "head_size", kind="head_dim")
+_cap(16, "index_head_dim", "v_head_dim",
      "linear_key_head_dim", "linear_value_head_dim", "mamba_head_dim", "mamba_d_head", "state_size",
      "mamba_d_state", "ssm_state_size", "d_state", "hidden_size_per_layer_input")
 _cap(8, "qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim", "time_step_rank", "mamba_dt_rank", "dt_rank",
      "sliding_window", "attention_chunk_size")
-_cap(256, "vocab_size", "vocab_size_per_layer_input")
+_cap(256, "vocab_size", kind="vocab")
+_cap(256, "vocab_size_per_layer_input")
 _cap(512, "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "context_length",
      "max_sequence_length")
 _cap(1, "n_shared_experts", "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace",
      "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", "n_groups", "mamba_n_groups")
 _cap(0, "num_nextn_predict_layers")
 _cap(64, "emb_dim", "lru_width", "ple_embed_dim", "adapter_in_dim", "adapter_out_dim",
-     "adapter_input_size")
-_cap(16, "d_head", "linear_head_dim", "mamba_headdim", "hc_lowrank", "adapter_rank")
+     "adapter_input_size", kind="hidden")
+_cap(16, "d_head", kind="head_dim")
+_cap(16, "linear_head_dim", "mamba_headdim", "hc_lowrank", "adapter_rank")
 _cap(4, "linear_num_heads", "heads_per_ngram")
 _cap(8, "attention_window_size", "local_attention_window_len")
 _cap(1, "num_expert_group", "num_dense_layers")
@@ -209,6 +260,18 @@ GENERIC_EXTRA = {
     "reformer": dict(axial_pos_shape=[16, 32], axial_pos_embds_dim=[32, 32], is_decoder=True),
 }
 GENERIC_EXTRA["qwen4_exp"] = dict(text_config=GENERIC_EXTRA["qwen4_exp_text"])
+
+#: The width-tied values of ``GENERIC_EXTRA`` (and of other per-architecture sizes), from :func:`width_sizes`,
+#: applied when a width is given; at the base width they are the default tiny config's (a test checks it).
+WIDTH_EXTRA = {
+    "zamba": lambda w: dict(attention_hidden_size=2 * w["hidden"], attention_head_dim=2 * w["hidden"] // w["heads"]),
+    "zamba2": lambda w: dict(attention_hidden_size=2 * w["hidden"], attention_head_dim=2 * w["hidden"] // w["heads"],
+                             kv_channels=w["head_dim"], n_mamba_heads=2 * w["hidden"] // 16),  # expand 2, head dim 16
+    "mamba2": lambda w: dict(num_heads=2 * w["hidden"] // 16),  # expand 2, head dim 16
+    "reformer": lambda w: dict(axial_pos_embds_dim=[w["hidden"] // 2, w["hidden"] // 2]),  # sums to the hidden size
+    "qwen4_exp_text": lambda w: dict(indexer_head_dim=w["head_dim"]),  # holds the attention's rotary dims
+}
+WIDTH_EXTRA["qwen4_exp"] = lambda w: dict(text_config=WIDTH_EXTRA["qwen4_exp_text"](w))
 
 _MAX_KEPT_LAYERS = 6
 
@@ -263,8 +326,9 @@ def _is_layer_index_list(key: str, v, n_old: int) -> bool:
     )
 
 
-def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int) -> dict:
-    """The shrunk copy of one (sub-)config dict."""
+def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int, caps: dict[str, int] = _CAPS,
+                 exact: frozenset[str] = frozenset()) -> dict:
+    """The shrunk copy of one (sub-)config dict; the keys of ``exact`` are set to their cap, not capped."""
     out = dict(d)
     n_old = _n_layers(d)
     keep = _kept_layers(d, n_old) if n_old else None
@@ -272,15 +336,17 @@ def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int) -> dict:
         if not isinstance(key, str):
             continue
         if isinstance(v, dict) and ("model_type" in v or key.endswith("_config") or key in ("decoder", "encoder")):
-            out[key] = _shrink_dict(v, token_map, vocab)
+            out[key] = _shrink_dict(v, token_map, vocab, caps, exact)
         elif isinstance(v, bool) or v is None:
             continue
         elif key in _LAYER_KEYS and isinstance(v, int) and keep is not None and v > len(keep):
             out[key] = len(keep)
         elif key == "num_kv_shared_layers" and isinstance(v, int) and keep is not None:
             out[key] = len(keep) if v == n_old else 0  # all shared (assistant models) or none
-        elif key in _CAPS and isinstance(v, int) and v > _CAPS[key]:
-            out[key] = _CAPS[key]
+        elif key in exact and isinstance(v, int) and v > 0:
+            out[key] = caps[key]
+        elif key in caps and isinstance(v, int) and v > caps[key]:
+            out[key] = caps[key]
         elif key.endswith("_layer_period") and isinstance(v, int) and v > 2:
             out[key] = 2
         elif key.endswith("_layer_offset") and isinstance(v, int) and v > 1:
@@ -292,7 +358,8 @@ def _shrink_dict(d: dict, token_map: dict[int, int], vocab: int) -> dict:
     if keep is not None and isinstance(d.get("per_layer_config"), dict):
         per_layer = {int(k): v for k, v in d["per_layer_config"].items()}
         out["per_layer_config"] = {
-            f"{j:02d}": _shrink_dict(per_layer[i], token_map, vocab) for j, i in enumerate(keep) if i in per_layer
+            f"{j:02d}": _shrink_dict(per_layer[i], token_map, vocab, caps, exact)
+            for j, i in enumerate(keep) if i in per_layer
         }
     if "max_window_layers" in out and keep is not None and isinstance(out["max_window_layers"], int):
         out["max_window_layers"] = min(out["max_window_layers"], len(keep))
@@ -340,7 +407,7 @@ def _merge(d: dict, extra: dict) -> dict:
     return out
 
 
-def _generic_tiny_config(arch: str, cfg, overrides: dict):
+def _generic_tiny_config(arch: str, cfg, overrides: dict, width: int | None = None):
     if cfg is None:  # the default config does not validate: start from the per-architecture settings
         from transformers import AutoConfig
 
@@ -348,8 +415,14 @@ def _generic_tiny_config(arch: str, cfg, overrides: dict):
     d = cfg.to_dict()
     for key in ("transformers_version", "architectures", "_name_or_path"):
         d.pop(key, None)
-    d = _shrink_dict(d, {}, _CAPS["vocab_size"])
+    # At a given width every width-tied size is set (not only capped): a default config narrower than the
+    # width, or with fewer heads, would otherwise mix its own sizes with the width's (heads not dividing).
+    exact = frozenset(_KIND) if width is not None else frozenset()
+    caps = _caps(width)
+    d = _shrink_dict(d, {}, caps["vocab_size"], caps, exact)
     d = _merge(d, GENERIC_EXTRA.get(arch, {}))
+    if width is not None and arch in WIDTH_EXTRA:
+        d = _merge(d, WIDTH_EXTRA[arch](width_sizes(width)))
     d = _merge(d, overrides)
     d.pop("model_type", None)
     return type(cfg).from_dict(d)
@@ -372,16 +445,18 @@ def special_token_ids(cfg) -> set[int]:
     return ids
 
 
-def tiny_causal_lm(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+def tiny_causal_lm(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+                   width: int | None = None):
     """The causal-LM class of ``arch`` (``MODEL_FOR_CAUSAL_LM_MAPPING``) on its tiny config, in eval mode.
 
     Encoder-style configs (BERT, RoBERTa...) get ``is_decoder=True``; a composite config whose causal-LM
-    class takes one of its sub-configs (MusicGen's decoder) passes that sub-config.
+    class takes one of its sub-configs (MusicGen's decoder) passes that sub-config. ``width``: see
+    :func:`tiny_config`.
     """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, width=width)
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch])
     want = getattr(cls, "config_class", None)
     if want is not None and not isinstance(cfg, want):

@@ -9,16 +9,17 @@ step's layout (which tokens belong to which sequence) are not arguments of the o
 sees them: no guard on a Python int, no recompile when the batch changes, and the cache write is
 invisible to functionalization (no copy of the cache per layer).
 
-Bits: one-token rows of a step go in one paged call (``Lq = 1``); each longer chunk in its own
-call (``Lq = chunk``). The kernel reduces a query at absolute position p over keys 0..p in tiles
-fixed by p alone, so a token gets the same bits prefilled, chunked, after a prefix-cache hit or
-decoded, alone or in any batch.
+Bits: a decode step (one token per row) is one ``paged_attention`` call (``Lq = 1``, keys split
+over programs when the batch is small); any other step is one ``paged_attention_varlen`` call over
+its ragged rows, with a grid that a CUDA graph can hold. Both run one kernel that reduces a query
+at absolute position p over keys 0..p in tiles fixed by p alone, so a token gets the same bits
+prefilled, chunked, after a prefix-cache hit or decoded, alone or in any batch.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,10 +35,12 @@ class StepContext:
 
     kv_caches: list[tuple[Tensor, Tensor]]  # per layer: [num_pages, page_size, Hkv, D] each
     slot_mapping: Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
-    block_table: Tensor  # [B, W] int32: pages of each sequence of the step, one-token rows first
+    block_table: Tensor  # [B, W] int32: pages of each sequence of the step
     kv_lens: Tensor  # [B] int32: tokens of each sequence in the cache after this step
-    num_singles: int  # sequences (and tokens) 0..num_singles-1 have one query token each
-    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (first token, length, row)
+    # Ragged steps only (None: a decode step, token i is row i's one query):
+    q_start: Tensor | None = None  # [B] int32: first token of each row in the step
+    q_lens: Tensor | None = None  # [B] int32: tokens of each row in the step
+    tiles: Tensor | None = None  # [2, N] int32: the kernel's programs (kernels.paged_attention.varlen_tiles)
 
 
 _current: StepContext | None = None
@@ -68,19 +71,12 @@ def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: f
     k_cache.view(-1, hkv, k_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
     v_cache.view(-1, hkv, v_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
     qt = q[0].transpose(0, 1)  # [T, Hq, D]
-    paged = torch.ops.detcompile.paged_attention
-    n = ctx.num_singles
-    if n == T:  # a decode step: one call, whose [T, Hq, 1, Dv] output is already the layout wanted
-        out = paged(qt.unsqueeze(2), k_cache, v_cache, ctx.block_table, ctx.kv_lens, scale, softcap, window, sinks)
+    if ctx.tiles is None:  # a decode step: its [T, Hq, 1, Dv] output is already the layout wanted
+        out = torch.ops.detcompile.paged_attention(qt.unsqueeze(2), k_cache, v_cache, ctx.block_table, ctx.kv_lens,
+                                                   scale, softcap, window, sinks)
         return out.view(1, T, q.shape[1], v_cache.shape[-1])
-    out = q.new_empty((T, q.shape[1], v_cache.shape[-1]))
-    if n:
-        out[:n] = paged(qt[:n].unsqueeze(2), k_cache, v_cache, ctx.block_table[:n], ctx.kv_lens[:n], scale, softcap,
-                        window, sinks)[:, :, 0]
-    for start, length, row in ctx.chunks:
-        o = paged(qt[start:start + length].transpose(0, 1).unsqueeze(0), k_cache, v_cache,
-                  ctx.block_table[row:row + 1], ctx.kv_lens[row:row + 1], scale, softcap, window, sinks)
-        out[start:start + length] = o[0].transpose(0, 1)
+    out = torch.ops.detcompile.paged_attention_varlen(qt, k_cache, v_cache, ctx.block_table, ctx.kv_lens, ctx.q_start,
+                                                      ctx.q_lens, ctx.tiles, scale, softcap, window, sinks)
     return out.unsqueeze(0)
 
 

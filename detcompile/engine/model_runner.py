@@ -12,18 +12,24 @@ token sits at position 0 of no sequence: it writes the reserved page 0 and atten
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels.paged_attention import max_varlen_tiles, varlen_block_m, varlen_tiles
 from . import attention
 from .scheduler import Work
 
 #: Decode batch sizes captured as CUDA graphs; a step of B one-token rows replays the smallest >= B.
 GRAPH_BUCKETS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+#: Token counts of steps with prefill chunks captured as CUDA graphs (up to the step budget); a
+#: step of T tokens replays the smallest bucket >= T, its padding tokens in no row.
+MIXED_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
 
 _UNPAGEABLE_LAYERS = ("mamba", "linear_attention", "conv", "recurrent", "ssm", "mlstm", "slstm")
 
@@ -73,6 +79,9 @@ class ModelRunner:
         self.log = log
         check_pageable(model)
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.group = text.num_attention_heads // self.num_kv_heads  # query heads per KV head
+        self.block_m = varlen_block_m(self.head_dim, self.head_dim, self.dtype)  # rows per ragged-launch tile
         self.max_pages = -(-max_model_len // block_size)
         attention.register()
         _raise_recompile_limits()
@@ -95,7 +104,9 @@ class ModelRunner:
         # zeros, not empty: masked-out slots are never NaN, whatever the kernel does with them
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[int, tuple] = {}  # decode batch -> (graph, static inputs, logits)
+        self.mixed_graphs: dict[int, tuple] = {}  # step tokens -> (graph, static inputs, logits)
+        self.step_kinds = collections.Counter()  # "decode graph" / "mixed graph" / "eager" steps run
         self.graph_seconds = 0.0
         if cuda_graphs and self.device.type == "cuda":
             t0 = time.perf_counter()
@@ -139,72 +150,87 @@ class ModelRunner:
                 c._attn_implementation = name
         return out.logits[0]
 
-    def prepare(self, work: list[Work], keep_rows: list[list[int]]):
-        """Host-side tensors of a step; ``keep_rows[i]`` are the chunk offsets of ``work[i]`` whose
-        logits are wanted. Returns (input_ids, positions, keep, StepContext)."""
-        ids, pos, slots, keep, chunks = [], [], [], [], []
+    def layout(self, work: list[Work], keep_rows: list[list[int]], ragged: bool, graph: tuple | None = None) -> dict:
+        """Host (CPU) tensors of a step; ``keep_rows[i]`` are the chunk offsets of ``work[i]`` whose
+        logits are wanted. A decode layout (``ragged=False``) has one token per row; a ragged one
+        any number, with the rows' query ranges and the kernel's tile list. ``graph`` = (tokens,
+        rows, keep rows, tiles) pads everything to a CUDA graph's static inputs: padding tokens
+        belong to no row (ragged: zeros out of attention) or to rows of no keys (decode), sit at
+        position 0 and write the reserved page 0."""
         bs = self.block_size
-        # Only the pages this step reaches: the kernel's result does not depend on the table's width
-        # (tiles past a row's length are never visited), and the CPU path gathers the whole width.
-        width = max(-(-w.end // self.block_size) for w in work)
-        table = torch.zeros((len(work), width), dtype=torch.int32)
-        lens = torch.empty(len(work), dtype=torch.int32)
-        singles = 0
-        for row, w in enumerate(work):
+        ids, pos, slots, keep, starts = [], [], [], [], []
+        for w, rows in zip(work, keep_rows):
             first = len(ids)
-            ids.extend(w.seq.token_at(p) for p in range(w.start, w.end))
-            pos.extend(range(w.start, w.end))
-            bt = w.seq.block_table
-            slots.extend(bt[p // bs] * bs + p % bs for p in range(w.start, w.end))
-            table[row, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
-            lens[row] = w.end
-            keep.extend(first + k for k in keep_rows[row])
-            if w.length == 1 and not chunks:
-                singles += 1
-            else:
-                chunks.append((first, w.length, row))
-        if len(ids) < 2:  # one token: pad with a second one-token row of no sequence (see the module doc)
-            ids.append(0)
-            pos.append(0)
-            slots.append(0)
-            table = torch.cat([table, torch.zeros((1, width), dtype=torch.int32)])
-            lens = torch.cat([lens, torch.zeros(1, dtype=torch.int32)])
-            singles += 1
-        while len(keep) < 2:  # at least two logits rows (a step may want none: a mid-prompt chunk)
-            keep.append(keep[-1] if keep else 0)
-        dev = self.device
-        ctx = attention.StepContext(
-            kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            block_table=table.to(dev, non_blocking=True),
-            kv_lens=lens.to(dev, non_blocking=True),
-            num_singles=singles,
-            chunks=chunks,
-        )
-        return (torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-                torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
-                torch.tensor(keep, dtype=torch.int64).to(dev, non_blocking=True), ctx)
+            ids += w.seq.token_slice(w.start, w.end)
+            p = np.arange(w.start, w.end)
+            slots.append(np.asarray(w.seq.block_table, dtype=np.int64)[p // bs] * bs + p % bs)
+            pos.append(p)
+            keep += [first + r for r in rows]
+            starts.append(first)
+        n = len(work)
+        if graph is None:  # at least two tokens and two logits rows (see the module doc)
+            tokens = max(len(ids), 2)
+            n_rows = n if ragged else tokens
+            n_keep = max(len(keep), 2)
+            width = max(-(-w.end // bs) for w in work)
+        else:
+            tokens, n_rows, n_keep, n_tiles = graph
+            width = self.max_pages
+        out = dict(ids=np.zeros(tokens, np.int64), pos=np.zeros(tokens, np.int64), slots=np.zeros(tokens, np.int64),
+                   keep=np.full(n_keep, keep[-1] if keep else 0, np.int64),
+                   table=np.zeros((n_rows, width), np.int32), lens=np.zeros(n_rows, np.int32))
+        T = len(ids)
+        out["ids"][:T] = ids
+        out["pos"][:T] = np.concatenate(pos)
+        out["slots"][:T] = np.concatenate(slots)
+        out["keep"][:len(keep)] = keep
+        for row, w in enumerate(work):
+            out["table"][row, :len(w.seq.block_table)] = w.seq.block_table
+            out["lens"][row] = w.end
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        if ragged:
+            q_lens = [w.length for w in work]
+            out["q_start"] = torch.zeros(n_rows, dtype=torch.int32)
+            out["q_start"][:n] = torch.tensor(starts, dtype=torch.int32)
+            out["q_lens"] = torch.zeros(n_rows, dtype=torch.int32)
+            out["q_lens"][:n] = torch.tensor(q_lens, dtype=torch.int32)
+            out["tiles"] = varlen_tiles(q_lens, self.group, self.block_m, None if graph is None else n_tiles,
+                                        None if graph is None else n)
+        return out
+
+    def context(self, inputs: dict) -> attention.StepContext:
+        return attention.StepContext(self.kv_caches, inputs["slots"], inputs["table"], inputs["lens"],
+                                     inputs.get("q_start"), inputs.get("q_lens"), inputs.get("tiles"))
 
     def run(self, work: list[Work], keep_rows: list[list[int]]) -> Tensor:
         """Logits [sum(len(k) for k in keep_rows), V] (float32) of the wanted rows, in order."""
-        n = len(work)
-        if self.graphs and all(w.length == 1 for w in work) and all(k == [0] for k in keep_rows) \
-                and n <= max(self.graphs):
-            return self._replay(work)
-        input_ids, positions, keep, ctx = self.prepare(work, keep_rows)
-        with attention.step_context(ctx):
-            return self._call(input_ids, positions, keep)[: sum(map(len, keep_rows))].float()
+        n, tokens, wanted = len(work), sum(w.length for w in work), sum(map(len, keep_rows))
+        ragged = any(w.length > 1 for w in work)
+        if not ragged and self.graphs and all(k == [0] for k in keep_rows) and n <= max(self.graphs):
+            self.step_kinds["decode graph"] += 1
+            return self._replay(self.graphs[min(b for b in self.graphs if b >= n)], work, keep_rows, False, n)
+        if ragged:
+            for size in sorted(self.mixed_graphs):
+                entry = self.mixed_graphs[size]
+                if size >= tokens and entry[1]["keep"].shape[0] >= wanted and entry[1]["lens"].shape[0] > n:
+                    self.step_kinds["mixed graph"] += 1
+                    return self._replay(entry, work, keep_rows, True, wanted)
+        self.step_kinds["eager"] += 1
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.layout(work, keep_rows, ragged).items()}
+        with attention.step_context(self.context(inputs)):
+            return self._call(inputs["ids"], inputs["pos"], inputs["keep"])[:wanted].float()
+
+    def _replay(self, entry, work: list[Work], keep_rows: list[list[int]], ragged: bool, wanted: int) -> Tensor:
+        graph, inputs, logits = entry
+        sizes = (inputs["ids"].shape[0], inputs["lens"].shape[0], inputs["keep"].shape[0],
+                 inputs["tiles"].shape[1] if ragged else 0)
+        for name, host in self.layout(work, keep_rows, ragged, sizes).items():
+            inputs[name].copy_(host, non_blocking=True)
+        graph.replay()
+        return logits[:wanted].float()
 
     # -- warm-up and CUDA graphs -----------------------------------------------------------------
     warm = False
-
-    def _scratch_context(self, tokens: int, caches) -> attention.StepContext:
-        return attention.StepContext(
-            kv_caches=caches,
-            slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=self.device),
-            block_table=torch.zeros((1, self.max_pages), dtype=torch.int32, device=self.device),
-            kv_lens=torch.full((1,), tokens, dtype=torch.int32, device=self.device),
-            num_singles=0, chunks=[(0, tokens, 0)])
 
     def warmup(self) -> None:
         """Compile the engine's graph (and measure activation memory) on a scratch cache, then
@@ -213,64 +239,63 @@ class ModelRunner:
         scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.num_layers)]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        dev = self.device
         for tokens in (max(min(self.max_tokens, self.max_model_len), 3), 2):
-            with attention.step_context(self._scratch_context(tokens, scratch)):
-                self._call(torch.zeros(tokens, dtype=torch.int64, device=self.device),
-                           torch.arange(tokens, device=self.device), torch.arange(tokens - 2, tokens, device=self.device))
+            ctx = attention.StepContext(
+                scratch, torch.zeros(tokens, dtype=torch.int64, device=dev),
+                torch.zeros((1, self.max_pages), dtype=torch.int32, device=dev),
+                torch.full((1,), tokens, dtype=torch.int32, device=dev),
+                torch.zeros(1, dtype=torch.int32, device=dev), torch.full((1,), tokens, dtype=torch.int32, device=dev),
+                varlen_tiles([tokens], self.group, self.block_m).to(dev))
+            with attention.step_context(ctx):
+                self._call(torch.zeros(tokens, dtype=torch.int64, device=dev), torch.arange(tokens, device=dev),
+                           torch.arange(tokens - 2, tokens, device=dev))
             self.warm = True
 
+    def _capture(self, sizes: tuple, ragged: bool, pool) -> tuple:
+        """One CUDA graph over static inputs of ``sizes`` (tokens, rows, keep rows, tiles), each
+        allocated at its exact size (Dynamo guards on a view's base size, so slices of one big buffer
+        would recompile). Zeros are a valid empty step: no row has keys or queries."""
+        tokens, rows, keep, tiles = sizes
+        z = lambda *shape, dtype=torch.int32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
+        inputs = dict(ids=z(tokens, dtype=torch.int64), pos=z(tokens, dtype=torch.int64),
+                      slots=z(tokens, dtype=torch.int64), keep=z(keep, dtype=torch.int64),
+                      table=z(rows, self.max_pages), lens=z(rows))
+        if ragged:
+            inputs.update(q_start=z(rows), q_lens=z(rows), tiles=z(2, tiles))
+        with attention.step_context(self.context(inputs)):
+            self._call(inputs["ids"], inputs["pos"], inputs["keep"])  # warm this size
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._call(inputs["ids"], inputs["pos"], inputs["keep"])
+        return graph, inputs, logits
+
     def capture_graphs(self) -> None:
-        """One graph per decode batch size; each has its own static inputs, allocated at their exact
-        size (Dynamo guards on a view's base size, so slices of one big buffer would recompile)."""
-        dev = self.device
+        """Decode graphs: one per batch bucket (one token per row). Mixed graphs: one per token
+        bucket up to the step budget, for steps with prefill chunks (ragged rows)."""
         buckets = [b for b in GRAPH_BUCKETS if b <= self.max_num_seqs]
         if not buckets or buckets[-1] < self.max_num_seqs:
             buckets.append(max(self.max_num_seqs, 2))
+        mixed = sorted({t for t in MIXED_BUCKETS if t < self.max_tokens} | {max(self.max_tokens, 2)})
         pool = torch.cuda.graph_pool_handle()
         try:
             for b in reversed(buckets):
-                inputs = dict(ids=torch.zeros(b, dtype=torch.int64, device=dev),
-                              pos=torch.zeros(b, dtype=torch.int64, device=dev),
-                              keep=torch.arange(b, device=dev),
-                              slots=torch.zeros(b, dtype=torch.int64, device=dev),  # padding rows write page 0
-                              table=torch.zeros((b, self.max_pages), dtype=torch.int32, device=dev),
-                              lens=torch.zeros(b, dtype=torch.int32, device=dev))
-                ctx = attention.StepContext(self.kv_caches, inputs["slots"], inputs["table"], inputs["lens"], b, [])
-                with attention.step_context(ctx):
-                    self._call(inputs["ids"], inputs["pos"], inputs["keep"])  # warm this size
-                    torch.cuda.synchronize(dev)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self._call(inputs["ids"], inputs["pos"], inputs["keep"])
-                self.graphs[b] = (graph, inputs, logits)
+                self.graphs[b] = self._capture((b, b, b, 0), False, pool)
+            for t in reversed(mixed):
+                rows = min(t, self.max_num_seqs)
+                sizes = (t, rows + 1, rows, max_varlen_tiles(t, rows + 1, self.group, self.block_m))
+                self.mixed_graphs[t] = self._capture(sizes, True, pool)
         except RuntimeError as e:  # e.g. a host sync inside the step (MoE group sizes read on the host)
             self.graphs.clear()
-            torch.cuda.synchronize(dev)
-            warnings.warn(f"detcompile engine: CUDA graphs disabled for {type(self.model).__name__}, decode runs "
+            self.mixed_graphs.clear()
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"detcompile engine: CUDA graphs disabled for {type(self.model).__name__}, steps run "
                           f"eagerly (same bits, slower): capture failed with: {str(e).splitlines()[0]}", stacklevel=3)
             return
-        torch.cuda.synchronize(dev)
-        self.log(f"detcompile engine: captured {len(buckets)} decode CUDA graphs (batch {buckets[0]}..{buckets[-1]})")
-
-    def _replay(self, work: list[Work]) -> Tensor:
-        n = len(work)
-        b = min(k for k in self.graphs if k >= n)
-        graph, inputs, logits = self.graphs[b]
-        bs = self.block_size
-        pad = b - n
-        pos = [w.start for w in work]
-        ids = [w.seq.token_at(p) for w, p in zip(work, pos)] + [0] * pad
-        slots = [w.seq.block_table[p // bs] * bs + p % bs for w, p in zip(work, pos)] + [0] * pad
-        lens = [w.end for w in work] + [0] * pad
-        table = torch.zeros((b, self.max_pages), dtype=torch.int32)
-        for i, w in enumerate(work):
-            table[i, :len(w.seq.block_table)] = torch.tensor(w.seq.block_table, dtype=torch.int32)
-        ids, pos, slots = (torch.tensor(x, dtype=torch.int64) for x in (ids, pos + [0] * pad, slots))
-        lens = torch.tensor(lens, dtype=torch.int32)
-        for name, host in (("ids", ids), ("pos", pos), ("slots", slots), ("lens", lens), ("table", table)):
-            inputs[name].copy_(host, non_blocking=True)
-        graph.replay()
-        return logits[:n].float()
+        torch.cuda.synchronize(self.device)
+        self.log(f"detcompile engine: captured {len(buckets)} decode CUDA graphs (batch {buckets[0]}..{buckets[-1]}) "
+                 f"and {len(mixed)} mixed-step graphs ({mixed[0]}..{mixed[-1]} tokens)")
 
 
 def _raise_recompile_limits() -> None:

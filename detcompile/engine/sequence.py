@@ -61,6 +61,15 @@ class Sequence:
         n = len(self.prompt)
         return self.prompt[pos] if pos < n else self.output[pos - n]
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building ``tokens``."""
+        n = len(self.prompt)
+        if end <= n:
+            return self.prompt[start:end]
+        if start >= n:
+            return self.output[start - n:end - n]
+        return self.prompt[start:] + self.output[:end - n]
+
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
 

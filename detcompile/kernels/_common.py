@@ -4,6 +4,7 @@ The CPU building blocks (fixed-tile GEMM, fixed-order sums) are in ``_cpu``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -52,6 +53,30 @@ def check_inputs(op: str, *tensors: torch.Tensor | None) -> None:
                     f"detcompile.{op}: dtype {t.dtype} is not supported on {t.device.type} "
                     f"(supported: {', '.join(str(d) for d in allowed)})"
                 )
+
+
+def check_norm_params(
+    op: str, x: torch.Tensor, numel: int, expected: str, **params: torch.Tensor | None
+) -> None:
+    """A norm's weight/bias (None: absent): floating, on x's device, ``numel`` elements (``expected``
+    names that count in the error)."""
+    for name, t in params.items():
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise UnsupportedError(f"detcompile.{op}: {name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise UnsupportedError(f"detcompile.{op}: {name} is on {t.device} but x is on {x.device}")
+        if t.numel() != numel:
+            raise ValueError(f"detcompile.{op}: {name} has {t.numel()} elements, expected {expected}")
+
+
+def wrap_dim(op: str, dim: int, ndim: int) -> int:
+    """``dim`` in ``[0, ndim)`` (a 0-d tensor takes dim 0 or -1), as aten wraps it."""
+    n = max(ndim, 1)
+    if not -n <= dim < n:
+        raise IndexError(f"detcompile.{op}: dim {dim} is out of range for {ndim} dims")
+    return dim % n
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,6 +151,11 @@ def shared_memory_limit(device: torch.device) -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_facts(_cuda_index(device))[2]
     return None
+
+
+def on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device); a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def triton_launchable(t: torch.Tensor) -> bool:

@@ -22,6 +22,8 @@ Why they are batch-invariant
 * ``chunk_sum``: ``tree_sum`` inside fixed chunks of the last dim, chunks added in ascending order.
   Whole zero chunks before or after the real terms change nothing (attention aligns its key chunks
   at a row's origin this way).
+* ``normalize``: layer / group norm from two ``tree_sum`` passes (mean, then biased variance) and
+  elementwise ops.
 * ``seq_sum`` / ``seq_matmul``: sequential loops of elementwise ops (slow; fallbacks and tests).
 """
 from __future__ import annotations
@@ -194,6 +196,18 @@ def chunk_sum(x: Tensor, chunk: int) -> Tensor:
     for i in range(1, c):
         acc = acc + parts[..., i]
     return acc
+
+
+def normalize(u: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer / group norm of the last dim of u (already in the accumulation dtype): two-pass mean and
+    biased variance by ``tree_sum``, then elementwise ops. Returns ``((u - mean) * rstd, mean, rstd)``."""
+    n = u.shape[-1]
+    mean = tree_sum(u) / n
+    d = u - mean.unsqueeze(-1)
+    var = tree_sum(d * d) / n
+    # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
+    rstd = 1.0 / torch.sqrt(var + eps)
+    return d * rstd.unsqueeze(-1), mean, rstd
 
 
 def seq_sum(x: Tensor) -> Tensor:

@@ -32,8 +32,6 @@ audit).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -80,11 +78,6 @@ if HAS_TRITON:
             acc = acc + b[:, None]
         o = out_ptr + n * C_out * L_out + co[:, None].to(tl.int64) * L_out + t[None, :]
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & t_mask[None, :])
-
-
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def out_length(L: int, K: int, stride: int, padding: int, dilation: int) -> int:
@@ -145,7 +138,7 @@ def triton_conv1d(
     wc = weight.contiguous()
     bc = bias.contiguous() if bias is not None else wc  # dummy pointer when absent
     grid = (N, triton.cdiv(C_out, BLOCK_C), triton.cdiv(L_out, BLOCK_L))
-    with _on_device(x):
+    with _common.on_device(x):
         _conv1d_kernel[grid](
             xc, wc, bc, out,
             C_in, L, C_out, L_out, CG, C_out // groups, K, stride, padding, dilation,

@@ -60,14 +60,12 @@ def _plan(x: Tensor, dim: int, dtype: Optional[torch.dtype]):
     _common.check_inputs("cumsum", x)
     if x.is_complex() or (dtype is not None and dtype.is_complex):
         raise UnsupportedError("detcompile.cumsum: complex tensors are not supported")
-    n = max(x.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(f"detcompile.cumsum: dim {dim} is out of range for {x.dim()} dims")
+    dim = _common.wrap_dim("cumsum", dim, x.dim())
     res = _result_dtype(x, dtype)
     if res.is_floating_point and (not x.is_floating_point() or not _common.exact_upcast(x.dtype, res)):
         x = x.to(res)  # aten converts the input to dtype= first (e.g. fp32 -> bf16, int -> float)
     acc = torch.float64 if torch.float64 in (x.dtype, res) else torch.float32
-    return dim % n, x, acc, res
+    return dim, x, acc, res
 
 
 def triton_cumsum(x: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -13,21 +13,18 @@ CPU: fixed pairwise tree sums of elementwise adds (``_cpu.tree_sum``), then elem
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from . import _common, _cpu
+from ._common import HAS_TRITON, tl, triton
 
 #: Elements per chunk along the reduced (slice) dim. A constant: it fixes the reduction order.
 BLOCK = 1024
 #: Warps per program. Also a constant: tl.sum's tree depends on the layout, which depends on it.
 NUM_WARPS = 4
 
-if _common.HAS_TRITON:
-    triton = _common.triton
-    tl = _common.tl
+if HAS_TRITON:
 
     @triton.jit
     def _group_norm_kernel(
@@ -90,11 +87,6 @@ if _common.HAS_TRITON:
 _aligned = _common.aligned16
 
 
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _check(x: Tensor, weight: Tensor | None, bias: Tensor | None, N: int, C: int, HxW: int, group: int) -> None:
     _common.check_inputs("group_norm", x, weight, bias)
     if not x.is_floating_point():
@@ -105,15 +97,7 @@ def _check(x: Tensor, weight: Tensor | None, bias: Tensor | None, N: int, C: int
         )
     if group <= 0 or C % group != 0:
         raise ValueError(f"detcompile.group_norm: C={C} is not divisible by group={group}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise _common.UnsupportedError(f"detcompile.group_norm: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise _common.UnsupportedError(f"detcompile.group_norm: {name} is on {t.device} but x is on {x.device}")
-        if t.numel() != C:
-            raise ValueError(f"detcompile.group_norm: {name} has {t.numel()} elements, expected C={C}")
+    _common.check_norm_params("group_norm", x, C, f"C={C}", weight=weight, bias=bias)
 
 
 def triton_group_norm(
@@ -137,7 +121,7 @@ def triton_group_norm(
     xc = _aligned(x)
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointers when absent
     b = _aligned(bias.reshape(-1)) if bias is not None else xc
-    with _on_device(x):
+    with _common.on_device(x):
         _group_norm_kernel[(N * group,)](
             xc, w, b, out, mean, rstd, group, cpg, HxW, length, float(eps),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -153,13 +137,8 @@ def cpu_group_norm(
     _check(x, weight, bias, N, C, HxW, group)
     dt = _common.acc_dtype(x.dtype)
     length = C // group * HxW
-    u = x.contiguous().to(dt).reshape(N, group, length)
-    mean = _cpu.tree_sum(u) / length
-    d = u - mean.unsqueeze(-1)
-    var = _cpu.tree_sum(d * d) / length
-    # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
-    rstd = 1.0 / torch.sqrt(var + eps)
-    y = (d * rstd.unsqueeze(-1)).reshape(N, C, HxW)
+    y, mean, rstd = _cpu.normalize(x.contiguous().to(dt).reshape(N, group, length), eps)
+    y = y.reshape(N, C, HxW)
     if weight is not None:
         y = y * weight.reshape(1, C, 1).to(dt)
     if bias is not None:

@@ -26,7 +26,6 @@ Integer/bool tensors are exact in any order and use aten.index_add.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -92,10 +91,7 @@ def _check(self: Tensor, dim: int, index: Tensor, source: Tensor) -> int:
         )
     if self.device != source.device or self.device != index.device:
         raise RuntimeError("detcompile.index_add: self, index and source must be on one device")
-    n = max(self.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(f"detcompile.index_add: dim {dim} is out of range for {self.dim()} dims")
-    return dim % n
+    return _common.wrap_dim("index_add", dim, self.dim())
 
 
 def _check_shapes(self: Tensor, dim: int, idx: Tensor, source: Tensor) -> None:
@@ -214,7 +210,7 @@ def triton_index_add(self: Tensor, dim: int, index: Tensor, source: Tensor, alph
         seg = torch.zeros(D + 1, dtype=torch.int64, device=idx.device)
     block = min(1024, triton.next_power_of_2(P * Q))
     grid = (D, min(triton.cdiv(P * Q, block), 65535))
-    with torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext():
+    with _common.on_device(self):
         _index_add_kernel[grid](
             self.contiguous(), source.contiguous(), out, order, seg,
             D, n, Q, P * Q,

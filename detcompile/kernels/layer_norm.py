@@ -5,16 +5,16 @@ Returns ``(out, mean, rstd)``: out in x.dtype; mean/rstd of shape
 aten's meta/CUDA kernels give. ``rstd = rsqrt(var + eps)`` with the biased variance;
 ``out = (x - mean) * rstd * w + b`` in fp32.
 
-GPU (``reduce.row_plan``; the plan is a function of the normalized size N only): the row is cut
+GPU (``row_kernels.row_plan``; the plan is a function of the normalized size N only): the row is cut
 into segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` (a row of
 N <= 8192 is one tile of ``next_pow2`` lanes/chunks). Sums are fixed pairwise trees over the
-chunks, then the lanes (``reduce.tile_sum``: ``tl.sum`` over axes of size 2, layout-independent).
+chunks, then the lanes (``row_kernels.tile_sum``: ``tl.sum`` over axes of size 2, layout-independent).
 N <= 8192: one program per row (several for small N), two-pass statistics from registers,
 ``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N``; one read, one write. Longer rows: per
 segment g, ``sum_g`` and ``m2_g = sum((x - sum_g / n_g)^2)`` over its ``n_g`` elements, combined by fixed pairwise trees over g (Chan et al.): ``mean = tree(sum_g) / N``,
 ``var = tree(m2_g + n_g * (sum_g / n_g - mean)^2) / N``. The schedules of
-``reduce.choose_schedule`` share these per-segment helpers (same bits): one launch whose programs
-exchange them (``reduce.row_arrive_and_wait``; the GPU default), two launches of one program per
+``row_kernels.choose_schedule`` share these per-segment helpers (same bits): one launch whose programs
+exchange them (``row_kernels.row_arrive_and_wait``; the GPU default), two launches of one program per
 segment (statistics to a workspace, then the output; longer rows and the interpreter), or one
 program per row looping over its segments twice (opt-in).
 Nothing depends on the number of rows or the alignment; FMA contraction is off. Rows longer than
@@ -23,24 +23,23 @@ CPU: fixed pairwise tree sums of elementwise adds (``_cpu.tree_sum``), then elem
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
 from . import _common, _cpu
-from . import reduce as _rd
+from . import row_kernels as _rk
+from ._common import HAS_TRITON, tl, triton
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
 #: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
-if _common.HAS_TRITON:
-    triton = _common.triton
-    tl = _common.tl
-    from .reduce import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
+if HAS_TRITON:
+    from ._trees import tree_sum
+    from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
     @triton.jit
     def _segment_stats(x, mask, n, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
@@ -190,7 +189,7 @@ if _common.HAS_TRITON:
         BLOCK: tl.constexpr,
         LOG2_BLOCK: tl.constexpr,
     ):
-        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
+        """Rows longer than row_kernels.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
         (per-lane sums in ascending chunk order, then the fixed lane tree)."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * N
@@ -232,11 +231,6 @@ if _common.HAS_TRITON:
 _aligned = _common.aligned16
 
 
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _common.HALF_DTYPES else dtype
 
@@ -258,15 +252,7 @@ def _check(x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | No
             f"trailing dims of x.shape={list(x.shape)}"
         )
     n = math.prod(normalized_shape)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise _common.UnsupportedError(f"detcompile.layer_norm: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise _common.UnsupportedError(f"detcompile.layer_norm: {name} is on {t.device} but x is on {x.device}")
-        if t.numel() != n:
-            raise ValueError(f"detcompile.layer_norm: {name} has {t.numel()} elements, expected {n}")
+    _common.check_norm_params("layer_norm", x, n, f"{n}", weight=weight, bias=bias)
     return n
 
 
@@ -290,8 +276,8 @@ def triton_layer_norm(
     xc = _aligned(x)
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointers when absent
     b = _aligned(bias.reshape(-1)) if bias is not None else xc
-    plan = _rd.row_plan(n)
-    with _on_device(x):
+    plan = _rk.row_plan(n)
+    with _common.on_device(x):
         if plan is None:
             _layer_norm_loop_kernel[(m,)](
                 xc, w, b, out, mean, rstd, n, float(eps),
@@ -301,8 +287,8 @@ def triton_layer_norm(
             )
         else:
             # No register cap: the split kernel takes 128 registers (4 programs per SM) and would
-            # spill at reduce.ROW_SPLIT_MAXNREG.
-            _rd.launch_rows(
+            # spill at row_kernels.ROW_SPLIT_MAXNREG.
+            _rk.launch_rows(
                 _layer_norm_rows_kernel, plan, m, x.device, torch.float32, 2,
                 (xc, w, b, out, mean, rstd), (n, float(eps)),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -318,13 +304,7 @@ def cpu_layer_norm(
     dt = _common.acc_dtype(x.dtype)
     stats_shape = _stats_shape(x, normalized_shape)
     m = math.prod(stats_shape)
-    u = x.contiguous().to(dt).reshape(m, n)
-    mean = _cpu.tree_sum(u) / n
-    d = u - mean.unsqueeze(-1)
-    var = _cpu.tree_sum(d * d) / n
-    # sqrt and division are correctly rounded in vector and scalar code alike (unlike a fast rsqrt).
-    rstd = 1.0 / torch.sqrt(var + eps)
-    y = d * rstd.unsqueeze(-1)
+    y, mean, rstd = _cpu.normalize(x.contiguous().to(dt).reshape(m, n), eps)
     if weight is not None:
         y = y * weight.reshape(n).to(dt)
     if bias is not None:

@@ -16,7 +16,6 @@ Why it is batch-invariant:
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
@@ -155,6 +154,29 @@ if HAS_TRITON:
         group_m = tl.minimum(tiles_m - first_m, GROUP_M)
         return first_m + (t % in_group) % group_m, (t % in_group) // group_m
 
+    @triton.jit
+    def k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
+                    IS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``acc`` plus the [BLOCK_M, K] @ [K, BLOCK_N] product of the tiles at ``a_ptrs`` /
+        ``b_ptrs`` (K offset 0), over ``num_k`` chunks: the pointer kernels' K loop, shared with
+        ``grouped_mm`` so that its rows get matmul's bits.
+
+        Whole K, ascending BLOCK_K chunks, one accumulator: the same reduction order for every
+        output element whatever M is. Out-of-range K (and masked rows / columns) load as exact 0,
+        so a row zero-padded along K produces the same bits."""
+        offs_k = tl.arange(0, BLOCK_K)
+        for kb in range(0, num_k):
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            if IS_FP32:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+        return acc
+
     # M and the batch count change with the batch size: not letting Triton specialize on them
     # (==1, divisible by 16) keeps M=1 from getting its own compiled variant. Strides, N and K
     # stay specialized: their alignment only decides how memory is moved (vector width, cp.async
@@ -204,19 +226,8 @@ if HAS_TRITON:
             b_ptrs = b_ptr + bid64 * s_bb + offs_k[:, None] * s_bk + on[None, :] * s_bn
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # Whole K, ascending BLOCK_K chunks, one accumulator: the same reduction order for
-            # every output element whatever M is. Out-of-range K loads as exact 0, so a row
-            # zero-padded along K produces the same bits.
-            for kb in range(0, num_k):
-                k_left = K - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-                if IS_FP32:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K * s_ak
-                b_ptrs += BLOCK_K * s_bk
+            acc = k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
+                              IS_FP32, PRECISION, BLOCK_K)
 
             # Epilogue in fp32, then the single rounding to the output dtype.
             acc = acc * alpha
@@ -448,6 +459,16 @@ def triton_matmul(
     key = (str(a.device), descs is not None, b_kmajor, a.dtype, xb is not None,
            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
 
+    # What both kernels take from the config; the pipeline depth is fitted at launch.
+    tile_args = dict(
+        HAS_BIAS=xb is not None,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+    )
+
     def launch_tma(stages):
         a_desc, b_desc, c_desc, _ = descs
         _matmul_tma_kernel[grid](
@@ -455,14 +476,9 @@ def triton_matmul(
             M, N, K,
             *x_strides[1:],
             float(alpha), float(beta),
-            HAS_BIAS=xb is not None,
             B_KMAJOR=b_kmajor,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"],
             num_stages=stages,
+            **tile_args,
         )
 
     def launch_pointer(stages):
@@ -471,19 +487,14 @@ def triton_matmul(
             nb, M, N, K,
             *a3.stride(), *b3.stride(), *c3.stride(), *x_strides,
             float(alpha), float(beta),
-            HAS_BIAS=xb is not None,
             IS_FP32=a.dtype == torch.float32,
             PRECISION=_common.dot_precision(a.dtype),
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"],
             num_stages=stages,
+            **tile_args,
         )
 
     # Triton launches on the current CUDA device; make that a's device.
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with _common.on_device(a):
         _launch_fitting(key, cfg["num_stages"], launch_tma if descs is not None else launch_pointer)
     return out
 

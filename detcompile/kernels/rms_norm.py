@@ -3,15 +3,15 @@
 Semantics of torch's composite ``rms_norm``: ``u = x.float()`` (float64 stays float64),
 ``y = u * rsqrt(mean(u * u) + eps)``, then ``y * weight`` (weight upcast), cast back to x.dtype.
 
-GPU (``reduce.row_plan``; the plan is a function of the hidden size R only): the row is cut into
+GPU (``row_kernels.row_plan``; the plan is a function of the hidden size R only): the row is cut into
 segments of 8192 elements, each a register tile ``[1024 lanes, 8 chunks]`` (element
 ``c * 1024 + l``; a row of R <= 8192 is one tile of ``next_pow2`` lanes/chunks). ``sum(u * u)`` of a
-segment is a fixed pairwise tree over the chunks, then over the lanes (``reduce.tile_sum``, built
+segment is a fixed pairwise tree over the chunks, then over the lanes (``row_kernels.tile_sum``, built
 from ``tl.sum`` over axes of size 2, whose result cannot depend on the register layout); segments
 are added by a fixed pairwise tree over their index. R <= 8192 (every common hidden size): one
 program per row (several rows per program when R is small), one read and one write. Longer rows
-run one of ``reduce.choose_schedule``'s schedules, which share the per-segment helpers below (same
-bits): one launch whose programs exchange their partial sums (``reduce.row_arrive_and_wait``; the
+run one of ``row_kernels.choose_schedule``'s schedules, which share the per-segment helpers below (same
+bits): one launch whose programs exchange their partial sums (``row_kernels.row_arrive_and_wait``; the
 GPU default), two launches of one program per segment (partial sums to a workspace, then the
 output; longer rows and the interpreter), or one program per row looping over its segments twice
 (opt-in).
@@ -22,23 +22,21 @@ CPU: a fixed pairwise tree sum of elementwise adds (``_cpu.tree_sum``), then ele
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from . import _common, _cpu
-from . import reduce as _rd
+from . import row_kernels as _rk
+from ._common import HAS_TRITON, tl, triton
 
 #: Elements per chunk of the chunk-loop kernel (rows longer than 2**23). A constant.
 BLOCK = 1024
 #: Warps of the chunk-loop kernel.
 NUM_WARPS = 4
 
-if _common.HAS_TRITON:
-    triton = _common.triton
-    tl = _common.tl
-    from .reduce import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum, tree_sum
+if HAS_TRITON:
+    from ._trees import tree_sum
+    from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
     @triton.jit
     def _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT: tl.constexpr):
@@ -142,7 +140,7 @@ if _common.HAS_TRITON:
         BLOCK: tl.constexpr,
         LOG2_BLOCK: tl.constexpr,
     ):
-        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: per-lane sums of squares over
+        """Rows longer than row_kernels.ROW_MAX_SEGMENTS segments: per-lane sums of squares over
         1024-chunks in ascending order, the fixed lane tree, then a second pass to normalize."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * N
@@ -172,35 +170,17 @@ if _common.HAS_TRITON:
 _aligned = _common.aligned16
 
 
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _check(x: Tensor, weight: Tensor | None) -> None:
     _common.check_inputs("rms_norm", x, weight)
     if x.dim() == 0:
         raise ValueError("detcompile.rms_norm: x must have at least one dimension")
     if not x.is_floating_point():
         raise _common.UnsupportedError(f"detcompile.rms_norm: x must be floating point, got {x.dtype}")
-    if weight is not None:
-        if not weight.is_floating_point():
-            raise _common.UnsupportedError(
-                f"detcompile.rms_norm: weight must be floating point, got {weight.dtype}"
-            )
-        if weight.device != x.device:
-            raise _common.UnsupportedError(
-                f"detcompile.rms_norm: weight is on {weight.device} but x is on {x.device}"
-            )
-        if weight.numel() != x.shape[-1]:
-            raise ValueError(
-                f"detcompile.rms_norm: weight has {weight.numel()} elements, expected x.shape[-1]"
-                f" = {x.shape[-1]}"
-            )
+    _common.check_norm_params("rms_norm", x, x.shape[-1], f"x.shape[-1] = {x.shape[-1]}", weight=weight)
 
 
 def _all_half(*tensors: Tensor | None) -> bool:
-    """16-bit data and weight: the split kernel fits reduce.ROW_SPLIT_MAXNREG registers."""
+    """16-bit data and weight: the split kernel fits row_kernels.ROW_SPLIT_MAXNREG registers."""
     return all(t is None or t.dtype in _common.HALF_DTYPES for t in tensors)
 
 
@@ -216,17 +196,17 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     if m == 0 or n == 0:
         return out
     w = _aligned(weight.reshape(-1)) if weight is not None else xc  # dummy pointer when absent
-    plan = _rd.row_plan(n)
-    with _on_device(x):
+    plan = _rk.row_plan(n)
+    with _common.on_device(x):
         if plan is None:
             _rms_norm_loop_kernel[(m,)](
                 xc, w, out, n, float(eps), HAS_WEIGHT=weight is not None, BLOCK=BLOCK,
                 LOG2_BLOCK=BLOCK.bit_length() - 1, num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
         else:
-            _rd.launch_rows(
+            _rk.launch_rows(
                 _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out),
-                (n, float(eps)), maxnreg=_rd.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
+                (n, float(eps)), maxnreg=_rk.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
                 HAS_WEIGHT=weight is not None,
             )
     return out

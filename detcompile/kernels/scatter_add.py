@@ -6,12 +6,19 @@
 and is rounded to the tensor dtype once at the end. A destination's bits depend only on its own
 ``self`` value and contributions.
 
-Algorithm (device-agnostic torch ops, no atomics): each element of ``index`` gets the linear offset
-of its destination in the contiguous output. Elements sharing a destination differ only in their
-coordinate along ``dim``, so in row-major order they appear by ascending position along ``dim``;
-``index_add.occurrence_rank`` of the offsets then splits the updates into rounds with unique
-destinations, each applied with an exact ``gather -> add -> put`` (no accumulate=True). There is
-no Triton kernel: the CUDA implementation runs this same algorithm with torch ops.
+Each element of ``index`` gets the linear offset of its destination in the contiguous output
+(``destination_offsets``). Elements sharing a destination differ only in their coordinate along
+``dim``, so in row-major order they appear by ascending position along ``dim``: the order rule is
+index_add's rule on the flattened output, with the offsets as the index.
+
+CPU (torch ops, no atomics): ``index_add.occurrence_rank`` of the offsets splits the updates into
+rounds with unique destinations, each applied with an exact ``gather -> add -> put`` (no
+accumulate=True); the number of rounds is read on the host.
+
+CUDA (no host sync, so it can be captured in a CUDA graph): ``index_add``'s Triton kernel on the
+flattened output, the offsets as the index. Same bits as the rounds: every element sees the same
+fp32 adds in the same order and one rounding. Indices out of range trip a device-side assert (as
+aten's CUDA scatter_add does) instead of a host check.
 
 Integer/bool tensors are exact in any order and use aten.scatter_add.
 """
@@ -21,8 +28,8 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._common import UnsupportedError
-from .index_add import rounds
+from ._common import HAS_TRITON, UnsupportedError
+from .index_add import rounds, triton_index_add
 
 
 def _check(self: Tensor, dim: int, index: Tensor, src: Tensor) -> int:
@@ -36,12 +43,7 @@ def _check(self: Tensor, dim: int, index: Tensor, src: Tensor) -> int:
         )
     if self.device != src.device or self.device != index.device:
         raise RuntimeError("detcompile.scatter_add: self, index and src must be on one device")
-    n = max(self.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(
-            f"detcompile.scatter_add: dim {dim} is out of range for {self.dim()} dims"
-        )
-    dim = dim % n
+    dim = _common.wrap_dim("scatter_add", dim, self.dim())
     if index.numel() > 0:
         if not (index.dim() == self.dim() == src.dim()):
             raise RuntimeError(
@@ -56,8 +58,27 @@ def _check(self: Tensor, dim: int, index: Tensor, src: Tensor) -> int:
     return dim
 
 
+def destination_offsets(index: Tensor, dim: int, out_strides) -> Tensor:
+    """Flat (row-major) vector of the linear offset, in a contiguous output with ``out_strides``,
+    of each ``index`` element's destination. Integer arithmetic: exact on any device."""
+    key = index * out_strides[dim]
+    for d in range(index.dim()):
+        if d != dim:
+            view = [1] * index.dim()
+            view[d] = index.shape[d]
+            coord = torch.arange(index.shape[d], device=index.device).view(view)
+            key = key + coord * out_strides[d]
+    return key.reshape(-1)
+
+
+def contributions(index: Tensor, src: Tensor) -> Tensor:
+    """The ``src`` elements ``index`` covers, flat in the row-major order of the offsets."""
+    return src[tuple(slice(0, s) for s in index.shape)].reshape(-1)
+
+
 def scatter_add_rounds(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
-    """The round algorithm (CPU and CUDA); inputs already checked, ``dim`` wrapped."""
+    """The round algorithm (the CPU path; on CUDA the reference of the Triton path); inputs
+    already checked, ``dim`` wrapped. Reads the index range and the number of rounds on the host."""
     if not self.is_floating_point():
         return torch.scatter_add(self, dim, index, src)
     out_shape = self.shape
@@ -74,22 +95,35 @@ def scatter_add_rounds(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Te
                 f"detcompile.scatter_add: index out of bounds for dimension {dim} with size {size}"
             )
         flat = acc.view(-1)
-        strides = acc.stride()
-        # Linear destination offset of every index element (integer arithmetic: exact).
-        key = index * strides[dim]
-        for d in range(index.dim()):
-            if d != dim:
-                view = [1] * index.dim()
-                view[d] = index.shape[d]
-                coord = torch.arange(index.shape[d], device=index.device).view(view)
-                key = key + coord * strides[d]
-        key = key.reshape(-1)
-        vals = src[tuple(slice(0, s) for s in index.shape)].reshape(-1).to(acc_dt)
+        key = destination_offsets(index, dim, acc.stride())
+        vals = contributions(index, src).to(acc_dt)
         for pos in rounds(key):
             k = key if pos is None else key[pos]
             v = vals if pos is None else vals[pos]
             flat[k] = flat[k] + v  # unique destinations: a non-accumulating, exact put
     return acc.to(self.dtype).reshape(out_shape)
+
+
+def triton_scatter_add(self: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """The sync-free algorithm (CUDA, or CPU tensors under TRITON_INTERPRET=1): index_add's Triton
+    kernel on the flattened output; inputs already checked, ``dim`` wrapped."""
+    if not self.is_floating_point():
+        return torch.scatter_add(self, dim, index, src)
+    out_shape = self.shape
+    if self.dim() == 0:
+        self, index, src = self.reshape(1), index.reshape(1), src.reshape(1)
+    self = self.contiguous()
+    if index.numel() == 0:
+        return self.clone().reshape(out_shape)  # a fresh copy, like the round algorithm
+    size = self.shape[dim]
+    # An index out of range may still land inside the flat output (the next row): checked on the
+    # device, per index element.
+    torch._assert_async(((index >= 0) & (index < size)).all(),
+                        "detcompile.scatter_add: index out of bounds")
+    key = destination_offsets(index, dim, self.stride())
+    # The values keep the tensor dtype: the kernel converts each one to fp32 (exact) as it adds.
+    out = triton_index_add(self.reshape(-1), 0, key, contributions(index, src))
+    return out.reshape(out_shape)
 
 
 @torch.library.custom_op(
@@ -118,6 +152,7 @@ def _(self, dim, index, src):
 
 @scatter_add.register_kernel("cuda")
 def _(self, dim, index, src):
-    # No Triton kernel: the same round algorithm in torch ops (gather, add, plain put; no atomics).
     dim = _check(self, dim, index, src)
-    return scatter_add_rounds(self, dim, index, src)
+    if not HAS_TRITON:
+        raise UnsupportedError("detcompile.scatter_add: Triton is required on CUDA")
+    return triton_scatter_add(self, dim, index, src)

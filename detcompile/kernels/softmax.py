@@ -4,20 +4,20 @@ The softmax dim is moved last and the input flattened to ``[rows, R]``. Each row
 same instruction sequence whatever the other rows are, and that sequence depends only on ``R``
 (and the dtype):
 
-* Triton (``reduce.row_plan``): the row is cut into segments of 8192 elements, each a register
+* Triton (``row_kernels.row_plan``): the row is cut into segments of 8192 elements, each a register
   tile ``[1024 lanes, 8 chunks]`` (element ``c * 1024 + l``; a row shorter than one segment uses
   ``next_pow2`` lanes/chunks of it). Per segment g: the max ``m_g`` (exact; ``+ 0.0`` makes a -0
   max +0), then ``s_g`` = the sum of ``exp(x - m_g)`` by a fixed pairwise tree over the chunks, then
-  over the lanes (``reduce.tile_sum``; ``s_g = 0`` for an all -inf segment). Row statistics:
+  over the lanes (``row_kernels.tile_sum``; ``s_g = 0`` for an all -inf segment). Row statistics:
   ``M = max_g m_g``, ``S`` = fixed pairwise tree over g of ``s_g * f_g`` with ``f_g = 1`` exactly
   when ``m_g == M``, else ``exp(m_g - M)``. Output ``exp(x - M) * (1 / S)`` or
   ``(x - M) - log(S)``. Every tree step is one sum of two numbers (``tl.sum`` over an axis of
   size 2), so no register layout, warp count, alignment or specialization can change a bit; FMA
   contraction is off.
   A row of one segment (R <= 8192) is one program: one read, one write. A longer row runs one of
-  ``reduce.choose_schedule``'s schedules, all computing ``(m_g, s_g)`` and ``(M, S)`` with the same
+  ``row_kernels.choose_schedule``'s schedules, all computing ``(m_g, s_g)`` and ``(M, S)`` with the same
   helpers (same bits): one launch of one program per segment exchanging ``(m_g, s_g)``
-  (``reduce.row_arrive_and_wait``; the GPU default: one read, one write), two launches of one
+  (``row_kernels.row_arrive_and_wait``; the GPU default: one read, one write), two launches of one
   program per segment (statistics to a workspace, then the output; longer rows and the
   interpreter), or one program per row looping over its segments twice (opt-in).
   **Right padding with -inf** (attention) is an exact no-op on the real part of a row, for every R:
@@ -34,17 +34,17 @@ A row that is entirely -inf gives NaN, as in torch.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-from . import _common, _cpu, reduce as _rd
+from . import _common, _cpu
+from . import row_kernels as _rk
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 from .reduce import BLOCK, LOG2_BLOCK, NUM_WARPS
 
 if HAS_TRITON:
-    from .reduce import row_arrive_and_wait, segment_offsets, tile_offsets, tile_sum, tree_sum
+    from ._trees import tree_sum
+    from .row_kernels import row_arrive_and_wait, segment_offsets, tile_offsets, tile_sum
 
     @triton.jit
     def _segment_stats(x, LOG2_LANES: tl.constexpr, LOG2_CHUNKS: tl.constexpr):
@@ -122,7 +122,7 @@ if HAS_TRITON:
         CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
         LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
     ):
-        """One-program rows (not SPLIT): ROWS rows per program. Split rows (reduce.launch_rows):
+        """One-program rows (not SPLIT): ROWS rows per program. Split rows (row_kernels.launch_rows):
         program ``row * G + g`` owns segment g in PHASE 0 (the programs of a row exchange their
         segment statistics in ``ws`` and each writes its segment), PHASE 1 (statistics only) and
         PHASE 2 (the output, from phase 1's statistics: a second launch); in PHASE 3 program
@@ -176,7 +176,7 @@ if HAS_TRITON:
         x_ptr, out_ptr, R,
         LOG: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr,
     ):
-        """Rows longer than reduce.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
+        """Rows longer than row_kernels.ROW_MAX_SEGMENTS segments: three passes over 1024-chunks
         (max; lane sums in ascending chunk order, then the lane tree; write)."""
         ACC = tl.float64 if ACC_FP64 else tl.float32  # accumulation dtype
         row = tl.program_id(0).to(tl.int64)
@@ -221,15 +221,7 @@ def _check(x: Tensor, dim: int) -> int:
     _common.check_inputs("softmax", x)
     if not x.is_floating_point():
         raise UnsupportedError(f"detcompile.softmax: expected a floating tensor, got {x.dtype}")
-    n = max(x.dim(), 1)
-    if not -n <= dim < n:
-        raise IndexError(f"detcompile.softmax: dim {dim} is out of range for {x.dim()} dims")
-    return dim % n
-
-
-def _on_device(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device); a no-op for CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return _common.wrap_dim("softmax", dim, x.dim())
 
 
 def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool = False) -> Tensor:
@@ -243,8 +235,8 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
     out2 = torch.empty((rows, R), dtype=_out_dtype(x, half_to_float), device=x.device)
     if rows > 0 and R > 0:
         acc64 = x.dtype == torch.float64
-        plan = _rd.row_plan(R)
-        with _on_device(x):
+        plan = _rk.row_plan(R)
+        with _common.on_device(x):
             if plan is None:
                 _softmax_loop_kernel[(rows,)](
                     x2, out2, R,
@@ -252,11 +244,11 @@ def triton_softmax(x: Tensor, dim: int, half_to_float: bool = False, log: bool =
                     num_warps=NUM_WARPS, enable_fp_fusion=False,
                 )
             else:
-                _rd.launch_rows(
+                _rk.launch_rows(
                     _softmax_rows_kernel, plan, rows, x.device,
                     torch.float64 if acc64 else torch.float32, 2, (x2, out2), (R,),
                     # 16-bit in, fp32 out would spill at the register cap (ptxas, sm_90a).
-                    maxnreg=None if out2.dtype != x2.dtype else _rd.ROW_SPLIT_MAXNREG,
+                    maxnreg=None if out2.dtype != x2.dtype else _rk.ROW_SPLIT_MAXNREG,
                     LOG=bool(log), ACC_FP64=acc64,
                 )
     return _common.restore_rows(out2, x, dim)

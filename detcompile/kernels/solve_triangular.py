@@ -32,8 +32,6 @@ order they were solved. Accumulation is fp32 (fp64 for fp64); the result is roun
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -86,10 +84,6 @@ if HAS_TRITON:
             a_col = tl.load(a_mat + rows * N + j, mask=todo, other=0.0).to(ACC)
             r = tl.where(todo[:, None], tl.fma(-a_col[:, None], xj[None, :], r), r)
         tl.store(out_ptr + tile, x.to(out_ptr.dtype.element_ty), mask=tile_mask)
-
-
-def _on_device(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _check(A: Tensor, B: Tensor, left: bool) -> None:
@@ -154,7 +148,7 @@ def triton_solve_triangular(A: Tensor, B: Tensor, upper: bool, left: bool = True
     out = torch.empty((nb, n, k), dtype=B.dtype, device=B.device)
     if out.numel() > 0:
         block_n, block_k = block_sizes(n)
-        with _on_device(A):
+        with _common.on_device(A):
             _solve_kernel[(nb, triton.cdiv(k, block_k))](
                 A3, B3, out, n, k,
                 UPPER=bool(upper), UNIT=bool(unitriangular), ACC_FP64=B.dtype == torch.float64,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import Leftover, PassContext, source_line
+from .manager import Leftover, PassContext, node_arg, source_line
 
 # Reduce floating-point values across elements in an order the stock kernel chooses.
 VARIANT = {
@@ -83,20 +83,14 @@ COMPLEX_EXACT = {"add", "sub", "rsub", "neg", "conj_physical", "_conj", "conj", 
 EXACT_FOR_INTEGERS = VARIANT  # every reduction is exact on integers and bools
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _alpha_one(node: fx.Node) -> bool:
     # a + alpha * b rounds twice unless alpha is 1: measured offset-dependent in bf16/fp16 (fused or not).
-    return _arg(node, 2, "alpha", 1) == 1
+    return node_arg(node, 2, "alpha", 1) == 1
 
 
 def _exact_division(node: fx.Node) -> bool:
     # floor/trunc division of 16-bit floats rounds by offset (measured); true division is IEEE.
-    return _arg(node, 2, "rounding_mode") is None
+    return node_arg(node, 2, "rounding_mode") is None
 
 
 def _exact_pow(node: fx.Node) -> bool:
@@ -104,7 +98,7 @@ def _exact_pow(node: fx.Node) -> bool:
     from .cpu_pointwise import _EXACT_POW
 
     t = node.target
-    return t.overloadpacket.__name__ == "pow" and t._overloadname == "Tensor_Scalar" and _arg(node, 1, "exponent") in _EXACT_POW
+    return t.overloadpacket.__name__ == "pow" and t._overloadname == "Tensor_Scalar" and node_arg(node, 1, "exponent") in _EXACT_POW
 
 
 def _default_overload(node: fx.Node) -> bool:
@@ -246,21 +240,21 @@ def _reason(node: fx.Node, t, base: str) -> str | None:
             "bits depend on its offset"
         )
     if base == "bincount":
-        weights = _arg(node, 1, "weights")
+        weights = node_arg(node, 1, "weights")
         return None if weights is None else "bincount with weights sums floats with atomics"
     if base in ("index_put", "_unsafe_index_put"):
-        if _arg(node, 3, "accumulate", False) and _has_float_tensor_input(node):
+        if node_arg(node, 3, "accumulate", False) and _has_float_tensor_input(node):
             return f"{base} with accumulate=True on floats (atomics on CUDA, an order the kernel picks)"
         return None  # a plain write (duplicate indices are unspecified anyway, batch or not)
     if base == "scatter":
-        if _arg(node, 4, "reduce") is not None and _has_float_tensor_input(node):
-            return (f"scatter with reduce={_arg(node, 4, 'reduce')!r} on floats (atomics on CUDA, an order "
+        if node_arg(node, 4, "reduce") is not None and _has_float_tensor_input(node):
+            return (f"scatter with reduce={node_arg(node, 4, 'reduce')!r} on floats (atomics on CUDA, an order "
                     "the kernel picks); scatter_add is rewritten, scatter(reduce=...) is not")
         return None
     if base in ("topk", "sort", "argsort", "msort"):
         if _on_cpu(node):
             return None  # the CPU kernels sort each row on its own: a function of the row
-        if base in ("sort", "argsort") and _arg(node, 1, "stable") is True and t._overloadname == "stable":
+        if base in ("sort", "argsort") and node_arg(node, 1, "stable") is True and t._overloadname == "stable":
             return None  # ties by ascending index: defined by the row alone
         return (f"{base} on CUDA: which of equal values comes first is unspecified, and the kernel is "
                 "chosen by the number of rows, so a tie can resolve differently with the batch")

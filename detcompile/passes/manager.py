@@ -173,6 +173,13 @@ def meta_val(arg: Any) -> Any:
     return arg
 
 
+def node_arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` of a call node, passed by position or by keyword ``name`` (else ``default``)."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
 def is_float_node(arg: Any) -> bool:
     v = meta_val(arg)
     return isinstance(v, torch.Tensor) and v.is_floating_point()

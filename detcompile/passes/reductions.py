@@ -11,15 +11,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassSpec, _propagate_fake, is_float_node, replace_with
+from .manager import PassContext, PassSpec, _propagate_fake, is_float_node, node_arg, replace_with
 
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 #: vector-norm orders rewritten, and the reduction over x*x (ord 2, then sqrt) or |x| each needs.
@@ -46,20 +40,20 @@ def reductions_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         x = node.args[0]
         if t in (aten.sum.dim_IntList, aten.mean.dim):
             kind = "sum" if t == aten.sum.dim_IntList else "mean"
-            dims = _dims(_arg(node, 1, "dim"))
-            keepdim = bool(_arg(node, 2, "keepdim", False))
+            dims = _dims(node_arg(node, 1, "dim"))
+            keepdim = bool(node_arg(node, 2, "keepdim", False))
             replace_with(gm, node, reduce, (x, dims, keepdim, kind), {"dtype": node.kwargs.get("dtype")}, ctx, "reductions")
         elif t in (aten.sum.default, aten.mean.default):
             kind = "sum" if t == aten.sum.default else "mean"
             replace_with(gm, node, reduce, (x, None, False, kind), {"dtype": node.kwargs.get("dtype")}, ctx, "reductions")
         elif t in (aten.amax.default, aten.amin.default):
             kind = "amax" if t == aten.amax.default else "amin"
-            dims = _dims(_arg(node, 1, "dim", []))
-            keepdim = bool(_arg(node, 2, "keepdim", False))
+            dims = _dims(node_arg(node, 1, "dim", []))
+            keepdim = bool(node_arg(node, 2, "keepdim", False))
             replace_with(gm, node, reduce, (x, dims, keepdim, kind), {}, ctx, "reductions")
         elif t == aten.logsumexp.default:
-            dims = _dims(_arg(node, 1, "dim"))
-            keepdim = bool(_arg(node, 2, "keepdim", False))
+            dims = _dims(node_arg(node, 1, "dim"))
+            keepdim = bool(node_arg(node, 2, "keepdim", False))
             replace_with(gm, node, reduce, (x, dims, keepdim, "logsumexp"), {}, ctx, "reductions")
         elif t == aten.var_mean.correction:
             dims, corr, keepdim = _var_args(node)
@@ -79,14 +73,14 @@ def reductions_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
                     var.meta["val"] = vm.meta["val"][0] if "val" in vm.meta else None
                 replace_with(gm, node, aten.sqrt.default, (var,), {}, ctx, "reductions")
         elif t == aten.cumsum.default:
-            dim = int(_arg(node, 1, "dim"))
+            dim = int(node_arg(node, 1, "dim"))
             replace_with(gm, node, cumsum, (x, dim), {"dtype": node.kwargs.get("dtype")}, ctx, "reductions")
         elif t == aten.linalg_vector_norm.default:
-            ord_ = _arg(node, 1, "ord", 2)
+            ord_ = node_arg(node, 1, "ord", 2)
             if node.kwargs.get("dtype") is not None or isinstance(ord_, bool) or ord_ not in _NORM_ORDS:
                 continue  # left for the audit
-            dims = _dims(_arg(node, 2, "dim"))
-            keepdim = bool(_arg(node, 3, "keepdim", False))
+            dims = _dims(node_arg(node, 2, "dim"))
+            keepdim = bool(node_arg(node, 3, "keepdim", False))
             with g.inserting_before(node):
                 if ord_ == 2:
                     term = g.call_function(aten.mul.Tensor, (x, x))
@@ -105,7 +99,7 @@ def reductions_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 def _var_args(node: fx.Node):
-    dims = _dims(_arg(node, 1, "dim"))
+    dims = _dims(node_arg(node, 1, "dim"))
     corr = node.kwargs.get("correction")
     corr = 1.0 if corr is None else float(corr)
     keepdim = bool(node.kwargs.get("keepdim", False))

@@ -13,19 +13,13 @@ import torch.fx as fx
 
 from ..kernels import _common
 from ..kernels.solve_triangular import MAX_N
-from .manager import PassContext, PassSpec, is_call, meta_val, replace_with
+from .manager import PassContext, PassSpec, is_call, meta_val, node_arg, replace_with
 
 aten = torch.ops.aten
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def rewritable(node: fx.Node) -> bool:
-    A, B = meta_val(_arg(node, 0, "self")), meta_val(_arg(node, 1, "B"))
+    A, B = meta_val(node_arg(node, 0, "self")), meta_val(node_arg(node, 1, "B"))
     if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
         return False
     dev = A.device.type
@@ -41,8 +35,8 @@ def solve_triangular_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         if not is_call(node, aten.linalg_solve_triangular.default) or not rewritable(node):
             continue
         args = (
-            _arg(node, 0, "self"), _arg(node, 1, "B"), bool(_arg(node, 2, "upper")),
-            bool(_arg(node, 3, "left", True)), bool(_arg(node, 4, "unitriangular", False)),
+            node_arg(node, 0, "self"), node_arg(node, 1, "B"), bool(node_arg(node, 2, "upper")),
+            bool(node_arg(node, 3, "left", True)), bool(node_arg(node, 4, "unitriangular", False)),
         )
         replace_with(gm, node, op, args, {}, ctx, "solve_triangular")
 

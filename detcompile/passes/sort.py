@@ -20,15 +20,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import GETITEM, NodeBuilder, PassContext, PassSpec, Rewrite, is_call, meta_val, source_line
+from .manager import (
+    GETITEM, NodeBuilder, PassContext, PassSpec, Rewrite, is_call, meta_val, node_arg, source_line,
+)
 
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def sort_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -38,10 +34,10 @@ def sort_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
         if node.target == aten.topk.default:
             _topk(gm, node, ctx)
         elif node.target == aten.sort.default:
-            dim, descending = _arg(node, 1, "dim", -1), _arg(node, 2, "descending", False)
+            dim, descending = node_arg(node, 1, "dim", -1), node_arg(node, 2, "descending", False)
             _restable(gm, node, ctx, dim, descending)
-        elif node.target == aten.sort.stable and _arg(node, 1, "stable") is not True:
-            dim, descending = _arg(node, 2, "dim", -1), _arg(node, 3, "descending", False)
+        elif node.target == aten.sort.stable and node_arg(node, 1, "stable") is not True:
+            dim, descending = node_arg(node, 2, "dim", -1), node_arg(node, 3, "descending", False)
             _restable(gm, node, ctx, dim, descending)
 
 
@@ -55,7 +51,7 @@ def _restable(gm, node, ctx, dim, descending) -> None:
 
 def _topk(gm, node, ctx) -> None:
     x, k = node.args[0], node.args[1]
-    dim, largest = _arg(node, 2, "dim", -1), _arg(node, 3, "largest", True)
+    dim, largest = node_arg(node, 2, "dim", -1), node_arg(node, 3, "largest", True)
     outs = {u.args[1]: u for u in node.users if is_call(u, GETITEM)}
     if len(outs) != len(node.users):
         return  # the tuple itself is used: leave it (the classifier reports it on CUDA)

@@ -1,4 +1,4 @@
-"""The pure parts of benchmarks/kernels.py, on the CPU: arithmetic, targets, bitwise checks, the paged
+"""The pure parts of benchmarks/kernels/, on the CPU: arithmetic, targets, bitwise checks, the paged
 cache layout, table formatting, and one run of every section on tiny shapes with a fake timer (the
 plumbing from records to the markdown/JSON/PNG reports). No timing is checked here: that needs the GPU."""
 import json
@@ -8,7 +8,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import kernels as kb
+from benchmarks.kernels import attention as attention_section
+from benchmarks.kernels.attention import (
+    causal_attention_flops, decode_cell_fits, decode_record, decode_summary, gather_pages, kv_cache_bytes,
+    make_block_table, prefill_record, prefill_summary, skipped_decode_record,
+)
+from benchmarks.kernels.bandwidth import measure_copy_bandwidth
+from benchmarks.kernels.cli import main, parse_sections
+from benchmarks.kernels.context import Context
+from benchmarks.kernels.matmul import matmul_bytes, matmul_flops, matmul_record, matmul_summary
+from benchmarks.kernels.measures import gbps, geomean, row0_matches, same_bits, speed_ratio
+from benchmarks.kernels.norms import norm_bytes, norm_record, norms_summary
+from benchmarks.kernels.plots import pyplot
+from benchmarks.kernels.report import write_reports
+from benchmarks.kernels.sections import SECTIONS, run_section
+from benchmarks.kernels.shapes import Grid
+from benchmarks.kernels.tables import fmt, fmt_bool, fmt_pct, fmt_time, markdown_table, verdict
+from benchmarks.kernels.timing import GraphTimer, Timing, calls_per_graph, rotation_count
+
 
 # ------------------------------------------------------------------------------------------------
 # Arithmetic.
@@ -16,37 +33,37 @@ from benchmarks import kernels as kb
 
 
 def test_geomean():
-    assert kb.geomean([1.0, 4.0]) == pytest.approx(2.0)
-    assert kb.geomean([0.5, None, 2.0]) == pytest.approx(1.0)  # None (not measured) is left out
-    assert kb.geomean([]) is None and kb.geomean([None]) is None
+    assert geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert geomean([0.5, None, 2.0]) == pytest.approx(1.0)  # None (not measured) is left out
+    assert geomean([]) is None and geomean([None]) is None
     with pytest.raises(ValueError):
-        kb.geomean([1.0, 0.0])
+        geomean([1.0, 0.0])
 
 
 def test_speed_ratio_is_baseline_time_over_ours():
-    assert kb.speed_ratio(ours_s=2e-3, baseline_s=1e-3) == pytest.approx(0.5)  # ours twice as slow
+    assert speed_ratio(ours_s=2e-3, baseline_s=1e-3) == pytest.approx(0.5)  # ours twice as slow
 
 
 def test_byte_and_flop_counts():
-    assert kb.matmul_flops(2, 3, 5) == 60
-    assert kb.matmul_bytes(1, 4096, 4096) == 2 * (4096 + 4096 * 4096 + 4096)
-    assert kb.norm_bytes("softmax", 8, 100) == 2 * 2 * 8 * 100
-    assert kb.norm_bytes("rms_norm", 8, 100) == 2 * (2 * 8 * 100 + 100)  # plus the weight
-    assert kb.causal_attention_flops(1, 32, 1024, 128) == 4 * 32 * 1024 * 1024 * 128 / 2
+    assert matmul_flops(2, 3, 5) == 60
+    assert matmul_bytes(1, 4096, 4096) == 2 * (4096 + 4096 * 4096 + 4096)
+    assert norm_bytes("softmax", 8, 100) == 2 * 2 * 8 * 100
+    assert norm_bytes("rms_norm", 8, 100) == 2 * (2 * 8 * 100 + 100)  # plus the weight
+    assert causal_attention_flops(1, 32, 1024, 128) == 4 * 32 * 1024 * 1024 * 128 / 2
     # the largest decode cell: 256 sequences of 32768 tokens, 8 KV heads of 128, K and V, bf16
-    assert kb.kv_cache_bytes(256, 32768, 8, 128) == 256 * 32768 * 8 * 128 * 2 * 2 == 34_359_738_368
-    assert kb.gbps(3e9, 1.5) == pytest.approx(2.0)
+    assert kv_cache_bytes(256, 32768, 8, 128) == 256 * 32768 * 8 * 128 * 2 * 2 == 34_359_738_368
+    assert gbps(3e9, 1.5) == pytest.approx(2.0)
 
 
 def test_rotation_and_calls_per_graph():
-    assert kb.rotation_count(32 * 2**20, 200 * 2**20, 64) == 7  # 7 x 32 MiB >= 200 MiB
-    assert kb.rotation_count(2**30, 200 * 2**20, 64) == 1
-    assert kb.rotation_count(16, 200 * 2**20, 64) == 64  # capped
-    assert kb.rotation_count(0, 200 * 2**20, 64) == 64
-    assert kb.calls_per_graph(est_s=1e-4, target_s=1e-2, copies=1, max_calls=1000) == 100
-    assert kb.calls_per_graph(est_s=1e-4, target_s=1e-2, copies=7, max_calls=1000) == 105  # whole rotations
-    assert kb.calls_per_graph(est_s=1e-7, target_s=1e-2, copies=1, max_calls=1000) == 1000
-    assert kb.calls_per_graph(est_s=0.05, target_s=1e-2, copies=3, max_calls=1000) == 3  # one rotation at least
+    assert rotation_count(32 * 2**20, 200 * 2**20, 64) == 7  # 7 x 32 MiB >= 200 MiB
+    assert rotation_count(2**30, 200 * 2**20, 64) == 1
+    assert rotation_count(16, 200 * 2**20, 64) == 64  # capped
+    assert rotation_count(0, 200 * 2**20, 64) == 64
+    assert calls_per_graph(est_s=1e-4, target_s=1e-2, copies=1, max_calls=1000) == 100
+    assert calls_per_graph(est_s=1e-4, target_s=1e-2, copies=7, max_calls=1000) == 105  # whole rotations
+    assert calls_per_graph(est_s=1e-7, target_s=1e-2, copies=1, max_calls=1000) == 1000
+    assert calls_per_graph(est_s=0.05, target_s=1e-2, copies=3, max_calls=1000) == 3  # one rotation at least
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,30 +73,30 @@ def test_rotation_and_calls_per_graph():
 
 def test_same_bits_is_bitwise():
     x = torch.randn(3, 5, dtype=torch.bfloat16)
-    assert kb.same_bits(x, x.clone())
+    assert same_bits(x, x.clone())
     y = x.clone()
     y.view(torch.int16)[1, 2] ^= 1  # one bf16 ulp: flip the lowest mantissa bit
-    assert not kb.same_bits(x, y)
+    assert not same_bits(x, y)
     zero, neg_zero = torch.zeros(2), torch.tensor([0.0, -0.0])
-    assert torch.equal(zero, neg_zero) and not kb.same_bits(zero, neg_zero)  # stricter than torch.equal
+    assert torch.equal(zero, neg_zero) and not same_bits(zero, neg_zero)  # stricter than torch.equal
     nan = torch.tensor([float("nan"), 1.0])
-    assert not torch.equal(nan, nan.clone()) and kb.same_bits(nan, nan.clone())
-    assert not kb.same_bits(x, x.float())  # dtype differs
-    assert not kb.same_bits(x, x[:2])  # shape differs
+    assert not torch.equal(nan, nan.clone()) and same_bits(nan, nan.clone())
+    assert not same_bits(x, x.float())  # dtype differs
+    assert not same_bits(x, x[:2])  # shape differs
 
 
 def test_row0_matches_compares_the_first_row_only():
     alone = torch.randn(1, 4, dtype=torch.float16)
     batched = torch.cat([alone, torch.randn(5, 4, dtype=torch.float16)])
-    assert kb.row0_matches(batched, alone)
+    assert row0_matches(batched, alone)
     other = batched.clone()
     other[3] += 1  # other rows do not matter
-    assert kb.row0_matches(other, alone)
+    assert row0_matches(other, alone)
     other[0, 0] += 1
-    assert not kb.row0_matches(other, alone)
+    assert not row0_matches(other, alone)
     # decode-shaped outputs [B, H, 1, D]
     out = torch.randn(3, 2, 1, 8)
-    assert kb.row0_matches(out, out[:1].clone()) and not kb.row0_matches(out, out[1:2].clone())
+    assert row0_matches(out, out[:1].clone()) and not row0_matches(out, out[1:2].clone())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +106,7 @@ def test_row0_matches_compares_the_first_row_only():
 
 def test_block_table_is_a_permutation_of_all_pages():
     torch.manual_seed(0)
-    table = kb.make_block_table(3, 5)
+    table = make_block_table(3, 5)
     assert table.shape == (3, 5) and table.dtype == torch.int32
     assert sorted(table.flatten().tolist()) == list(range(15))
     assert table.flatten().tolist() != list(range(15))  # really shuffled (seeded)
@@ -100,24 +117,24 @@ def test_gather_pages_reads_tokens_where_the_block_table_puts_them():
     batch, heads, kv_len, dim, page = 3, 2, 10, 4, 4
     pages_per_seq = math.ceil(kv_len / page)
     contiguous = torch.randn(batch, heads, kv_len, dim)
-    table = kb.make_block_table(batch, pages_per_seq)
+    table = make_block_table(batch, pages_per_seq)
     cache = torch.full((batch * pages_per_seq, page, heads, dim), float("nan"))
     for b in range(batch):  # token t of sequence b -> cache[table[b, t // page], t % page]
         for t in range(kv_len):
             cache[table[b, t // page], t % page] = contiguous[b, :, t]
-    gathered = kb.gather_pages(cache, table, kv_len)
+    gathered = gather_pages(cache, table, kv_len)
     assert gathered.is_contiguous() and torch.equal(gathered, contiguous)
 
 
 def test_decode_cell_fits():
-    grid = kb.Grid(decode_max_cache_bytes=40 * 10**9, sdpa_decode_max_batch=64)
-    big = kb.kv_cache_bytes(256, 32768, 8, 128)  # 34.4 GB: under the cap
-    assert kb.decode_cell_fits(big, grid, 256, free=79 * 10**9) == ""
-    assert "over 40 GB" in kb.decode_cell_fits(41 * 10**9, grid, 256, free=None)
-    assert "memory" in kb.decode_cell_fits(big, grid, 256, free=30 * 10**9)
+    grid = Grid(decode_max_cache_bytes=40 * 10**9, sdpa_decode_max_batch=64)
+    big = kv_cache_bytes(256, 32768, 8, 128)  # 34.4 GB: under the cap
+    assert decode_cell_fits(big, grid, 256, free=79 * 10**9) == ""
+    assert "over 40 GB" in decode_cell_fits(41 * 10**9, grid, 256, free=None)
+    assert "memory" in decode_cell_fits(big, grid, 256, free=30 * 10**9)
     # up to batch 64 a contiguous copy is made for SDPA: twice the bytes
-    assert "memory" in kb.decode_cell_fits(20 * 10**9, grid, 64, free=30 * 10**9)
-    assert kb.decode_cell_fits(20 * 10**9, grid, 128, free=30 * 10**9) == ""
+    assert "memory" in decode_cell_fits(20 * 10**9, grid, 64, free=30 * 10**9)
+    assert decode_cell_fits(20 * 10**9, grid, 128, free=30 * 10**9) == ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,27 +143,27 @@ def test_decode_cell_fits():
 
 
 def test_markdown_table_pads_and_escapes():
-    table = kb.markdown_table(["a", "long header"], [[1, "x|y"], ["wide cell", 2.5]])
+    table = markdown_table(["a", "long header"], [[1, "x|y"], ["wide cell", 2.5]])
     lines = table.splitlines()
     assert lines[0] == "| a         | long header |"
     assert lines[1] == "| --------- | ----------- |"
     assert lines[2] == "| 1         | x\\|y        |"
     assert len({len(line) for line in lines}) == 1
     with pytest.raises(ValueError):
-        kb.markdown_table(["a", "b"], [[1]])
+        markdown_table(["a", "b"], [[1]])
 
 
 def test_formatters():
-    assert kb.fmt(None) == "–" and kb.fmt(1.234, ".1f") == "1.2"
-    assert kb.fmt_pct(0.856) == "86%" and kb.fmt_pct(None) == "–"
-    assert kb.fmt_bool(True) == "yes" and kb.fmt_bool(False) == "no" and kb.fmt_bool(None) == "–"
-    assert kb.fmt_time(12.34e-6) == "12.3 µs" and kb.fmt_time(2.5e-3) == "2.50 ms"
-    assert kb.verdict(True) == "PASS" and kb.verdict(False) == "FAIL" and kb.verdict(None) == "n/a"
+    assert fmt(None) == "–" and fmt(1.234, ".1f") == "1.2"
+    assert fmt_pct(0.856) == "86%" and fmt_pct(None) == "–"
+    assert fmt_bool(True) == "yes" and fmt_bool(False) == "no" and fmt_bool(None) == "–"
+    assert fmt_time(12.34e-6) == "12.3 µs" and fmt_time(2.5e-3) == "2.50 ms"
+    assert verdict(True) == "PASS" and verdict(False) == "FAIL" and verdict(None) == "n/a"
 
 
 def _matmul_cell(m, ratio, row0=True, copy_gbps=3000.0):
-    cublas = kb.Timing(1e-3)
-    return kb.matmul_record("o", 4096, 4096, m, kb.Timing(1e-3 / ratio), cublas, row0, False, copy_gbps)
+    cublas = Timing(1e-3)
+    return matmul_record("o", 4096, 4096, m, Timing(1e-3 / ratio), cublas, row0, False, copy_gbps)
 
 
 def test_matmul_record_derived_numbers():
@@ -154,7 +171,7 @@ def test_matmul_record_derived_numbers():
     assert cell["ratio"] == pytest.approx(0.5)
     assert cell["cublas_tflops"] == pytest.approx(2 * 16 * 4096 * 4096 / 1e-3 / 1e12)
     assert cell["ours_tflops"] == pytest.approx(cell["cublas_tflops"] / 2)
-    assert cell["ours_gbps"] == pytest.approx(kb.matmul_bytes(16, 4096, 4096) / 2e-3 / 1e9)
+    assert cell["ours_gbps"] == pytest.approx(matmul_bytes(16, 4096, 4096) / 2e-3 / 1e9)
     assert cell["ours_copy_fraction"] == pytest.approx(cell["ours_gbps"] / 3000.0)
     big = _matmul_cell(256, 1.0)
     assert big["ours_gbps"] is None and big["ours_copy_fraction"] is None  # compute-bound: no GB/s
@@ -163,7 +180,7 @@ def test_matmul_record_derived_numbers():
 def test_matmul_targets_geomean_and_worst_cell():
     # geomean 1.0 but one cell at 0.84: the per-cell target fails, the geomean one passes
     cells = [_matmul_cell(1, 0.84), _matmul_cell(256, 1 / 0.84), _matmul_cell(1024, 1.0)]
-    s = kb.matmul_summary(cells)
+    s = matmul_summary(cells)
     assert s["geomean_ratio"] == pytest.approx(1.0)
     assert s["min_ratio"] == pytest.approx(0.84) and s["min_cell"] == "o M=1"
     verdicts = {t["target"]: t["pass"] for t in s["targets"]}
@@ -171,82 +188,82 @@ def test_matmul_targets_geomean_and_worst_cell():
     assert verdicts["no cell below 0.85x"] is False
     assert s["ours_row0_bitwise"] == 3 and s["cublas_row0_bitwise"] == 0
     # one non-invariant cell fails the bitwise line
-    s2 = kb.matmul_summary([_matmul_cell(1, 1.0), _matmul_cell(16, 1.0, row0=False)])
+    s2 = matmul_summary([_matmul_cell(1, 1.0), _matmul_cell(16, 1.0, row0=False)])
     assert [t["pass"] for t in s2["targets"] if t["target"].startswith("ours: row 0")] == [False]
 
 
 def test_matmul_decode_bandwidth_target_uses_the_geomean_of_small_m():
     # M=1 moves ~33.6 MB: at 1e-3 s / ratio that is ~33.6 GB/s * ratio; pick copy bandwidth so that
     # the two decode cells sit at 80% and 90% of it (geomean ~84.9%: FAIL)
-    nbytes = kb.matmul_bytes(1, 4096, 4096)
+    nbytes = matmul_bytes(1, 4096, 4096)
     copy = nbytes / 1e-3 / 1e9  # cuBLAS (1e-3 s) runs at exactly copy bandwidth
     cells = [_matmul_cell(1, 0.8, copy_gbps=copy), _matmul_cell(1, 0.9, copy_gbps=copy), _matmul_cell(4096, 2.0)]
-    s = kb.matmul_summary(cells)
+    s = matmul_summary(cells)
     assert s["decode_copy_fraction_geomean"] == pytest.approx(math.sqrt(0.8 * 0.9))
     decode_target = [t for t in s["targets"] if "copy bandwidth" in t["target"]][0]
     assert decode_target["pass"] is False and decode_target["measured"] == "85%"
-    s = kb.matmul_summary([_matmul_cell(1, 0.9, copy_gbps=copy)])
+    s = matmul_summary([_matmul_cell(1, 0.9, copy_gbps=copy)])
     assert [t for t in s["targets"] if "copy bandwidth" in t["target"]][0]["pass"] is True
 
 
 def _norm_cell(tokens, fraction, row0=True):
-    nbytes = kb.norm_bytes("softmax", tokens, 4096)
+    nbytes = norm_bytes("softmax", tokens, 4096)
     copy = 3000.0
-    ours = kb.Timing(nbytes / (fraction * copy * 1e9))
-    return kb.norm_record("softmax", tokens, 4096, ours, kb.Timing(ours.seconds), row0, copy)
+    ours = Timing(nbytes / (fraction * copy * 1e9))
+    return norm_record("softmax", tokens, 4096, ours, Timing(ours.seconds), row0, copy)
 
 
 def test_norm_target_only_judges_large_t():
     cells = [_norm_cell(1, 0.05), _norm_cell(1024, 0.9), _norm_cell(8192, 0.86)]
     assert cells[1]["ours_copy_fraction"] == pytest.approx(0.9)
-    s = kb.norms_summary(cells)
+    s = norms_summary(cells)
     assert s["judged_cells"] == 2 and s["copy_fraction_min"] == pytest.approx(0.86)
     assert s["targets"][0]["pass"] is True  # T=1 at 5% does not count
-    s = kb.norms_summary(cells + [_norm_cell(1024, 0.84)])
+    s = norms_summary(cells + [_norm_cell(1024, 0.84)])
     assert s["targets"][0]["pass"] is False and "[1024, 4096]" in s["targets"][0]["measured"]
-    assert kb.norms_summary([_norm_cell(8192, 0.9, row0=False)])["targets"][1]["pass"] is False
+    assert norms_summary([_norm_cell(8192, 0.9, row0=False)])["targets"][1]["pass"] is False
 
 
 def test_prefill_target_is_per_cell():
-    cells = [kb.prefill_record(1, 1024, 32, 128, kb.Timing(1.0), kb.Timing(0.9), None, "flash"),
-             kb.prefill_record(4, 1024, 32, 128, kb.Timing(1.0), kb.Timing(0.7), True, "flash")]
-    s = kb.prefill_summary(cells)
+    cells = [prefill_record(1, 1024, 32, 128, Timing(1.0), Timing(0.9), None, "flash"),
+             prefill_record(4, 1024, 32, 128, Timing(1.0), Timing(0.7), True, "flash")]
+    s = prefill_summary(cells)
     assert s["ratio_min"] == pytest.approx(0.7) and s["targets"][0]["pass"] is False
     assert s["targets"][1]["measured"] == "1/1" and s["targets"][1]["pass"] is True
-    no_flash = kb.prefill_summary([kb.prefill_record(1, 1024, 32, 128, kb.Timing(1.0), None, None, None)])
+    no_flash = prefill_summary([prefill_record(1, 1024, 32, 128, Timing(1.0), None, None, None)])
     assert no_flash["targets"][0]["pass"] is None
 
 
 def _decode_cell(batch, fraction, row0=True):
     copy = 3000.0
-    kv = kb.kv_cache_bytes(batch, 4096, 8, 128)
-    return kb.decode_record(4096, batch, kv, kb.Timing(kv / (fraction * copy * 1e9)), None, None,
+    kv = kv_cache_bytes(batch, 4096, 8, 128)
+    return decode_record(4096, batch, kv, Timing(kv / (fraction * copy * 1e9)), None, None,
                             row0 if batch > 1 else None, None, copy)
 
 
 def test_decode_target_judges_batch_32_and_up_and_ignores_skipped_cells():
     cells = [_decode_cell(1, 0.1), _decode_cell(32, 0.81), _decode_cell(256, 0.95),
-             kb.skipped_decode_record(32768, 512, 10**11, "cache over 40 GB")]
+             skipped_decode_record(32768, 512, 10**11, "cache over 40 GB")]
     assert cells[1]["floor_fraction"] == pytest.approx(0.81)
     assert cells[1]["floor_s"] == pytest.approx(cells[1]["ours_s"] * 0.81)
-    s = kb.decode_summary(cells)
+    s = decode_summary(cells)
     assert s["judged_cells"] == 2 and s["targets"][0]["pass"] is True
-    s = kb.decode_summary(cells + [_decode_cell(64, 0.79)])
+    s = decode_summary(cells + [_decode_cell(64, 0.79)])
     assert s["targets"][0]["pass"] is False and "batch 64" in s["targets"][0]["measured"]
-    s = kb.decode_summary([_decode_cell(8, 0.9, row0=False)])
+    s = decode_summary([_decode_cell(8, 0.9, row0=False)])
     assert s["targets"][0]["pass"] is None and s["targets"][1]["pass"] is False
 
 
 def test_parse_sections():
-    assert kb.parse_sections(None) == list(kb.SECTIONS)
-    assert kb.parse_sections("attention,matmul") == ["matmul", "attention"]
+    assert parse_sections(None) == list(SECTIONS)
+    assert parse_sections("attention,matmul") == ["matmul", "attention"]
     with pytest.raises(Exception, match="unknown section"):
-        kb.parse_sections("matmul,convs")
+        parse_sections("matmul,convs")
 
 
 def test_cli_without_cuda_exits_with_a_message(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert kb.main(["--quick"]) == 2
+    assert main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -254,7 +271,7 @@ def test_cli_without_cuda_exits_with_a_message(monkeypatch, capsys):
 # Every section end to end on tiny CPU shapes, with a fake timer.
 # ------------------------------------------------------------------------------------------------
 
-TINY = kb.Grid(
+TINY = Grid(
     matmul_shapes={"tiny": (48, 32)}, matmul_ms=(1, 3), norm_widths=(64,), norm_tokens=(1, 4),
     prefill_cases=((1, 16), (2, 16)), decode_kv_lens=(10,), decode_batches=(1, 3), page_size=4,
     heads_q=4, heads_kv=2, head_dim=16, copy_bytes=1 << 12,
@@ -263,26 +280,26 @@ TINY = kb.Grid(
 
 def fake_timer(fn, *args):
     fn(*args)  # the callable must run; its time does not matter here
-    return kb.Timing(1e-3)
+    return Timing(1e-3)
 
 
 def reference_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0):
     kv_len = int(kv_lens.max())
-    k, v = kb.gather_pages(k_cache, block_table, kv_len), kb.gather_pages(v_cache, block_table, kv_len)
+    k, v = gather_pages(k_cache, block_table, kv_len), gather_pages(v_cache, block_table, kv_len)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True).to(q.dtype)
 
 
 @pytest.fixture
 def ctx():
     torch.manual_seed(0)
-    return kb.Context(torch.device("cpu"), fake_timer, copy_gbps=1000.0, show_progress=False)
+    return Context(torch.device("cpu"), fake_timer, copy_gbps=1000.0, show_progress=False)
 
 
 def test_sections_end_to_end_on_cpu(ctx, monkeypatch, tmp_path):
-    monkeypatch.setattr(kb, "find_paged_attention", lambda: reference_paged_attention)
-    copy = kb.measure_copy_bandwidth(fake_timer, ctx.device, TINY.copy_bytes)
+    monkeypatch.setattr(attention_section, "find_paged_attention", lambda: reference_paged_attention)
+    copy = measure_copy_bandwidth(fake_timer, ctx.device, TINY.copy_bytes)
     assert copy["gbps"] == pytest.approx(2 * TINY.copy_bytes / 1e-3 / 1e9)
-    sections = [kb.run_section(name, ctx, TINY) for name in kb.SECTIONS]
+    sections = [run_section(name, ctx, TINY) for name in SECTIONS]
     assert [s.error for s in sections] == ["", "", ""]
     matmul, norms, attention = sections
 
@@ -302,10 +319,10 @@ def test_sections_end_to_end_on_cpu(ctx, monkeypatch, tmp_path):
     try:
         import matplotlib  # noqa: F401
 
-        plt = kb.pyplot()
+        plt = pyplot()
     except ImportError:
         plt = None
-    written = kb.write_reports(tmp_path / "k", env, copy, TINY, sections, 1.0, plt)
+    written = write_reports(tmp_path / "k", env, copy, TINY, sections, 1.0, plt)
     md = (tmp_path / "k.md").read_text()
     for heading in ("# Kernel speed (issue #3)", "## Matmul", "## RMSNorm", "### Causal prefill",
                     "### Decode from a paged cache"):
@@ -316,14 +333,14 @@ def test_sections_end_to_end_on_cpu(ctx, monkeypatch, tmp_path):
     assert len(data["sections"]["matmul"]["tables"]["cells"]) == 2
     assert data["sections"]["attention"]["summary"]["decode"]["targets"]
     if plt is not None:
-        for name in kb.SECTIONS:
+        for name in SECTIONS:
             png = tmp_path / f"k_{name}.png"
             assert png in written and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_decode_is_skipped_without_paged_attention(ctx, monkeypatch):
-    monkeypatch.setattr(kb, "find_paged_attention", lambda: None)
-    section = kb.run_section("attention", ctx, TINY)
+    monkeypatch.setattr(attention_section, "find_paged_attention", lambda: None)
+    section = run_section("attention", ctx, TINY)
     assert section.error == "" and "decode" not in section.tables
     assert "skipped: paged_attention not available" in section.markdown()
     assert len(section.tables["prefill"]) == 2  # the rest still runs
@@ -336,10 +353,10 @@ def test_section_error_keeps_finished_rows(ctx, monkeypatch):
         calls.append(fn)
         if len(calls) > 2:  # the second matmul cell fails
             raise torch.OutOfMemoryError("simulated")
-        return kb.Timing(1e-3)
+        return Timing(1e-3)
 
     ctx.timer = flaky_timer
-    section = kb.run_section("matmul", ctx, TINY)
+    section = run_section("matmul", ctx, TINY)
     assert len(section.tables["cells"]) == 1 and "OutOfMemoryError: simulated" in section.error
     assert "Section stopped by an error" in section.markdown()
 
@@ -425,9 +442,9 @@ def test_graph_timer_rotates_inputs_and_returns_the_time_of_one_call(monkeypatch
     fake = FakeCuda(per_call_s=1e-4)
     fake.install(monkeypatch)
     x = torch.zeros(256)  # 1 KiB in + 1 KiB out per call: 2 copies reach the 4 KiB working set
-    timer = kb.GraphTimer(target_s=1e-2, replays=5, rotate_bytes=4096)
+    timer = GraphTimer(target_s=1e-2, replays=5, rotate_bytes=4096)
     t = timer(fake.op(), x)
-    assert t == kb.Timing(pytest.approx(1e-4), graphed=True)
+    assert t == Timing(pytest.approx(1e-4), graphed=True)
     estimate, final = fake.graph_args
     assert len(estimate) == 2 and len(final) == 100  # ~target_s of calls, whole rotations
     assert len(set(final)) == 2 and final[0] != final[1]  # alternates over the two copies
@@ -437,10 +454,10 @@ def test_graph_timer_rotates_inputs_and_returns_the_time_of_one_call(monkeypatch
 def test_graph_timer_times_eagerly_when_capture_fails(monkeypatch):
     fake = FakeCuda(per_call_s=2e-4)
     fake.install(monkeypatch)
-    timer = kb.GraphTimer(target_s=1e-2, replays=3, rotate_bytes=1)
+    timer = GraphTimer(target_s=1e-2, replays=3, rotate_bytes=1)
     with pytest.warns(UserWarning, match="capture failed"):
         t = timer(fake.op(fail_capture=True), torch.zeros(4))
-    assert t == kb.Timing(pytest.approx(2e-4), graphed=False)
+    assert t == Timing(pytest.approx(2e-4), graphed=False)
 
 
 def test_graph_timer_does_not_hide_other_errors(monkeypatch):
@@ -453,4 +470,4 @@ def test_graph_timer_does_not_hide_other_errors(monkeypatch):
         return x
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        kb.GraphTimer(rotate_bytes=1)(fails_in_the_graph, torch.zeros(4))
+        GraphTimer(rotate_bytes=1)(fails_in_the_graph, torch.zeros(4))

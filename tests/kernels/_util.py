@@ -42,6 +42,21 @@ def check_batch_invariant(fn, target, gen, sizes, bdim=0, out_dim=None):
     return ref
 
 
+def capture_cuda_graph(fn):
+    """``fn()`` warmed up (compiled) on a side stream, then captured: ``(graph, output)``. Replaying
+    the graph reruns ``fn`` on whatever its input buffers hold then."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def grouped_mm_ref(x, w, offs):
     """float64 grouped matmul: rows ``offs[g-1]:offs[g]`` of ``x`` times ``w[g]``; rows past the last
     offset are zero."""
@@ -64,13 +79,13 @@ SMALL_PATHS = [5, 16, 17, 32, 33, 64, 129, 300]
 
 @pytest.fixture
 def small_rows(monkeypatch):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
-    monkeypatch.setattr(rd, "ROW_LANES", 16)
-    monkeypatch.setattr(rd, "ROW_SEG_CHUNKS", 2)
-    monkeypatch.setattr(rd, "ROW_MIN_TILE", 64)
-    monkeypatch.setattr(rd, "ROW_MAX_SEGMENTS", 8)
-    return rd
+    monkeypatch.setattr(rk, "ROW_LANES", 16)
+    monkeypatch.setattr(rk, "ROW_SEG_CHUNKS", 2)
+    monkeypatch.setattr(rk, "ROW_MIN_TILE", 64)
+    monkeypatch.setattr(rk, "ROW_MAX_SEGMENTS", 8)
+    return rk
 
 
 @pytest.fixture
@@ -84,7 +99,7 @@ def one_launch_row_sync(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Split-row schedules (reduce.choose_schedule): the same bits whichever one runs.
+# Split-row schedules (row_kernels.choose_schedule): the same bits whichever one runs.
 # ---------------------------------------------------------------------------------------------
 
 #: Rows under the small_rows constants (32-element segments): 20 is one program (no schedule);
@@ -134,17 +149,17 @@ class LaunchSpy:
 
 
 def run_schedules(monkeypatch, module, kernel_name, fn, row_loop_warps=None):
-    """``fn()`` under every split-row schedule (``reduce.row_schedule``), with ``module``'s row
+    """``fn()`` under every split-row schedule (``row_kernels.row_schedule``), with ``module``'s row
     kernel ``kernel_name`` spied on: ``{schedule: (result, [(grid, PHASE, num_warps), ...])}``."""
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     spy = LaunchSpy(getattr(module, kernel_name))
     monkeypatch.setattr(module, kernel_name, spy)
     results = {}
     try:
-        for name in rd.ROW_SCHEDULES:
+        for name in rk.ROW_SCHEDULES:
             spy.launches = []
-            with rd.row_schedule(name, row_loop_warps=row_loop_warps if name == "row_loop" else None):
+            with rk.row_schedule(name, row_loop_warps=row_loop_warps if name == "row_loop" else None):
                 results[name] = (fn(), spy.launches)
     finally:
         monkeypatch.setattr(module, kernel_name, spy.kernel)
@@ -152,18 +167,18 @@ def run_schedules(monkeypatch, module, kernel_name, fn, row_loop_warps=None):
 
 
 def check_schedules(results, T, R, row_loop_warps=None):
-    """The launches each schedule must make for T rows of length R (reduce.row_plan), and the
+    """The launches each schedule must make for T rows of length R (row_kernels.row_plan), and the
     same bits from all of them. Returns the two-launch result."""
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
-    plan = rd.row_plan(R)
+    plan = rk.row_plan(R)
     G = plan.segments
-    warps = rd.ROW_LOOP_NUM_WARPS if row_loop_warps is None else row_loop_warps
+    warps = rk.ROW_LOOP_NUM_WARPS if row_loop_warps is None else row_loop_warps
     if G == 1:  # one program per row, whatever the schedule
         grid = (-(-T // plan.rows),)
-        expected = {name: [(grid, 0, plan.num_warps)] for name in rd.ROW_SCHEDULES}
+        expected = {name: [(grid, 0, plan.num_warps)] for name in rk.ROW_SCHEDULES}
     else:
-        sync = [((T * G,), 0, plan.num_warps)] if rd.sync_possible(G) else None
+        sync = [((T * G,), 0, plan.num_warps)] if rk.sync_possible(G) else None
         two = [((T * G,), 1, plan.num_warps), ((T * G,), 2, plan.num_warps)]
         expected = {"two_launch": two, "sync": sync or two, "row_loop": [((T,), 3, warps)]}
     base = results["two_launch"][0]

@@ -13,8 +13,9 @@ except Exception:  # pragma: no cover - Triton is a Linux dependency
     triton = None
 
 from detcompile.kernels import _common
-from detcompile.kernels import attention as A
-from detcompile.kernels.attention import triton_attention
+from detcompile.kernels.attention_cpu import _cpu_exp_nonpos, _cpu_tanh
+from detcompile.kernels.attention_inputs import segment_origins
+from detcompile.kernels.attention_triton import triton_attention
 
 from ._util import HAS_CUDA, LAUNCH_DEV, needs_triton, rel_err
 
@@ -378,16 +379,16 @@ def test_cpu_strided_inputs(gen):
 def test_cpu_exp_and_tanh_helpers(gen):
     x = torch.cat([-torch.rand(20000, generator=gen) * 120, torch.tensor([0.0, -0.0, -1e-30, float("-inf")])])
     for dt, tol in ((torch.float32, 3e-7), (torch.float64, 5e-16)):
-        got = A._cpu_exp_nonpos(x.to(dt))
+        got = _cpu_exp_nonpos(x.to(dt))
         ref = torch.exp(x.double())
         rel = ((got.double() - ref).abs() / ref.clamp_min(1e-300))[ref > torch.finfo(dt).tiny]
         assert rel.max().item() < tol
         assert got[-1].item() == 0.0 and got[-4].item() == 1.0
         # position independence: every element alone gives the same bits as in the big tensor
-        assert torch.equal(torch.stack([A._cpu_exp_nonpos(x[i:i + 1].to(dt))[0] for i in range(0, 20004, 997)]),
+        assert torch.equal(torch.stack([_cpu_exp_nonpos(x[i:i + 1].to(dt))[0] for i in range(0, 20004, 997)]),
                            got[0:20004:997])
     y = torch.randn(5000, generator=gen) * 3
-    assert (A._cpu_tanh(y).double() - torch.tanh(y.double())).abs().max().item() < 1.2e-7
+    assert (_cpu_tanh(y).double() - torch.tanh(y.double())).abs().max().item() < 1.2e-7
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
@@ -577,23 +578,27 @@ _COMPILE_SCRIPT = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from detcompile.kernels import attention as A
+from detcompile.kernels import attention_triton as AT
 
-fn = A._attention_kernel
-for dt, hd, mask_kind, causal, softcap, paged, par, extras in [
-        ("bf16", 128, 2, False, True, False, False, False), ("fp16", 64, 1, False, False, False, False, False),
-        ("fp32", 128, 0, True, False, False, False, False), ("bf16", 128, 0, True, False, True, True, True),
-        ("bf16", 128, 0, True, True, True, False, True)]:
-    bm, bn, nw, ns = A.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
+fn = AT._attention_kernel
+for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
+        ("bf16", 128, 2, False, True, False, False, False, False),
+        ("fp16", 64, 1, False, False, False, False, False, False),
+        ("fp32", 128, 0, True, False, False, False, False, False),
+        ("bf16", 128, 0, True, False, True, True, True, False),
+        ("bf16", 128, 0, True, True, True, False, True, False),
+        ("bf16", 128, 0, True, False, True, False, False, True)]:
+    bm, bn, nw, ns = AT.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
     const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
-                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=A.SPLIT,
+                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=AT.SPLIT,
                  sqd=1, skd=1, svd=1, sod=1, smn=1)
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({n: "*" + dt for n in ("Q", "K", "V", "Out")})
     sig.update({"Mask": "*u8" if mask_kind == 1 else "*" + dt, "Origin": "*i32", "scale": "fp32",
                 "softcap": "fp32", "mask_min": "fp32", "BT": "*i32", "KVLens": "*i32",
-                "WsAcc": "*fp32", "WsML": "*fp32", "Sinks": "*fp32"})
+                "WsAcc": "*fp32", "WsML": "*fp32", "Sinks": "*fp32",
+                "QStart": "*i32", "QLens": "*i32", "TileSeq": "*i32", "TileBlk": "*i32"})
     sig.update({n: "constexpr" for n in const})
     try:
         src = ASTSource(fn, sig, constexprs=const)
@@ -603,7 +608,7 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras in [
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns, "enable_fp_fusion": False})
     assert "ptx" in k.asm
-mfn = A._merge_splits_kernel
+mfn = AT._merge_splits_kernel
 const = dict(BLOCK_M=64, BLOCK_DV=128, sod=1, HAS_SINKS=True)
 sig = {n: "i32" for n in mfn.arg_names}
 sig.update({"WsAcc": "*fp32", "WsML": "*fp32", "Out": "*bf16", "Sinks": "*fp32"})
@@ -636,20 +641,20 @@ def test_triton_compiles_for_sm90():
 def test_segment_origins():
     seg = torch.tensor([-1, -1, 0, 0, 0, 1, 1, 2])
     m = seg_mask(seg)[None, None]
-    assert A.segment_origins(m).tolist() == [[[0, 0, 2, 2, 2, 5, 5, 7]]]
-    assert A.segment_origins(as_float(m, torch.bfloat16)).tolist() == [[[0, 0, 2, 2, 2, 5, 5, 7]]]
+    assert segment_origins(m).tolist() == [[[0, 0, 2, 2, 2, 5, 5, 7]]]
+    assert segment_origins(as_float(m, torch.bfloat16)).tolist() == [[[0, 0, 2, 2, 2, 5, 5, 7]]]
     sw = seg_mask(torch.zeros(8, dtype=torch.long), window=2)[None, None]
-    assert A.segment_origins(sw).tolist() == [[[0] * 8]]
+    assert segment_origins(sw).tolist() == [[[0] * 8]]
     # A row that also sees keys before its segment start keeps them: origin <= first visible key.
     holes = torch.ones(6, 6, dtype=torch.bool).tril()
     holes[3, 2] = False  # row 3 "starts a segment" but still sees keys 0 and 1
-    assert A.segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 0, 0, 0]]]
+    assert segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 0, 0, 0]]]
     holes[3, :3] = False
-    assert A.segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 3, 0, 0]]]
+    assert segment_origins(holes[None, None]).tolist() == [[[0, 0, 0, 3, 0, 0]]]
     # broadcast query and key dims
-    assert A.segment_origins(torch.ones(1, 1, 1, 1, dtype=torch.bool), 4).tolist() == [[[0, 0, 0, 0]]]
+    assert segment_origins(torch.ones(1, 1, 1, 1, dtype=torch.bool), 4).tolist() == [[[0, 0, 0, 0]]]
     pad = (torch.arange(6) >= 2)[None, None, None, :]  # bidirectional, left padding of 2
-    assert A.segment_origins(pad).tolist() == [[[0, 0, 2, 2, 2, 2]]]
+    assert segment_origins(pad).tolist() == [[[0, 0, 2, 2, 2, 2]]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from detcompile.kernels import _common
 from detcompile.kernels import index_add as ia
 
 from ._host_sync import HostSyncRecorder
-from ._util import rel_err, tol
+from ._util import capture_cuda_graph, rel_err, tol
 
 CAN_INTERPRET = _common.triton_launchable(torch.empty(0))
 needs_interp = pytest.mark.skipif(
@@ -289,15 +289,7 @@ def test_gpu_cuda_graph_capture_replays_new_indices(dtype):
     final = torch.zeros(T, H, dtype=dtype, device="cuda")
     index = torch.randint(0, T, (n,), generator=g).cuda()
     source = torch.randn(n, H, generator=g).to(dtype).cuda()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile and warm up outside the capture
-            OP(final, 0, index, source)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = OP(final, 0, index, source)
+    graph, out = capture_cuda_graph(lambda: OP(final, 0, index, source))
     for n_dest in (T, 5, 1, T):
         index.copy_(torch.randint(0, n_dest, (n,), generator=g))
         source.copy_(torch.randn(n, H, generator=g).to(dtype))

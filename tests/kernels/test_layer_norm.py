@@ -271,7 +271,7 @@ def test_gpu_bf16_rows_invariant_and_accurate_wide(hidden):
 @pytest.mark.parametrize("hidden", [8193, 16384, 128256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(6)
     x = (torch.randn(37, hidden, generator=g, device="cuda") * 3 + 1).to(dtype)
@@ -279,7 +279,7 @@ def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
     b = torch.randn(hidden, generator=g, device="cuda").to(dtype)
     for weight, bias in ((w, b), (None, None)):
         a = OP(x, [hidden], weight, bias, EPS)
-        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)  # most programs take the fallback
+        monkeypatch.setattr(rk, "ROW_SYNC_TIMEOUT_NS", 0)  # most programs take the fallback
         c1 = OP(x, [hidden], weight, bias, EPS)
         monkeypatch.undo()
         monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # two launches
@@ -298,7 +298,7 @@ def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
 @pytest.mark.parametrize("hidden", SCHEDULE_PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden, dtype, tol, gen):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     T = 3
     x = (torch.randn(T, hidden, generator=gen) * 4 + 1).to(dtype)
@@ -313,7 +313,7 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden
 
         outs = check_schedules(run_schedules(monkeypatch, ln, "_layer_norm_rows_kernel", fn, warps), T, hidden, warps)
         check_all(outs, x, [hidden], weight, bias, tol)
-        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+        with rk.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
             assert same_bits(fn(x[1:2].clone()), tuple(t[1:2] for t in outs))
 
 
@@ -321,19 +321,19 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden
 @pytest.mark.parametrize("hidden", [8193, 16384, 128256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_row_loop_matches_other_schedules(hidden, dtype):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(9)
     x = (torch.randn(37, hidden, generator=g, device="cuda") * 3 + 1).to(dtype)
     w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
     b = torch.randn(hidden, generator=g, device="cuda").to(dtype)
     for weight, bias in ((w, b), (None, None)):
-        with rd.row_schedule("two_launch"):
+        with rk.row_schedule("two_launch"):
             ref = OP(x, [hidden], weight, bias, EPS)
-        with rd.row_schedule("sync"):
+        with rk.row_schedule("sync"):
             assert same_bits(OP(x, [hidden], weight, bias, EPS), ref)
         for warps in (4, 8, 16):
-            with rd.row_schedule("row_loop", row_loop_warps=warps):
+            with rk.row_schedule("row_loop", row_loop_warps=warps):
                 assert same_bits(OP(x, [hidden], weight, bias, EPS), ref), warps
                 alone = OP(x[5:6].clone(), [hidden], weight, bias, EPS)
                 assert same_bits(alone, tuple(t[5:6] for t in ref))

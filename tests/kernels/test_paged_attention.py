@@ -7,8 +7,8 @@ small split size so that a few dozen keys cross tiles, pages and splits."""
 import pytest
 import torch
 
-from detcompile.kernels import attention as A
-from detcompile.kernels.attention import triton_attention, triton_paged_attention
+from detcompile.kernels.attention_triton import SPLIT, _want_parallel_splits, triton_attention
+from detcompile.kernels.paged_attention import triton_paged_attention
 
 from ._util import HAS_CUDA, LAUNCH_DEV, needs_triton, rel_err
 from .test_attention import randn, ref_attention
@@ -238,7 +238,7 @@ def test_gpu_decode_equals_prefill_long(gen, dtype):
         assert torch.equal(one, full[:, :, n - 1 : n]), n
         # A batch of 80 rows (no key split) with the same sequence in the middle and last.
         B = 80
-        assert not A._want_parallel_splits(CUDA, B * 8, L, A.SPLIT)
+        assert not _want_parallel_splits(CUDA, B * 8, L, SPLIT)
         qb = randn(gen, B, Hq, 1, D, dtype=dtype, device=CUDA)
         kvb = torch.randint(1, L + 1, (B,), device=CUDA, dtype=torch.int32)
         for r in (B // 2, B - 1):

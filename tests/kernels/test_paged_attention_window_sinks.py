@@ -5,7 +5,8 @@ split over programs or not."""
 import pytest
 import torch
 
-from detcompile.kernels.attention import cpu_paged_attention, triton_paged_attention
+from detcompile.kernels.attention_cpu import cpu_paged_attention
+from detcompile.kernels.paged_attention import triton_paged_attention
 
 from ._util import LAUNCH_DEV, needs_triton, rel_err
 from .test_attention import randn

@@ -262,14 +262,14 @@ def test_gpu_bf16_rows_invariant_and_accurate_wide(hidden):
 def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
     # One launch; one launch with a zero wait (most programs take the timeout fallback and compute
     # the row's statistics themselves); two launches. Same bits.
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(4)
     x = (torch.randn(37, hidden, generator=g, device="cuda") * 3).to(dtype)
     w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
     for weight in (w, None):
         a = OP(x, weight, EPS)
-        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)
+        monkeypatch.setattr(rk, "ROW_SYNC_TIMEOUT_NS", 0)
         b = OP(x, weight, EPS)
         monkeypatch.undo()
         monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")
@@ -287,7 +287,7 @@ def test_gpu_split_schedules_agree(monkeypatch, hidden, dtype):
 @pytest.mark.parametrize("hidden", SCHEDULE_PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden, dtype, tol, gen):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     T = 3
     x = (torch.randn(T, hidden, generator=gen) * 4 + 1).to(dtype)
@@ -300,7 +300,7 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden
 
         out = check_schedules(run_schedules(monkeypatch, rn, "_rms_norm_rows_kernel", fn, warps), T, hidden, warps)
         assert_close_to(out, ref64(x, weight), tol)
-        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+        with rk.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
             assert same_bits(fn(x[1:2].clone()), out[1:2])
 
 
@@ -308,18 +308,18 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, hidden
 @pytest.mark.parametrize("hidden", [8193, 16384, 128256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_row_loop_matches_other_schedules(hidden, dtype):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(8)
     x = (torch.randn(37, hidden, generator=g, device="cuda") * 3).to(dtype)
     w = torch.randn(hidden, generator=g, device="cuda").to(dtype)
     for weight in (w, None, w.float()):
-        with rd.row_schedule("two_launch"):
+        with rk.row_schedule("two_launch"):
             ref = OP(x, weight, EPS)
-        with rd.row_schedule("sync"):
+        with rk.row_schedule("sync"):
             assert same_bits(OP(x, weight, EPS), ref)
         for warps in (4, 8, 16):
-            with rd.row_schedule("row_loop", row_loop_warps=warps):
+            with rk.row_schedule("row_loop", row_loop_warps=warps):
                 assert same_bits(OP(x, weight, EPS), ref), warps
                 assert same_bits(OP(x[5:6].clone(), weight, EPS), ref[5:6])
         assert_close_to(ref, ref64(x, weight), 1e-2 if dtype == torch.bfloat16 else 1e-5)

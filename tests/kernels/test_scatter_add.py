@@ -1,13 +1,22 @@
 """detcompile::scatter_add: documented order rule (bitwise), duplicates, index smaller than src,
-batch invariance of a destination, accuracy, opcheck, errors."""
+batch invariance of a destination, accuracy, opcheck, errors; the sync-free CUDA path (index_add's
+Triton kernel on the flattened output) equal bit for bit to the round algorithm, and captured in a
+CUDA graph."""
 import itertools
 
 import pytest
 import torch
 
 from detcompile.kernels import _common
+from detcompile.kernels import scatter_add as sa
 
-from ._util import rel_err, tol
+from ._host_sync import HostSyncRecorder
+from ._util import capture_cuda_graph, rel_err, tol
+
+CAN_INTERPRET = _common.triton_launchable(torch.empty(0))
+needs_interp = pytest.mark.skipif(
+    not CAN_INTERPRET, reason="Triton interpreter unavailable (needs triton and TRITON_INTERPRET=1)"
+)
 
 OP = torch.ops.detcompile.scatter_add
 
@@ -123,7 +132,59 @@ def test_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU (same round algorithm, torch ops on CUDA)
+# The sync-free path in the interpreter (fp32 / fp16)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_interp_kernel_equals_rounds(gen, dtype, dim):
+    # index smaller than src everywhere and than self outside dim; heavy repeats; a 3-D self
+    # seen through a non-contiguous view
+    self_ = torch.randn(4, 6, 5, generator=gen).to(dtype).transpose(0, 2).contiguous().transpose(0, 2)
+    src = torch.randn(10, 10, 10, generator=gen).to(dtype)
+    for n_dest in (self_.shape[dim], 2, 1):
+        ishape = [3, 5, 4]
+        ishape[dim] = 9
+        index = torch.randint(0, n_dest, ishape, generator=gen)
+        got = sa.triton_scatter_add(self_, dim, index, src)
+        assert torch.equal(got, sa.scatter_add_rounds(self_, dim, index, src)), n_dest
+        assert torch.equal(got, sequential_ref(self_, dim, index, src))
+
+
+@needs_interp
+def test_interp_special_shapes_and_errors(gen):
+    z = sa.triton_scatter_add(torch.tensor(1.5), 0, torch.tensor(0), torch.tensor(2.0))
+    assert z.shape == () and z.item() == 3.5
+    s = torch.randn(3, 2, generator=gen)
+    out = sa.triton_scatter_add(s, 0, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2))
+    assert torch.equal(out, s) and out.data_ptr() != s.data_ptr()
+    x = torch.randint(0, 10, (4, 3), generator=gen)
+    idx = torch.randint(0, 4, (5, 3), generator=gen)
+    assert torch.equal(sa.triton_scatter_add(x, 0, idx, x.new_ones(5, 3)), torch.scatter_add(x, 0, idx, x.new_ones(5, 3)))
+    # out of range along dim, even where the flat offset would land inside the output: checked on
+    # the device (_assert_async: raises at once on the CPU, a device-side assert on CUDA)
+    for bad in (2, -1):
+        with pytest.raises(RuntimeError):
+            sa.triton_scatter_add(torch.randn(4, 2), 1, torch.tensor([[0, bad]]), torch.randn(1, 2))
+
+
+@needs_interp
+def test_interp_no_host_sync(gen):
+    self_ = torch.randn(6, 8, generator=gen)
+    index = torch.randint(0, 6, (20, 8), generator=gen)
+    src = torch.randn(20, 8, generator=gen)
+    with HostSyncRecorder() as rec:
+        sa.triton_scatter_add(self_, 0, index, src)
+    assert rec.calls == []
+    with HostSyncRecorder() as rec:  # the recorder does see the round algorithm's syncs
+        sa.scatter_add_rounds(self_, 0, index, src)
+    assert "item" in rec.calls and "nonzero" in rec.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (the sync-free path: index_add's Triton kernel on the flattened output)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -176,3 +237,33 @@ def test_gpu_opcheck_and_errors():
         assert torch.equal(OP(s, 0, idx, src), expect)
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_kernel_equals_rounds_bitwise(dtype):
+    g = torch.Generator().manual_seed(12)
+    for shape, dim, ishape, n_dest in [((64, 512), 0, (1000, 512), None), ((64, 512), 1, (64, 3000), 3),
+                                       ((8, 50, 96), 1, (8, 300, 90), None), ((6, 40, 33), 2, (5, 40, 100), 1)]:
+        self_ = torch.randn(shape, generator=g).to(dtype).cuda()
+        index = torch.randint(0, n_dest or shape[dim], ishape, generator=g).cuda()
+        src = torch.randn(ishape, generator=g).to(dtype).cuda()
+        want = sa.scatter_add_rounds(self_, dim, index, src)
+        assert torch.equal(OP(self_, dim, index, src), want), (shape, dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_cuda_graph_capture_replays_new_indices(dtype):
+    g = torch.Generator().manual_seed(3)
+    self_ = torch.zeros(48, 256, dtype=dtype, device="cuda")
+    index = torch.randint(0, 48, (96, 256), generator=g).cuda()
+    src = torch.randn(96, 256, generator=g).to(dtype).cuda()
+    graph, out = capture_cuda_graph(lambda: OP(self_, 0, index, src))
+    for n_dest in (48, 5, 1, 48):
+        index.copy_(torch.randint(0, n_dest, (96, 256), generator=g))
+        src.copy_(torch.randn(96, 256, generator=g).to(dtype))
+        self_.copy_(torch.randn(48, 256, generator=g).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, sa.scatter_add_rounds(self_, 0, index, src)), n_dest

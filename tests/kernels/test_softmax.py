@@ -231,51 +231,6 @@ def _sm(x, log, sync=True, monkeypatch=None):
             monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")
 
 
-def test_row_plan_depends_on_length_only():
-    from detcompile.kernels import reduce as rd
-
-    seg = rd.ROW_LANES * rd.ROW_SEG_CHUNKS
-    for R in [1, 2, 3, 77, 1000, 1024, 1025, 4096, 5120, seg, seg + 1, 32000, 128256]:
-        p = rd.row_plan(R)
-        assert p == rd.row_plan(R)
-        for v in (p.lanes, p.chunks, p.segments and rd._next_pow2(p.segments)):
-            assert v & (v - 1) == 0
-        if R <= seg:
-            assert p.segments == 1 and p.lanes * p.chunks >= R and p.lanes == min(rd.ROW_LANES, rd._next_pow2(R))
-        else:
-            assert (p.rows, p.lanes, p.chunks) == (1, rd.ROW_LANES, rd.ROW_SEG_CHUNKS)
-            assert (p.segments - 1) * seg < R <= p.segments * seg
-    assert rd.row_plan(4096).segments == 1 and rd.row_plan(128256).segments == 16
-    assert rd.row_plan(rd.ROW_MAX_SEGMENTS * seg + 1) is None  # the chunk-loop kernel
-
-
-if _common.HAS_TRITON:
-    from detcompile.kernels.reduce import tree_sum
-
-    tl, triton = _common.tl, _common.triton
-
-    @triton.jit
-    def _tree_pair_vs_split(x_ptr, a_ptr, b_ptr, LOG2: tl.constexpr):
-        x = tl.load(x_ptr + tl.arange(0, 1 << LOG2))
-        tl.store(a_ptr, tree_sum(x, LOG2))
-        y = x
-        for _ in tl.static_range(LOG2):
-            u, v = tl.split(tl.reshape(y, (y.shape[0] // 2, 2)))
-            y = u + v
-        tl.store(b_ptr, tl.sum(y, axis=0))
-
-
-@needs_triton
-def test_tree_sum_is_the_split_tree(gen):
-    # reduce.tree_sum (pairs summed by tl.sum over an axis of 2) is the old split-based tree.
-    for _ in range(3):
-        x = (torch.randn(1024, generator=gen) * torch.logspace(-8, 8, 1024)).to(LAUNCH_DEV)
-        a = torch.empty(1, device=LAUNCH_DEV)
-        b = torch.empty(1, device=LAUNCH_DEV)
-        _tree_pair_vs_split[(1,)](x, a, b, LOG2=10)
-        assert torch.equal(a, b)
-
-
 @needs_triton
 @pytest.mark.parametrize("R", SMALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -351,13 +306,13 @@ def test_gpu_bf16_rows_invariant_and_accurate(R, log):
 def test_gpu_split_schedules_agree(monkeypatch, R, dtype):
     # One launch of cooperating programs; the same with a zero wait, so that most programs compute
     # their row's statistics themselves (the timeout fallback); two launches. Same bits.
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(1)
     x = (torch.randn(37, R, device="cuda", generator=g) * 3).to(dtype)
     for log in (False, True):
         a = OP(x, -1, False, log)
-        monkeypatch.setattr(rd, "ROW_SYNC_TIMEOUT_NS", 0)
+        monkeypatch.setattr(rk, "ROW_SYNC_TIMEOUT_NS", 0)
         b = OP(x, -1, False, log)
         monkeypatch.undo()
         monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")
@@ -386,54 +341,8 @@ def test_gpu_padding_across_split(dtype):
 
 # ---------------------------------------------------------------------------------------------
 # Split-row schedules: two launches, one launch of cooperating programs (sync), one program per row
-# (row_loop) give the same bits (reduce.choose_schedule).
+# (row_loop) give the same bits (row_kernels.choose_schedule).
 # ---------------------------------------------------------------------------------------------
-
-
-def test_schedule_choice(monkeypatch):
-    from detcompile.kernels import reduce as rd
-
-    monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE", raising=False)
-    monkeypatch.delenv("DETCOMPILE_ROW_SYNC", raising=False)
-    G, many = 16, rd.ROW_MAX_SYNC_SEGMENTS + 1
-    default = "two_launch" if rd._common.triton_interpret() else "sync"  # programs meet only on a GPU
-    assert rd.requested_schedule() is None and rd.choose_schedule(8192, G) == default
-    monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "0")  # the old switch, off: two launches
-    assert rd.choose_schedule(1, G) == "two_launch"
-    monkeypatch.setenv("DETCOMPILE_ROW_SYNC", "1")  # the old switch still works
-    assert rd.choose_schedule(1, G) == "sync"
-    assert rd.choose_schedule(1, many) == "two_launch"
-    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "row_loop")  # wins over DETCOMPILE_ROW_SYNC
-    assert rd.choose_schedule(1, G) == "row_loop" and rd.choose_schedule(1, many) == "row_loop"
-    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "two_launch")
-    assert rd.choose_schedule(1, G) == "two_launch"
-    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "sync")
-    assert rd.choose_schedule(1, G) == "sync" and rd.choose_schedule(1, many) == "two_launch"
-    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "rowloop")
-    with pytest.raises(ValueError, match="DETCOMPILE_ROW_SCHEDULE"):
-        rd.choose_schedule(1, G)
-    # The in-process override wins over the environment, and is undone on exit (also on error).
-    monkeypatch.setenv("DETCOMPILE_ROW_SCHEDULE", "two_launch")
-    warps = rd.ROW_LOOP_NUM_WARPS
-    with rd.row_schedule("row_loop", row_loop_warps=16):
-        assert rd.choose_schedule(1, G) == "row_loop" and rd.ROW_LOOP_NUM_WARPS == 16
-        with rd.row_schedule(None):  # None: the environment decides
-            assert rd.choose_schedule(1, G) == "two_launch" and rd.ROW_LOOP_NUM_WARPS == 16
-        assert rd.choose_schedule(1, G) == "row_loop"
-    assert rd.choose_schedule(1, G) == "two_launch" and rd.ROW_LOOP_NUM_WARPS == warps
-    with pytest.raises(RuntimeError):
-        with rd.row_schedule("sync"):
-            raise RuntimeError
-    assert rd.requested_schedule() == "two_launch"
-    for bad in (dict(name="fast"), dict(name="row_loop", row_loop_warps=6)):
-        with pytest.raises(ValueError):
-            with rd.row_schedule(**bad):
-                pass
-    # A request wins over the default, whatever the row count.
-    monkeypatch.delenv("DETCOMPILE_ROW_SCHEDULE")
-    monkeypatch.delenv("DETCOMPILE_ROW_SYNC")
-    with rd.row_schedule("two_launch"):
-        assert rd.choose_schedule(4096, G) == "two_launch"
 
 
 @needs_triton
@@ -442,14 +351,14 @@ def test_triton_sync_spin_wait_path(small_rows, monkeypatch, gen):
     # bounded loop of acquire loads. The interpreter runs programs one at a time, so the loop
     # gives up at once and each program computes its row's statistics itself: the bits of two
     # launches. (A wait that wrongly reported success would read an unfilled workspace.)
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
-    monkeypatch.setattr(rd, "HAS_ATOMIC_POLL", False)
-    monkeypatch.setattr(rd, "_HAS_ATOMIC_POLL_C", _common.tl.constexpr(False))
+    monkeypatch.setattr(rk, "HAS_ATOMIC_POLL", False)
+    monkeypatch.setattr(rk, "_HAS_ATOMIC_POLL_C", _common.tl.constexpr(False))
     x = torch.randn(3, 129, generator=gen)  # 5 segments under small_rows
     outs = {}
     for name in ("sync", "two_launch"):
-        with rd.row_schedule(name):
+        with rk.row_schedule(name):
             outs[name] = sm.triton_softmax(x.to(LAUNCH_DEV), -1, False, True).cpu()
     assert same_bits(outs["sync"], outs["two_launch"])
     assert_close_to(outs["sync"], ref_softmax(x, -1, True), 1e-5)
@@ -459,7 +368,7 @@ def test_triton_sync_spin_wait_path(small_rows, monkeypatch, gen):
 @pytest.mark.parametrize("R", SCHEDULE_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, gen, R, dtype):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     T = 4
     x = (torch.randn(T, R, generator=gen) * 3).to(dtype)
@@ -477,7 +386,7 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, gen, R
         assert out.dtype == (torch.float32 if half_to_float else dtype)
         assert torch.isnan(out[3]).all()
         assert_close_to(out[:3], ref_softmax(x[:3], -1, log), 1e-5 if half_to_float else tol)
-        with rd.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
+        with rk.row_schedule("row_loop"):  # one row alone: the bits it has in the batch
             assert same_bits(fn(x[2:3].clone()), out[2:3])
 
 
@@ -485,7 +394,7 @@ def test_triton_row_loop_matches_other_schedules(small_rows, monkeypatch, gen, R
 @pytest.mark.parametrize("R", [8193, 32000, 128256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_row_loop_matches_other_schedules(R, dtype):
-    from detcompile.kernels import reduce as rd
+    from detcompile.kernels import row_kernels as rk
 
     g = torch.Generator(device="cuda").manual_seed(5)
     x = (torch.randn(37, R, device="cuda", generator=g) * 3).to(dtype)
@@ -494,12 +403,12 @@ def test_gpu_row_loop_matches_other_schedules(R, dtype):
     x[3, :8192] = float("-inf")  # a whole segment
     for log in (False, True):
         for half_to_float in (False, dtype == torch.bfloat16):
-            with rd.row_schedule("two_launch"):
+            with rk.row_schedule("two_launch"):
                 ref = OP(x, -1, half_to_float, log)
-            with rd.row_schedule("sync"):
+            with rk.row_schedule("sync"):
                 assert same_bits(OP(x, -1, half_to_float, log), ref)
             for warps in (4, 8, 16):
-                with rd.row_schedule("row_loop", row_loop_warps=warps):
+                with rk.row_schedule("row_loop", row_loop_warps=warps):
                     assert same_bits(OP(x, -1, half_to_float, log), ref), (log, warps)
                     assert same_bits(OP(x[5:6].clone(), -1, half_to_float, log), ref[5:6])
             tol = 1e-2 if dtype == torch.bfloat16 and not half_to_float else 1e-5
