@@ -7,7 +7,7 @@ the engine pads a step to 2 tokens):
   ``apply_rotary_pos_emb(q, k, cos, sin)`` eagerly (mul, neg, cat, mul, add for q and for k);
 * ``silu_mul``: ``detcompile.silu_mul(gate, up)`` against ``F.silu(gate) * up``.
 
-Each number is the median time of one call inside a CUDA graph of many (``benchmarks.kernels.GraphTimer``:
+Each number is the median time of one call inside a CUDA graph of many (``benchmarks.kernels.timing.GraphTimer``:
 no Python or launch overhead, as in the engine's decode graphs). ``bitwise`` compares the two outputs bit
 for bit; ``saved/token`` is (eager - fused) x 32 layers. Needs one CUDA GPU; about a minute.
 """
@@ -18,7 +18,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import GraphTimer, fmt_time, markdown_table, same_bits
+from benchmarks.kernels.measures import same_bits
+from benchmarks.kernels.tables import fmt_time, markdown_table
+from benchmarks.kernels.timing import GraphTimer
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP = 32, 32, 8, 128, 14336
 
