@@ -29,10 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _common, _ptx
-
-NUM_WARPS = 4
-#: Elements per program (rows x next_pow2(D)).
-TILE = 2048
+from ._ptx import NUM_WARPS, TILE
 
 if _common.HAS_TRITON:
     triton = _common.triton

@@ -26,10 +26,9 @@ from torch import Tensor
 
 from . import _common, _ptx
 from . import cpu_pointwise as _cpu_pointwise
+from ._ptx import NUM_WARPS, TILE
 
-NUM_WARPS = 4
-#: Elements per program (rows x columns).
-TILE = 2048
+#: Columns per program at most (rows x columns = TILE).
 BLOCK_N_MAX = 1024
 
 if _common.HAS_TRITON:
