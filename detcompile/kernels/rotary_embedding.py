@@ -64,7 +64,9 @@ if _common.HAS_TRITON:
         orow = (i0 * os0 + i1 * os1 + i2 * os2)[:, None]
         tl.store(o_ptr + orow + d[None, :], y, mask=mask)
 
-    @triton.jit
+    # Sizes and strides that change with the number of tokens: not specialized, so that a new token
+    # count never compiles a new variant (in a CUDA graph capture, say). Pointwise: no bit depends on it.
+    @triton.jit(do_not_specialize=["Q_BLOCKS", "RQ", "S2Q", "qs0", "oqs0", "RK", "S2K", "ks0", "oks0", "cs0"])
     def _rotary_kernel(
         q_ptr, oq_ptr, k_ptr, ok_ptr, c_ptr, s_ptr, Q_BLOCKS,
         RQ, S1Q, S2Q, qs0, qs1, qs2, oqs0, oqs1, oqs2,

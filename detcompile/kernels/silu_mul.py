@@ -36,7 +36,7 @@ if _common.HAS_TRITON:
     tl = _common.tl
     from ._ptx import mul_rn, silu, to_dtype
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])  # the token count: no new variant per count (no bit depends on it)
     def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, R, N, gs, us, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          PTX: tl.constexpr):
         """[R, N] rows (row strides gs, us; the output contiguous)."""
