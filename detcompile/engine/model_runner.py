@@ -142,7 +142,7 @@ class ModelRunner:
         try:
             for c in self._configs:
                 c._attn_implementation = attention.IMPLEMENTATION
-            with torch.no_grad(), guard:
+            with torch.no_grad(), guard, _SPECIALIZE_FLOATS():
                 out = self.forward(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=keep,
                                    use_cache=False)
         finally:
@@ -310,6 +310,15 @@ def _raise_recompile_limits() -> None:
     for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 4096))
+
+
+def _SPECIALIZE_FLOATS():
+    """Float attributes (a norm's ``eps``) as constants of the graph, as a static compile sees them.
+    Under ``dynamic=True`` Dynamo would lift them into graph inputs, which hides the RMSNorm pattern
+    from the rms_norm pass: the engine would run the generic mean instead of the trainer's rms_norm
+    kernel, whose sum over a row longer than 2048 adds in another order (other bits)."""
+    cfg = torch._dynamo.config
+    return cfg.patch(specialize_float=True) if hasattr(cfg, "specialize_float") else contextlib.nullcontext()
 
 
 _HAS_GUARD_FILTER = "guard_filter_fn" in (torch.compile.__doc__ or "")

@@ -213,3 +213,30 @@ def test_processed_logprobs_score_equals_generation(engine, rng):
     assert [o.token_ids for o in outs] == [o.token_ids for o in raw]
     assert [o.logprobs for o in outs] != [o.logprobs for o in raw]
     assert engine.score(ps, [o.token_ids for o in outs], params) == [o.logprobs for o in outs]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_wide_model_logprobs_equal_the_compiled_hf_forward(device):
+    """Hidden 4096 (> 2048: where the sequential chunk sum of the generic mean and the rms_norm
+    kernel's pairwise tree add a row differently): the engine's norms must be the trainer's. Under
+    ``dynamic=True`` Dynamo lifts float attributes such as ``eps`` into graph inputs, which hides
+    the norm pattern from the rms_norm pass unless floats are specialized."""
+    rng = torch.Generator().manual_seed(7)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    eng = make_engine(device=device, dtype=dtype, kv_cache_bytes=256 << 20,
+                      config=dict(hidden_size=4096, intermediate_size=256, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=32, num_hidden_layers=1, vocab_size=512))
+    ps = prompts(rng, [9, 4], eng.vocab_size)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        outs = eng.generate(ps, SamplingParams(temperature=0.8, seed=1, max_new_tokens=4, logprobs=0),
+                            use_tqdm=False)
+    assert any(e.key.startswith("detcompile::rms_norm") for e in prof.key_averages()), "the engine's norms ran unfused"
+    compiled = torch.compile(eng.model, backend="deterministic", options={"strict": True})
+    for p, out in zip(ps, outs):
+        seq = torch.tensor([p + out.token_ids], device=eng.runner.device)
+        with torch.no_grad():
+            logits = compiled(input_ids=seq).logits.float()
+        lp = torch.ops.detcompile.softmax(logits[0], -1, False, True)
+        pos = torch.arange(len(p) - 1, seq.shape[1] - 1, device=seq.device)
+        got = lp[pos].gather(1, torch.tensor(out.token_ids, device=seq.device)[:, None])[:, 0].tolist()
+        assert got == out.logprobs
