@@ -215,7 +215,9 @@ def test_processed_logprobs_score_equals_generation(engine, rng):
     assert engine.score(ps, [o.token_ids for o in outs], params) == [o.logprobs for o in outs]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.xfail(
+    strict=True, reason="H200, torch 2.11, 2026-12-02: the engine's norms still ran unfused (no detcompile::rms_norm) "
+    "with floats specialized; cause not found yet (open in #10)")])])
 def test_wide_model_logprobs_equal_the_compiled_hf_forward(device):
     """Hidden 4096 (> 2048: where the sequential chunk sum of the generic mean and the rms_norm
     kernel's pairwise tree add a row differently): the engine's norms must be the trainer's. Under
