@@ -142,7 +142,7 @@ class ModelRunner:
         try:
             for c in self._configs:
                 c._attn_implementation = attention.IMPLEMENTATION
-            with torch.no_grad(), guard, _SPECIALIZE_FLOATS():
+            with torch.no_grad(), guard, _specialized_floats():
                 out = self.forward(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=keep,
                                    use_cache=False)
         finally:
@@ -312,7 +312,7 @@ def _raise_recompile_limits() -> None:
             setattr(cfg, name, max(getattr(cfg, name), 4096))
 
 
-def _SPECIALIZE_FLOATS():
+def _specialized_floats():
     """Float attributes (a norm's ``eps``) as constants of the graph, as a static compile sees them.
     Under ``dynamic=True`` Dynamo would lift them into graph inputs, which hides the RMSNorm pattern
     from the rms_norm pass: the engine would run the generic mean instead of the trainer's rms_norm

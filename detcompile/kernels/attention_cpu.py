@@ -183,7 +183,7 @@ def cpu_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, s
 def cpu_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale=None,
                                softcap=0.0, window=0, sinks=None):
     """CPU path: each row on its own through ``cpu_paged_attention`` (no graphs on the CPU)."""
-    _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles)
+    _validate_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale, softcap, window, sinks)
     out = q.new_zeros((q.shape[0], q.shape[1], v_cache.shape[3]))
     for b, (s, n) in enumerate(zip(q_start.tolist(), q_lens.tolist())):
         if n:

@@ -134,9 +134,13 @@ def _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, w
                          f"got {tuple(sinks.shape)} {sinks.dtype} on {sinks.device}")
 
 
-def _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles):
+def _validate_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale, softcap, window=0,
+                     sinks=None):
+    """The checks of ``paged_attention`` (q seen as one row [1, Hq, T, D]) plus the ragged layout's."""
     if q.dim() != 3:
         raise ValueError(f"detcompile.{VARLEN_OP}: expected q [T, Hq, D]; got {tuple(q.shape)}")
+    _validate_paged(q.transpose(0, 1)[None], k_cache, v_cache, block_table[:1], kv_lens[:1], scale, softcap,
+                    window, sinks)
     S = block_table.shape[0]
     for name, t in (("q_start", q_start), ("q_lens", q_lens), ("tiles", tiles)):
         if t.dtype != torch.int32 or t.device != q.device:

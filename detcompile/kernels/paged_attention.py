@@ -34,6 +34,17 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
+def _slot_strides(op: str, k_cache: Tensor, v_cache: Tensor) -> tuple:
+    """The caches' strides. Paged addressing: the kernel's "row" stride is the stride of one token
+    (page slot); a page's base is page * page_size * row stride, which needs slots of one page to be
+    evenly spaced by that stride (true for [num_pages, page_size, Hkv, D] caches with contiguous pages)."""
+    page = k_cache.shape[1]
+    ks, vs = k_cache.stride(), v_cache.stride()
+    if ks[0] != page * ks[1] or vs[0] != page * vs[1]:
+        raise ValueError(f"detcompile.{op}: pages of the cache must be contiguous slots (stride(0) == page_size * stride(1))")
+    return ks, vs
+
+
 def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None, softcap=0.0, window=0, sinks=None,
                            *, _block_m=None, _block_n=None, _parallel_splits=None, _split=None):
     _validate_paged(q, k_cache, v_cache, block_table, kv_lens, scale, softcap, window, sinks)
@@ -48,12 +59,7 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
     if scale is None:
         scale = _default_scale(D)
     max_kv = block_table.shape[1] * page  # a bound known without reading kv_lens (no host sync)
-    ks, vs = k_cache.stride(), v_cache.stride()
-    # Paged addressing: the kernel's "row" stride is the stride of one token (page slot); a
-    # page's base is page * page_size * row stride, which needs slots of one page to be evenly
-    # spaced by that stride (true for [num_pages, page_size, Hkv, D] caches with contiguous pages).
-    if ks[0] != page * ks[1] or vs[0] != page * vs[1]:
-        raise ValueError(f"detcompile.{PAGED_OP}: pages of the cache must be contiguous slots (stride(0) == page_size * stride(1))")
+    ks, vs = _slot_strides(PAGED_OP, k_cache, v_cache)
     _launch(
         q, k_cache, v_cache, out,
         kv_strides={"Hkv": Hkv, "k": (0, ks[2], ks[1], ks[3]), "v": (0, vs[2], vs[1], vs[3])},
@@ -101,9 +107,7 @@ def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_s
     """One launch for ragged rows: row b's queries are ``q[q_start[b] : q_start[b] + q_lens[b]]``
     (the last q_lens[b] of its kv_lens[b] tokens); ``tiles`` from ``varlen_tiles``. Tokens of no
     row get zeros. Grid (Hkv, tiles): no host sync, so a CUDA graph can hold it."""
-    _validate_paged(q.transpose(0, 1)[None], k_cache, v_cache, block_table[:1], kv_lens[:1], scale, softcap,
-                    window, sinks)
-    _validate_varlen(q, k_cache, block_table, kv_lens, q_start, q_lens, tiles)
+    _validate_varlen(q, k_cache, v_cache, block_table, kv_lens, q_start, q_lens, tiles, scale, softcap, window, sinks)
     if q.dtype not in _common.GPU_DTYPES:
         raise UnsupportedError(f"detcompile.{VARLEN_OP}: dtype {q.dtype} is not supported by the Triton kernel")
     T, Hq, D = q.shape
@@ -116,9 +120,7 @@ def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_s
     bm, bn, num_warps, num_stages = _tiles(D, Dv, q.dtype, 1)
     bm, bn = _block_m or bm, _block_n or bn
     block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    ks, vs = k_cache.stride(), v_cache.stride()
-    if ks[0] != page * ks[1] or vs[0] != page * vs[1]:
-        raise ValueError(f"detcompile.{VARLEN_OP}: pages of the cache must be contiguous slots")
+    ks, vs = _slot_strides(VARLEN_OP, k_cache, v_cache)
     sinks_arg = out if sinks is None else sinks.float().contiguous()
     sq, so = q.stride(), out.stride()
     _attention_kernel[(Hkv, tiles.shape[1])](
