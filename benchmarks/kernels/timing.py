@@ -1,4 +1,13 @@
-"""Timing with CUDA graphs: ``GraphTimer`` and the pure arithmetic it rests on."""
+"""Timing: ``GraphTimer`` (CUDA graphs, for the kernels), ``EagerTimer`` (back-to-back launches, for the
+bandwidth ceiling) and the pure arithmetic they rest on.
+
+What the timed region holds. Both timers record a CUDA event, launch the measured calls and nothing
+else, record a second event, and divide the elapsed time by the number of calls launched in between.
+There is no L2 flush, memset or copy of inputs inside (or between) the timed calls: the inputs are
+kept out of L2 by rotating over enough copies of them (``rotation_count``; ``GraphTimer``), or by
+being much larger than L2 (the bandwidth buffers; ``EagerTimer``). Warm-up calls, clones and the
+graph capture happen before the first event. ``tests/benchmarks`` checks this with a fake clock.
+"""
 from __future__ import annotations
 
 import collections
@@ -76,6 +85,35 @@ def elapsed_seconds(work: Callable[[], None], repeats: int) -> list[float]:
     return times
 
 
+def back_to_back_seconds(fn: Callable, arg_sets: list[tuple], target_s: float, replays: int,
+                         max_calls: int) -> float:
+    """Median time of one call, launching about ``target_s`` of calls back to back (cycling over
+    ``arg_sets``) between two CUDA events, ``replays`` times. The host does not wait between the calls
+    of one replay, so the GPU runs them back to back; only the first launch's latency is included."""
+    def run(calls):
+        for i in range(calls):
+            fn(*arg_sets[i % len(arg_sets)])
+
+    est = min(elapsed_seconds(lambda: run(len(arg_sets)), 2)) / len(arg_sets)
+    calls = calls_per_graph(est, target_s, len(arg_sets), max_calls)
+    return statistics.median(t / calls for t in elapsed_seconds(lambda: run(calls), replays))
+
+
+class EagerTimer:
+    """``timer(fn, *args) -> Timing``: the median time of one call launched eagerly, back to back,
+    without a CUDA graph (``graphed=False``). No input rotation: meant for buffers much larger than L2
+    (the bandwidth ceiling), where every call reads memory anyway. Used next to ``GraphTimer`` so a
+    call that runs slower inside a graph than outside (a driver memcpy node) is seen."""
+
+    def __init__(self, target_s: float = 0.01, replays: int = 10, max_calls: int = 1000):
+        self.target_s, self.replays, self.max_calls = target_s, replays, max_calls
+
+    def __call__(self, fn: Callable, *args) -> Timing:
+        fn(*args)  # warm-up (compiles, creates handles), outside the timed region
+        torch.cuda.synchronize()
+        return Timing(back_to_back_seconds(fn, [args], self.target_s, self.replays, self.max_calls), graphed=False)
+
+
 class GraphTimer:
     """``timer(fn, *args) -> Timing``: the median time of one call, replaying a CUDA graph of many.
 
@@ -128,10 +166,4 @@ class GraphTimer:
         return statistics.median(t / calls for t in elapsed_seconds(graph.replay, self.replays))
 
     def _eager_seconds(self, fn: Callable, arg_sets: list[tuple]) -> float:
-        def run(calls):
-            for i in range(calls):
-                fn(*arg_sets[i % len(arg_sets)])
-
-        est = min(elapsed_seconds(lambda: run(len(arg_sets)), 2)) / len(arg_sets)
-        calls = calls_per_graph(est, self.target_s, len(arg_sets), self.max_calls)
-        return statistics.median(t / calls for t in elapsed_seconds(lambda: run(calls), self.replays))
+        return back_to_back_seconds(fn, arg_sets, self.target_s, self.replays, self.max_calls)

@@ -13,6 +13,7 @@ from benchmarks.kernels.attention import (
     causal_attention_flops, decode_cell_fits, decode_record, decode_summary, gather_pages, kv_cache_bytes,
     make_block_table, prefill_record, prefill_summary, skipped_decode_record,
 )
+from benchmarks.kernels import timing as timing_module
 from benchmarks.kernels.bandwidth import measure_copy_bandwidth
 from benchmarks.kernels.cli import main, parse_sections
 from benchmarks.kernels.context import Context
@@ -24,7 +25,7 @@ from benchmarks.kernels.report import write_reports
 from benchmarks.kernels.sections import SECTIONS, run_section
 from benchmarks.kernels.shapes import Grid
 from benchmarks.kernels.tables import fmt, fmt_bool, fmt_pct, fmt_time, markdown_table, verdict
-from benchmarks.kernels.timing import GraphTimer, Timing, calls_per_graph, rotation_count
+from benchmarks.kernels.timing import EagerTimer, GraphTimer, Timing, calls_per_graph, rotation_count
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,6 +373,7 @@ class FakeCuda:
     def __init__(self, per_call_s: float):
         self.per_call_s, self.now, self.capturing = per_call_s, 0.0, None
         self.graph_args = []  # per captured graph: the ids of the first argument of each call
+        self.log = []  # in order: ("event",), ("replay", calls), ("call",), ("capture", calls), ("sync",), ("clone",)
 
     def install(self, monkeypatch):
         fake = self
@@ -381,6 +383,7 @@ class FakeCuda:
                 self.calls = []
 
             def replay(self):
+                fake.log.append(("replay", len(self.calls)))
                 fake.now += len(self.calls) * fake.per_call_s
 
         class GraphContext:
@@ -393,12 +396,14 @@ class FakeCuda:
 
             def __exit__(self, *exc):
                 fake.capturing = None
+                fake.log.append(("capture", len(self.graph.calls)))
 
         class Event:
             def __init__(self, enable_timing=False):
                 self.t = None
 
             def record(self):
+                fake.log.append(("event",))
                 self.t = fake.now
 
             def synchronize(self):
@@ -422,8 +427,22 @@ class FakeCuda:
                 pass
 
         for name, value in {"CUDAGraph": Graph, "graph": GraphContext, "Event": Event, "Stream": Stream,
-                            "stream": StreamContext, "current_stream": Stream, "synchronize": lambda: None}.items():
+                            "stream": StreamContext, "current_stream": Stream,
+                            "synchronize": lambda *a: fake.log.append(("sync",))}.items():
             monkeypatch.setattr(torch.cuda, name, value)
+        clone = timing_module.clone_tensors
+
+        def logged_clone(args):
+            fake.log.append(("clone",))
+            return clone(args)
+
+        monkeypatch.setattr(timing_module, "clone_tensors", logged_clone)
+
+    def timed_regions(self) -> list[list[tuple]]:
+        """What reached the GPU between each pair of events (start, end), in order."""
+        marks = [i for i, entry in enumerate(self.log) if entry == ("event",)]
+        assert len(marks) % 2 == 0
+        return [self.log[a + 1:b] for a, b in zip(marks[::2], marks[1::2])]
 
     def op(self, fail_capture=False):
         def fn(x):
@@ -432,6 +451,7 @@ class FakeCuda:
                     raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
                 self.capturing.calls.append(id(x))
             else:
+                self.log.append(("call",))
                 self.now += self.per_call_s
             return x + 1
 
@@ -471,3 +491,26 @@ def test_graph_timer_does_not_hide_other_errors(monkeypatch):
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
         GraphTimer(rotate_bytes=1)(fails_in_the_graph, torch.zeros(4))
+
+
+def test_graph_timer_times_the_replays_and_nothing_else(monkeypatch):
+    # Between the two events of a timed replay there is one replay of the graph of the measured calls:
+    # no flush, memset, clone, warm-up call or host sync, which small kernels would be charged for.
+    fake = FakeCuda(per_call_s=1e-4)
+    fake.install(monkeypatch)
+    t = GraphTimer(target_s=1e-2, replays=5, rotate_bytes=4096)(fake.op(), torch.zeros(256))
+    assert fake.timed_regions() == [[("replay", 2)]] * 2 + [[("replay", 100)]] * 5  # estimate, then timed
+    first_event = fake.log.index(("event",))
+    assert ("clone",) in fake.log[:first_event] and ("call",) in fake.log[:first_event]  # set-up before
+    assert ("call",) not in fake.log[first_event:]  # eager calls only in the warm-up
+    assert t.seconds == pytest.approx(1e-4)  # region time / calls in the graph
+
+
+def test_eager_timer_times_back_to_back_calls_only(monkeypatch):
+    fake = FakeCuda(per_call_s=5e-4)
+    fake.install(monkeypatch)
+    t = EagerTimer(target_s=1e-2, replays=3)(fake.op(), torch.zeros(4))
+    assert t == Timing(pytest.approx(5e-4), graphed=False)
+    # warm-up and sync first; then the estimate (one call, twice), then 3 x 20 calls back to back
+    assert fake.log[:2] == [("call",), ("sync",)]
+    assert fake.timed_regions() == [[("call",)]] * 2 + [[("call",)] * 20] * 3
