@@ -155,7 +155,7 @@ def attention_markdown(tables: dict, summary: dict) -> str:
             ["KV len", "batch", "KV bytes", "ours", "floor", "ours GB/s", "% of floor", "SDPA (contiguous)",
              "ours/SDPA", "row0 = batch 1", "= prefill"], rows))
         parts.append(
-            "Floor = KV bytes / copy bandwidth; % of floor = floor / time. SDPA runs on a contiguous copy of the "
+            "Floor = KV bytes / bandwidth ceiling; % of floor = floor / time. SDPA runs on a contiguous copy of the "
             f"same K/V (up to batch {fmt(sdpa_max_batch, 'd')}), informative"
             + (f" ({'; '.join(variants)})" if variants else "")
             + ". \"= prefill\" (batch 1): the decode output equals the last row of detcompile's causal prefill "

@@ -1,6 +1,8 @@
 """The pure parts of benchmarks/kernels/, on the CPU: arithmetic, targets, bitwise checks, the paged
-cache layout, table formatting, and one run of every section on tiny shapes with a fake timer (the
-plumbing from records to the markdown/JSON/PNG reports). No timing is checked here: that needs the GPU."""
+cache layout, table formatting, one run of every section on tiny shapes with a fake timer (the
+plumbing from records to the markdown/JSON/PNG reports), the bandwidth ceiling's byte counts with
+fake timers, and what the timers put between their CUDA events (a fake clock). No real timing is
+checked here: that needs the GPU."""
 import json
 import math
 
@@ -14,15 +16,17 @@ from benchmarks.kernels.attention import (
     make_block_table, prefill_record, prefill_summary, skipped_decode_record,
 )
 from benchmarks.kernels import timing as timing_module
-from benchmarks.kernels.bandwidth import measure_copy_bandwidth
-from benchmarks.kernels.cli import main, parse_sections
+from benchmarks.kernels.bandwidth import (
+    METHODS, ceiling_markdown, copy_kernel, measure_copy_bandwidth, memcpy, read_all,
+)
+from benchmarks.kernels.cli import BANDWIDTH_OUT, FULL_OUT, main, parse_args, parse_sections
 from benchmarks.kernels.context import Context
 from benchmarks.kernels.matmul import matmul_bytes, matmul_flops, matmul_record, matmul_summary
 from benchmarks.kernels.measures import gbps, geomean, row0_matches, same_bits, speed_ratio
 from benchmarks.kernels.norms import norm_bytes, norm_record, norms_summary
 from benchmarks.kernels.plots import pyplot
-from benchmarks.kernels.report import write_reports
-from benchmarks.kernels.sections import SECTIONS, run_section
+from benchmarks.kernels.report import above_ceiling, render_markdown, report_json, write_reports
+from benchmarks.kernels.sections import SECTIONS, Section, run_section
 from benchmarks.kernels.shapes import Grid
 from benchmarks.kernels.tables import fmt, fmt_bool, fmt_pct, fmt_time, markdown_table, verdict
 from benchmarks.kernels.timing import EagerTimer, GraphTimer, Timing, calls_per_graph, rotation_count
@@ -258,8 +262,18 @@ def test_decode_target_judges_batch_32_and_up_and_ignores_skipped_cells():
 def test_parse_sections():
     assert parse_sections(None) == list(SECTIONS)
     assert parse_sections("attention,matmul") == ["matmul", "attention"]
+    assert parse_sections("bandwidth") == []  # the ceiling only
     with pytest.raises(Exception, match="unknown section"):
         parse_sections("matmul,convs")
+    with pytest.raises(Exception, match="unknown section"):
+        parse_sections("bandwidth,matmul")  # bandwidth is measured anyway: only alone
+
+
+def test_bandwidth_only_run_does_not_write_over_the_docs_report():
+    args = parse_args(["--only", "bandwidth"])
+    assert args.only == [] and args.out == BANDWIDTH_OUT
+    assert parse_args([]).out == FULL_OUT and parse_args(["--only", "norms"]).out == FULL_OUT
+    assert parse_args(["--only", "bandwidth", "--out", "/tmp/x"]).out == "/tmp/x"
 
 
 def test_cli_without_cuda_exits_with_a_message(monkeypatch, capsys):
@@ -514,3 +528,142 @@ def test_eager_timer_times_back_to_back_calls_only(monkeypatch):
     # warm-up and sync first; then the estimate (one call, twice), then 3 x 20 calls back to back
     assert fake.log[:2] == [("call",), ("sync",)]
     assert fake.timed_regions() == [[("call",)]] * 2 + [[("call",)] * 20] * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# The bandwidth ceiling: bytes per method, the best figure, consistency with the sections' bytes.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bandwidth_operations_do_what_they_count():
+    src = torch.randn(64, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    assert memcpy(src, dst) is dst and same_bits(dst, src)  # one read of src, one write of dst
+    assert copy_kernel(src, dst) is dst and same_bits(dst, -src)
+    assert read_all(src).numel() == 1  # reads src, writes one value
+    by_name = {m.name: m for m in METHODS}
+    assert by_name["memcpy"].bytes_moved(1000) == by_name["copy_kernel"].bytes_moved(1000) == 2000
+    assert by_name["read"].bytes_moved(1000) == 1000
+    assert by_name["read"].args(src, dst) == (src,) and by_name["memcpy"].args(src, dst) == (src, dst)
+
+
+def _timer_by_fn(seconds: dict, calls: list):
+    def timer(fn, *args):
+        fn(*args)
+        calls.append((fn, args))
+        return Timing(seconds[fn.__name__], graphed=True)
+    return timer
+
+
+def test_bandwidth_ceiling_is_the_best_figure_with_each_methods_bytes():
+    n = 1 << 12
+    calls = []
+    # the graphed memcpy is slow (as the driver's memcpy node was on the H100/H200); the copy kernel is not
+    graph = _timer_by_fn({"memcpy": 2e-3, "copy_kernel": 1e-3, "read_all": 0.55e-3}, calls)
+    eager = _timer_by_fn({"memcpy": 1.1e-3, "copy_kernel": 1.05e-3, "read_all": 0.6e-3}, calls)
+    rec = measure_copy_bandwidth(graph, torch.device("cpu"), n, eager_timer=eager)
+    got = {(m["method"], m["timer"]): m for m in rec["measurements"]}
+    assert set(got) == {(m, t) for m in ("memcpy", "copy_kernel", "read") for t in ("graph", "eager")}
+    assert got["memcpy", "graph"]["gbps"] == pytest.approx(2 * n / 2e-3 / 1e9)  # read + write
+    assert got["copy_kernel", "eager"]["gbps"] == pytest.approx(2 * n / 1.05e-3 / 1e9)
+    assert got["read", "graph"]["gbps"] == pytest.approx(n / 0.55e-3 / 1e9)  # read only
+    assert got["read", "graph"]["bytes_moved"] == n
+    assert rec["gbps"] == pytest.approx(2 * n / 1e-3 / 1e9)  # best: the graphed copy kernel
+    assert (rec["method"], rec["timer"], rec["bytes"]) == ("copy_kernel", "graph", n)
+    assert rec["seconds"] == pytest.approx(1e-3) and rec["bytes_moved"] == 2 * n
+    assert rec["copy_gbps"] == rec["gbps"] and rec["read_gbps"] == pytest.approx(n / 0.55e-3 / 1e9)
+    # the buffer is n bytes of bf16, and each timer got the same buffers
+    srcs = {id(args[0]) for _, args in calls}
+    assert len(srcs) == 1 and all(args[0].numel() * args[0].element_size() == n for _, args in calls)
+    # reads faster than half a copy's time: the read-only figure is the ceiling
+    faster_read = _timer_by_fn({"memcpy": 2e-3, "copy_kernel": 1e-3, "read_all": 0.45e-3}, [])
+    rec = measure_copy_bandwidth(faster_read, torch.device("cpu"), n)
+    assert (rec["method"], rec["timer"]) == ("read", "graph")
+    assert rec["gbps"] == pytest.approx(n / 0.45e-3 / 1e9) and rec["copy_gbps"] == pytest.approx(2 * n / 1e-3 / 1e9)
+    assert {m["timer"] for m in rec["measurements"]} == {"graph"}  # no eager timer on the CPU by default
+
+
+def test_bandwidth_keeps_a_failed_measurement_and_needs_one_that_worked():
+    def flaky(fn, *args):
+        if fn is memcpy:
+            raise torch.OutOfMemoryError("simulated")
+        return Timing(1e-3)
+
+    rec = measure_copy_bandwidth(flaky, torch.device("cpu"), 1 << 12)
+    failed = [m for m in rec["measurements"] if m["gbps"] is None]
+    assert [m["method"] for m in failed] == ["memcpy"] and "simulated" in failed[0]["error"]
+    assert rec["method"] == "copy_kernel"
+    assert "simulated" in ceiling_markdown(rec)
+
+    def broken(fn, *args):
+        raise RuntimeError("no GPU")
+
+    with pytest.raises(RuntimeError, match="no bandwidth measurement succeeded"):
+        measure_copy_bandwidth(broken, torch.device("cpu"), 1 << 12)
+
+
+def test_fractions_of_the_ceiling_count_bytes_like_the_ceiling():
+    # A kernel that moves as many bytes as the ceiling's copy in the same time is at 100%: the
+    # sections count read + write bytes (norms, matmul) or read bytes (decode) as the ceiling does.
+    n = 1 << 12
+    rec = measure_copy_bandwidth(lambda fn, *a: Timing(1e-3), torch.device("cpu"), n)
+    ceiling = rec["gbps"]
+    assert ceiling == pytest.approx(2 * n / 1e-3 / 1e9)  # the copy (2n bytes) beats the read (n bytes)
+    tokens, width = 4, n // 8  # softmax moves 2 bytes x (read + write) x tokens x width = 2n
+    assert norm_bytes("softmax", tokens, width) == 2 * n
+    cell = norm_record("softmax", tokens, width, Timing(1e-3), Timing(2e-3), True, ceiling)
+    assert cell["ours_copy_fraction"] == pytest.approx(1.0) and cell["torch_copy_fraction"] == pytest.approx(0.5)
+    kv = kv_cache_bytes(1, 2 * n // (2 * 2 * 2 * 16), 2, 16)  # KV bytes read = 2n
+    assert kv == 2 * n
+    dec = decode_record(4, 1, kv, Timing(1e-3), None, None, None, None, ceiling)
+    assert dec["floor_fraction"] == pytest.approx(1.0) and dec["floor_s"] == pytest.approx(1e-3)
+
+
+def _report_env():
+    return {"date": "2026-01-01 00:00 UTC", "device_name": "CPU", "torch": torch.__version__, "cuda": None,
+            "triton": "x", "python": "3", "commit": "abc", "command": "python -m benchmarks.kernels", "grid": "tiny",
+            "timing": "fake"}
+
+
+def test_report_shows_the_ceiling_measurements_and_flags_figures_above_it():
+    n = 1 << 12
+    rec = measure_copy_bandwidth(lambda fn, *a: Timing(1e-3), torch.device("cpu"), n)
+    norms = Section("norms")
+    norms.tables["cells"] = [_norm_cell(1024, 0.9), _norm_cell(8192, 1.39)]
+    md = render_markdown(_report_env(), rec, [norms], {}, 1.0)
+    assert f"bandwidth ceiling: **{rec['gbps']:.0f} GB/s** (memcpy, graph timer" in md
+    assert "`torch.neg(src, out=dst)`" in md and "`torch.sum(src)`" in md
+    assert "2 figure(s) above 105% of the ceiling" in md and "ours_copy_fraction = 139%" in md
+    assert above_ceiling([norms]) == ["norms ours_copy_fraction = 139%", "norms torch_copy_fraction = 139%"]
+    assert report_json(_report_env(), rec, TINY, [norms], 1.0)["above_ceiling"] == above_ceiling([norms])
+    norms.tables["cells"] = [_norm_cell(1024, 1.04)]  # within the run-to-run spread
+    assert above_ceiling([norms]) == [] and "above 105%" not in render_markdown(_report_env(), rec, [norms], {}, 1.0)
+    # an old record (before the ceiling had several measurements) still renders
+    old = {"bytes": n, "seconds": 1e-3, "gbps": 2431.0, "graphed": True}
+    assert "**2431 GB/s** (memcpy, graph timer" in render_markdown(_report_env(), old, [], {}, 1.0)
+
+
+def test_cli_bandwidth_only_writes_the_ceiling_and_no_section(monkeypatch, tmp_path, capsys):
+    from benchmarks.kernels import cli
+
+    class FakeGraphTimer:
+        def __init__(self, target_s, replays):
+            self.target_s, self.replays, self.max_calls, self.rotate_bytes = target_s, replays, 1000, 4 << 20
+
+    def fake_measure(timer, device, nbytes):
+        assert device.type == "cuda" and nbytes == 1 << 30  # the real grid's buffer
+        return measure_copy_bandwidth(lambda fn, *a: Timing(1e-6), torch.device("cpu"), 1 << 12)  # 8.2 GB/s
+
+    monkeypatch.setattr(cli, "cuda_missing", lambda prog: False)
+    monkeypatch.setattr(cli, "GraphTimer", FakeGraphTimer)
+    monkeypatch.setattr(cli, "measure_copy_bandwidth", fake_measure)
+    monkeypatch.setattr(cli, "environment", lambda device, argv, grid, timing: _report_env())
+    monkeypatch.setattr(cli, "pyplot", lambda: None)
+    monkeypatch.setattr(cli, "run_section", lambda *a: pytest.fail("no section runs with --only bandwidth"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cli.main(["--only", "bandwidth", "--out", str(tmp_path / "bw")]) == 0
+    out = capsys.readouterr().out
+    assert "bandwidth ceiling: 8 GB/s (memcpy, graph" in out and "copy_kernel" in out and "read" in out
+    data = json.loads((tmp_path / "bw.json").read_text())
+    assert data["sections"] == {} and len(data["copy_bandwidth"]["measurements"]) == 3
+    assert "bandwidth ceiling: **8 GB/s**" in (tmp_path / "bw.md").read_text()
