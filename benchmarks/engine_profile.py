@@ -23,16 +23,17 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def profile_mode(model, dev, deterministic: bool, batch: int, steps: int, out_dir: str) -> dict:
+def profile_mode(model, dev, deterministic: bool, batch: int, steps: int, out_dir: str,
+                 temperature: float = 0.0, top_p: float = 1.0) -> dict:
     eng = Engine(model, max_num_seqs=max(8, batch), chunked_prefill_size=2048, deterministic=deterministic,
                  kv_cache_fraction=0.5, log=lambda m: None)
     mode = "det" if deterministic else "stock"
     gen = torch.Generator().manual_seed(0)
     for i in range(batch):
         eng.add_request(torch.randint(10, eng.vocab_size, (128,), generator=gen).tolist(),
-                        SamplingParams(temperature=0.0, max_new_tokens=10**5, ignore_eos=True, seed=0))
-    eng.step()  # prefill
-    for _ in range(5):
+                        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=10**5,
+                                       ignore_eos=True, seed=i))
+    for _ in range(-(-batch * 128 // 2048) + 5):  # every prompt prefilled, then a few decode steps
         eng.step()
     sync(dev)
     parts = {"step": [], "schedule": [], "replay_host": [], "replay_gpu": [], "sample": []}
@@ -91,14 +92,17 @@ def main(argv=None):
     ap.add_argument("--model", default="llama8b")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--modes", default="det,stock", help="det, stock or both")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     spec = model_spec(a.model)
     model, _ = build_model(spec)
-    for det in (True, False):
+    for det in [m == "det" for m in a.modes.split(",")]:
         for b in (int(x) for x in a.batches.split(",")):
-            profile_mode(model, spec.device, det, b, a.steps, a.out)
+            profile_mode(model, spec.device, det, b, a.steps, a.out, a.temperature, a.top_p)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .sampler import SamplingBatch, allowed_mask, process_logits, sample, token_logprobs
+from .sampler import SamplingBatch, _to_device, allowed_mask, process_logits, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, Work
 from .sequence import Sequence, Status
@@ -209,7 +209,11 @@ class Engine:
         for w, rows, first in plp:
             self._record_prompt_logprobs(w, rows, logits[first:first + len(rows)])
         if sample_work:
-            self._sample(sample_work, logits[torch.tensor(sample_rows, device=logits.device)])
+            if sample_rows == list(range(sample_rows[0], sample_rows[0] + len(sample_rows))):
+                rows = logits[sample_rows[0]:sample_rows[0] + len(sample_rows)]  # no index upload
+            else:
+                rows = logits[_to_device(torch.tensor(sample_rows), logits.device)]
+            self._sample(sample_work, rows)
         for w in work:
             if w.seq.score_only and w.end == len(w.seq):
                 self.scheduler.finish(w.seq)

@@ -19,7 +19,8 @@ Pipeline for logits ``[B, V]`` (any float dtype, converted to fp32 exactly or by
    an exclusive prefix sum via ``detcompile.cumsum`` (both batch-invariant ops), keeping a token
    while the sum of the tokens before it is < top_p (top_p = 1 keeps all, without trusting the
    rounded sum; the top token is always kept); min-p keeps ``p >= min_p * p_max`` on the same
-   probabilities.
+   probabilities. The set is the longest sorted prefix all three keep, handed on as a cut (the
+   last kept value and index), which ``kernels.gumbel_argmax`` applies while it reads the row.
 4. Logprobs: ``detcompile.softmax(..., log=True)`` (fp32) of the raw or the processed logits (per
    row, ``logprobs_mode``), gathered at the chosen token; top alternatives by a stable descending
    sort (ties to the lowest index). ``token_logprobs`` runs the same code for ``score()``.
@@ -47,48 +48,20 @@ import torch
 from torch import Tensor
 
 from .. import kernels  # noqa: F401  (registers torch.ops.detcompile.*)
+from ..kernels.gumbel_argmax import cut_mask, gumbel_argmax, gumbel_noise, mix64, uniform_noise  # noqa: F401
 from .sampling_params import SamplingParams
 
-
-def _s64(c: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_M1 = _s64(0xBF58476D1CE4E5B9)
-_M2 = _s64(0x94D049BB133111EB)
-_GOLDEN = _s64(0x9E3779B97F4A7C15)
 _NEG_INF = float("-inf")
 
 
-def _srl(z: Tensor, s: int) -> Tensor:
-    # torch's >> on int64 is arithmetic; masking off the sign copies makes it logical.
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(z: Tensor) -> Tensor:
-    """splitmix64's finaliser on int64 tensors (bits as uint64; ``sampling_params.mix64`` twin)."""
-    z = (z ^ _srl(z, 30)) * _M1
-    z = (z ^ _srl(z, 27)) * _M2
-    return z ^ _srl(z, 31)
-
-
-def uniform_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
-    """[B] int64 seeds and positions -> [B, V] fp64 uniforms in (0, 1), integer ops only."""
-    key = mix64(mix64(seed) + (position + 1) * _GOLDEN)
-    counter = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seed.device) * _GOLDEN
-    h = mix64(key[:, None] + counter)
-    # 52 bits + 0.5 fit fp64's 53-bit significand: the conversion and the scaling are exact.
-    return (_srl(h, 12).to(torch.float64) + 0.5) * 2.0**-52
-
-
-def gumbel_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
-    """[B, V] fp64 Gumbel noise, a function of (seed, position, vocab index) only."""
-    u = uniform_noise(seed, position, vocab_size)
-    if u.is_cuda:  # one device function per element, wherever it sits
-        return -torch.log(-torch.log(u))
-    # CPU: one fixed-length [V] tensor per row, so an element's code path depends on v alone.
-    return torch.stack([-torch.log(-torch.log(r.clone())) for r in u.unbind(0)])
+def _to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the GPU: pinned, then an asynchronous copy
+    (a copy from pageable memory would block until the stream drains, i.e. until the forward that
+    made the logits has finished, so the sampler's launches could not overlap it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _pad(rows: Optional[Sequence[Sequence[int]]], device) -> Optional[Tensor]:
@@ -96,8 +69,8 @@ def _pad(rows: Optional[Sequence[Sequence[int]]], device) -> Optional[Tensor]:
     if rows is None or not any(len(r) for r in rows):
         return None
     width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.int64,
-                        device=device)
+    return _to_device(torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.int64),
+                      device)
 
 
 @dataclass
@@ -141,23 +114,21 @@ class SamplingBatch:
         if any(not 0 <= s < 2**63 for s in seeds) or any(q < 0 for q in positions):
             raise ValueError("seeds must be in [0, 2**63) and positions >= 0")
 
-        def f32(name):  # + 0.0 turns -0.0 into +0.0: a zero penalty is then an exact no-op
-            return torch.tensor([float(getattr(p, name)) + 0.0 for p in params],
-                                dtype=torch.float32, device=device)
-
-        def i64(vals):
-            return torch.tensor(list(vals), dtype=torch.int64, device=device)
-
+        # Two host tensors, two copies: the per-row floats and the per-row integers.
+        # + 0.0 turns -0.0 into +0.0: a zero penalty is then an exact no-op.
+        names = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+        f32 = _to_device(torch.tensor([[float(getattr(p, n)) + 0.0 for p in params] for n in names],
+                                      dtype=torch.float32).view(len(names), len(params)), device)
+        i64 = _to_device(torch.tensor([[max(p.top_k, 0) for p in params], list(seeds), list(positions),
+                                       [int(p.logprobs_mode == "processed") for p in params]],
+                                      dtype=torch.int64).view(4, len(params)), device)
         sampled = [p for p in params if p.temperature != 0]
         use_pen = any(p.repetition_penalty != 1 or p.frequency_penalty != 0
                       or p.presence_penalty != 0 for p in params)
         return cls(
-            temperature=f32("temperature"), top_k=i64(max(p.top_k, 0) for p in params),
-            top_p=f32("top_p"), min_p=f32("min_p"), frequency_penalty=f32("frequency_penalty"),
-            presence_penalty=f32("presence_penalty"), repetition_penalty=f32("repetition_penalty"),
-            seed=i64(seeds), position=i64(positions),
-            processed_logprobs=torch.tensor([p.logprobs_mode == "processed" for p in params],
-                                            dtype=torch.bool, device=device),
+            temperature=f32[0], top_k=i64[0], top_p=f32[1], min_p=f32[2], frequency_penalty=f32[3],
+            presence_penalty=f32[4], repetition_penalty=f32[5], seed=i64[1], position=i64[2],
+            processed_logprobs=i64[3] != 0,
             prompt_ids=_pad(prompt_ids, device) if use_pen else None,
             output_ids=_pad(output_ids, device) if use_pen else None,
             banned_ids=_pad(banned_ids, device),
@@ -210,8 +181,12 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> tuple:
     return x, z / torch.where(t == 0, torch.ones_like(t), t)
 
 
-def allowed_mask(z: Tensor, batch: SamplingBatch) -> Tensor:
-    """[B, V] bool: the tokens top-k, then top-p and min-p leave to sample from."""
+def allowed_cut(z: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
+    """The tokens top-k, then top-p and min-p leave to sample from, as a cut of the row's stable
+    descending order: ([B] fp32 value, [B] int64 index) of the last kept token. Token v is kept
+    iff ``z[v] > value or (z[v] == value and v <= index)`` (equal values sort by index). Each
+    filter keeps a prefix of the sorted row; the kept set is the longest prefix all of them keep
+    (at least the top token), so a cut describes it and no [B, V] mask is scattered back."""
     V = z.shape[-1]
     sz, order = torch.sort(z, dim=-1, descending=True, stable=True)
     k = batch.top_k[:, None]
@@ -221,8 +196,16 @@ def allowed_mask(z: Tensor, batch: SamplingBatch) -> Tensor:
     before = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)  # exclusive: no subtraction
     top_p = batch.top_p[:, None]
     keep = keep & ((before < top_p) | (top_p >= 1)) & (p >= batch.min_p[:, None] * p[:, :1])
-    # Back to vocabulary order: order is a permutation, so no two writes collide.
-    return torch.zeros_like(keep).scatter(1, order, keep)
+    # Length of the kept prefix: the first dropped rank (argmax of the first True), or V.
+    dropped = ~keep
+    n = torch.where(dropped.any(-1), torch.argmax(dropped.to(torch.uint8), -1), V).clamp_(min=1)
+    last = (n - 1)[:, None]
+    return sz.gather(1, last)[:, 0], order.gather(1, last)[:, 0]
+
+
+def allowed_mask(z: Tensor, batch: SamplingBatch) -> Tensor:
+    """[B, V] bool form of ``allowed_cut``."""
+    return cut_mask(z, allowed_cut(z, batch))
 
 
 def _logprobs(x: Tensor, token_ids: Tensor, num_top: int) -> Logprobs:
@@ -250,12 +233,9 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
     ``batch.num_top_logprobs`` alternatives [B, K] of each row (a row that asked for k uses the
     first k columns: the sort is per row)."""
     x, z = process_logits(logits, batch)
-    tokens = torch.argmax(z, dim=-1)
-    if not batch.all_greedy:
-        score = z.double() + gumbel_noise(batch.seed, batch.position, z.shape[-1])
-        if batch.use_filters:
-            score = score.masked_fill(~allowed_mask(z, batch), _NEG_INF)
-        tokens = torch.where(batch.temperature == 0, tokens, torch.argmax(score, dim=-1))
+    allowed = allowed_cut(z, batch) if not batch.all_greedy and batch.use_filters else None
+    # argmax of z (greedy rows) or of z + noise over the allowed tokens; one kernel on CUDA
+    tokens = gumbel_argmax(z, batch.temperature, batch.seed, batch.position, allowed, not batch.all_greedy)
     lp = _logprobs(torch.where(batch.processed_logprobs[:, None], z, x), tokens,
                    batch.num_top_logprobs)
     return SamplerOutput(tokens, *lp)

@@ -9,6 +9,7 @@ schedules of rms_norm, layer_norm and softmax).
 """
 from . import _common  # noqa: F401
 from . import matmul  # noqa: F401
+from . import linear_group  # noqa: F401
 from . import rms_norm  # noqa: F401
 from . import layer_norm  # noqa: F401
 from . import group_norm  # noqa: F401

@@ -49,7 +49,10 @@ def tile_config(head_dim_pad: int, dtype: torch.dtype, rows: int = 1):
     more than 64 rows (prefill) use 128-row tiles over 8 warps and the others (decode) 64-row tiles
     over 4 warps: Triton lays both out as 16-row slices per warp with the same columns per thread,
     so a row's score-tile max and sum reduce in the same order and the two give the same bits
-    (tests/kernels/test_paged_attention.py checks decode against prefill on the GPU)."""
+    (tests/kernels/test_paged_attention.py checks decode against prefill on the GPU). A 16-row
+    one-warp tile for decode (less padding of a 4-row GQA group) ran 2x slower on the H200
+    (2026-12-03: 33 vs 14 us at batch 1, 245 vs 117 us at batch 256): one warp cannot keep
+    enough K/V loads in flight."""
     if head_dim_pad > MAX_HEAD_DIM:
         raise UnsupportedError(f"detcompile.{OP}: head dim > {MAX_HEAD_DIM} is not supported on the Triton path")
     if dtype == torch.float32:
@@ -340,10 +343,13 @@ if HAS_TRITON:
                         m_i, l_i, acc = _online_step(s, vv, m_i, l_i, acc, DOT_PREC)
                 if PARALLEL_SPLITS:
                     # Hand the split's state to the merge kernel (which folds like _fold below).
+                    # Splits past the row's keys hold nothing and the merge never reads them
+                    # (a CUDA graph's grid covers the whole block table, a short row few splits).
                     ws_row = ((b * Hkv + hk) * n_rows + rows.to(tl.int64)) * NUM_SPLITS + sp
-                    tl.store(WsML + ws_row * 2, m_i, mask=row_ok)
-                    tl.store(WsML + ws_row * 2 + 1, l_i, mask=row_ok)
-                    tl.store(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_ok[:, None])
+                    st_ok = row_ok & (tl.zeros_like(rows) + sp < (kv_len + SPLIT_KEYS - 1) // SPLIT_KEYS)
+                    tl.store(WsML + ws_row * 2, m_i, mask=st_ok)
+                    tl.store(WsML + ws_row * 2 + 1, l_i, mask=st_ok)
+                    tl.store(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=st_ok[:, None])
                 else:
                     M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
             if not PARALLEL_SPLITS:
@@ -357,21 +363,31 @@ if HAS_TRITON:
                 )
             o = tl.min(tl.where(org > o, org, _INT32_MAX_C), axis=0)
 
-    @triton.jit(do_not_specialize=["Lq", "NUM_SPLITS"])
+    @triton.jit(do_not_specialize=["Lq", "Lk", "NUM_SPLITS"])
     def _merge_splits_kernel(
-        WsAcc, WsML, Out,
+        WsAcc, WsML, Out, KVLens,
         sob, soh, som, sod,
-        Hkv, Lq, Dv, GROUP, NUM_SPLITS, Sinks,
+        Hkv, Lq, Lk, Dv, GROUP, NUM_SPLITS, Sinks,
+        PAGED: tl.constexpr,
         HAS_SINKS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_DV: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
     ):
         """Fold the split states of each row in ascending split order (the same _fold as the
-        one-program path), then normalise: the result has the bits of the one-program path."""
+        one-program path), then normalise: the result has the bits of the one-program path.
+        Only the splits that can hold keys of the row are read: the others hold no key (l = 0),
+        and folding such a state is an exact no-op, so stopping early changes no bit (and saves
+        a chain of dependent loads per split, which dominated short-context decode)."""
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
         hk = (pid_bh % Hkv).to(tl.int64)
+        if PAGED:
+            kv_len = tl.load(KVLens + b)
+        else:
+            kv_len = Lk
+        n_live = tl.minimum((kv_len + SPLIT_KEYS - 1) // SPLIT_KEYS, NUM_SPLITS)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_rows = GROUP * Lq
         row_ok = rows < n_rows
@@ -381,7 +397,7 @@ if HAS_TRITON:
         M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         L = tl.zeros([BLOCK_M], dtype=tl.float32)
         ACC = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        for sp in range(0, NUM_SPLITS):
+        for sp in range(0, n_live):
             ws_row = ((b * Hkv + hk) * n_rows + rows.to(tl.int64)) * NUM_SPLITS + sp
             m_s = tl.load(WsML + ws_row * 2, mask=row_ok, other=float("-inf"))
             l_s = tl.load(WsML + ws_row * 2 + 1, mask=row_ok, other=0.0)
@@ -461,12 +477,14 @@ def _launch(
     )
     if parallel_splits:
         _merge_splits_kernel[(B * Hkv, row_blocks)](
-            ws_acc, ws_ml, out,
+            ws_acc, ws_ml, out, kvl,
             *out.stride(),
-            Hkv, Lq, Dv, G, num_splits, sinks if sinks is not None else out,
+            Hkv, Lq, Lk, Dv, G, num_splits, sinks if sinks is not None else out,
+            PAGED=paged,
             HAS_SINKS=sinks is not None,
             BLOCK_M=bm,
             BLOCK_DV=block_dv,
+            SPLIT_KEYS=split,
             num_warps=4,
             enable_fp_fusion=False,
         )

@@ -77,9 +77,17 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
     base = dict(BLOCK_K=BLOCK_K_16BIT, GROUP_M=8)
     if M <= 16:
         # Memory-bound (weights stream once): many narrow N tiles to keep every SM loading.
-        # Small TMA boxes measured slower than pointer loads here.
-        bn = 64 if N >= 6144 else 32
-        return dict(base, BLOCK_M=16, BLOCK_N=bn, num_warps=4, num_stages=8, TMA=False)
+        # Small TMA boxes measured slower than pointer loads here. Per N, the fastest config of
+        # benchmarks/matmul_small_m.py (H200, 2026-12-03; all of them give the same bits): one
+        # program per tile (several resident per SM) except at N = 4096, where the persistent grid
+        # tied. k/v 1024: 13.2 -> 11.8 us, gate/up 14336: 35.5 -> 33.1 us, lm_head: 273 -> 243 us.
+        if N <= 2048:
+            return dict(base, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=12, TMA=False, PERSISTENT=False)
+        if N < 6144:
+            return dict(base, BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=8, TMA=False)
+        if N < 16384:
+            return dict(base, BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=8, TMA=False, PERSISTENT=False)
+        return dict(base, BLOCK_M=16, BLOCK_N=32, num_warps=2, num_stages=8, TMA=False, PERSISTENT=False)
     if M <= 64:
         if N >= 16384:
             return dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True)

@@ -72,10 +72,15 @@ def triton_paged_attention(q, k_cache, v_cache, block_table, kv_lens, scale=None
     return out
 
 
+#: Rows the ragged launch's tile is chosen for: its 64-row tile, the same whatever the step holds.
+_VARLEN_ROWS = 64
+
+
 def varlen_block_m(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> int:
     """Query rows (GQA group x queries) per program of the ragged paged launch. The host lays the
-    tiles out with it (``varlen_tiles``); it is the decode launch's tile (same bits as prefill's)."""
-    return _tiles(head_dim, head_dim_v, dtype, 1)[0]
+    tiles out with it (``varlen_tiles``): the 64-row tile (same bits as prefill's and decode's),
+    whatever the step holds, so the host's tile list never depends on the kernel's choice."""
+    return _tiles(head_dim, head_dim_v, dtype, _VARLEN_ROWS)[0]
 
 
 def varlen_tiles(q_lens: list[int], group: int, block_m: int, num_tiles: int | None = None,
@@ -117,7 +122,7 @@ def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_s
         return out
     scale = _default_scale(D) if scale is None else scale
     G = Hq // Hkv
-    bm, bn, num_warps, num_stages = _tiles(D, Dv, q.dtype, 1)
+    bm, bn, num_warps, num_stages = _tiles(D, Dv, q.dtype, _VARLEN_ROWS)
     bm, bn = _block_m or bm, _block_n or bn
     block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
     ks, vs = _slot_strides(VARLEN_OP, k_cache, v_cache)

@@ -39,10 +39,19 @@ if HAS_TRITON:
     from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
     @triton.jit
+    def _weighted(y, w, HAS_WEIGHT: tl.constexpr, out_dtype: tl.constexpr):
+        """HAS_WEIGHT 1: ``y * w`` in fp32 (torch's rms_norm); 2: ``y`` rounded to the output dtype
+        first, then ``* w`` (Hugging Face's ``weight * norm(x).to(dtype)``; the product of two 16-bit
+        values is exact in fp32, so it rounds once, as the eager mul does)."""
+        if HAS_WEIGHT == 2:
+            y = y.to(out_dtype).to(tl.float32)
+        return y * w.to(tl.float32)
+
+    @triton.jit
     def _write(out_ptr, w_ptr, offs, col, mask, u, r, HAS_WEIGHT: tl.constexpr):
         y = u * r
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT != 0:
+            y = _weighted(y, tl.load(w_ptr + col, mask=mask, other=0.0), HAS_WEIGHT, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     # Split rows: the helpers every schedule (PHASE 0..3) uses for a segment, so that they share
@@ -161,9 +170,8 @@ if HAS_TRITON:
             mask = offs < N
             u = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             y = u * r
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                y = y * w
+            if HAS_WEIGHT != 0:
+                y = _weighted(y, tl.load(w_ptr + offs, mask=mask, other=0.0), HAS_WEIGHT, out_ptr.dtype.element_ty)
             tl.store(o_row + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -184,9 +192,10 @@ def _all_half(*tensors: Tensor | None) -> bool:
     return all(t is None or t.dtype in _common.HALF_DTYPES for t in tensors)
 
 
-def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, weight_after_cast: bool = False) -> Tensor:
     """Launch the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, weight)
+    mode = 0 if weight is None else (2 if weight_after_cast else 1)
     if not _common.triton_launchable(x):
         raise _common.UnsupportedError("detcompile.rms_norm: Triton cannot run on this tensor")
     n = x.shape[-1]
@@ -200,14 +209,14 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     with _common.on_device(x):
         if plan is None:
             _rms_norm_loop_kernel[(m,)](
-                xc, w, out, n, float(eps), HAS_WEIGHT=weight is not None, BLOCK=BLOCK,
+                xc, w, out, n, float(eps), HAS_WEIGHT=mode, BLOCK=BLOCK,
                 LOG2_BLOCK=BLOCK.bit_length() - 1, num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
         else:
             _rk.launch_rows(
                 _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out),
                 (n, float(eps)), maxnreg=_rk.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
-                HAS_WEIGHT=weight is not None,
+                HAS_WEIGHT=mode,
             )
     return out
 
@@ -248,3 +257,41 @@ def _(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 @rms_norm.register_kernel("cuda")
 def _(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return triton_rms_norm(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face's RMSNorm in one launch: weight * rms_norm(x.float()).to(x.dtype)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_after_cast(x: Tensor, weight: Tensor) -> None:
+    _check(x, weight)
+    if x.dtype not in _common.HALF_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"detcompile.rms_norm_weight_after_cast: x and weight must share a 16-bit dtype, got "
+                         f"{x.dtype} and {weight.dtype}")
+
+
+@torch.library.custom_op("detcompile::rms_norm_weight_after_cast", mutates_args=())
+def rms_norm_weight_after_cast(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * rms_norm(x.float(), eps).to(x.dtype)`` for 16-bit x and weight (Llama, Mistral,
+    Qwen's RMSNorm as Hugging Face writes it): the norm's bits, rounded to x.dtype, times the weight
+    rounded once, as the three eager ops give them; one kernel on CUDA instead of four."""
+    _check_after_cast(x, weight)
+    raise _common.UnsupportedError(f"detcompile.rms_norm_weight_after_cast: device {x.device.type!r} is not supported")
+
+
+@rms_norm_weight_after_cast.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@rms_norm_weight_after_cast.register_kernel("cpu")
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _check_after_cast(x, weight)
+    return torch.mul(weight, cpu_rms_norm(x.float(), None, eps).to(x.dtype))
+
+
+@rms_norm_weight_after_cast.register_kernel("cuda")
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    _check_after_cast(x, weight)
+    return triton_rms_norm(x, weight, eps, weight_after_cast=True)

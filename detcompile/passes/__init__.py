@@ -6,7 +6,8 @@ declares what it rewrites in a ``PassSpec`` (``SPECS``); the classifier and ``de
 their coverage from there.
 """
 from . import (
-    convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, matmul, reductions, rms_norm,
+    convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, linear_group, matmul, reductions,
+    rms_norm, rms_norm_weight,
     rotary, sdpa, silu_mul, softmax, solve_triangular, sort,
 )
 from .classify import NondeterminismError, audit_pass, classify
@@ -16,6 +17,7 @@ TORCH_SPECS = [sdpa.SPEC]
 
 ATEN_SPECS = [
     matmul.SPEC,
+    linear_group.SPEC,  # right after matmul: it groups matmul's nodes
     grouped_mm.SPEC,
     rms_norm.SPEC,  # before reductions: it needs to see the written-out mean
     layer_norm.SPEC,
@@ -26,6 +28,7 @@ ATEN_SPECS = [
     convolution.SPEC,
     solve_triangular.SPEC,
     sort.SPEC,
+    rms_norm_weight.SPEC,  # the rms_norm op's cast and weight around it: after rms_norm
     rotary.SPEC,  # fusions of pointwise ops: nothing above rewrites these patterns' ops
     silu_mul.SPEC,  # before cpu_pointwise, which would take the silu
     cpu_pointwise.SPEC,  # after the norms/softmax patterns, which read rsqrt/exp

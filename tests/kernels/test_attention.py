@@ -588,7 +588,8 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
         ("bf16", 128, 0, True, False, True, True, True, False),
         ("bf16", 128, 0, True, True, True, False, True, False),
         ("bf16", 128, 0, True, False, True, False, False, True)]:
-    bm, bn, nw, ns = AT.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])
+    bm, bn, nw, ns = AT.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt],
+                                    64 if varlen else 1)
     const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
                  PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=AT.SPLIT,
@@ -609,9 +610,9 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
                        options={"num_warps": nw, "num_stages": ns, "enable_fp_fusion": False})
     assert "ptx" in k.asm
 mfn = AT._merge_splits_kernel
-const = dict(BLOCK_M=64, BLOCK_DV=128, sod=1, HAS_SINKS=True)
+const = dict(BLOCK_M=16, BLOCK_DV=128, sod=1, HAS_SINKS=True, PAGED=True, SPLIT_KEYS=512)
 sig = {n: "i32" for n in mfn.arg_names}
-sig.update({"WsAcc": "*fp32", "WsML": "*fp32", "Out": "*bf16", "Sinks": "*fp32"})
+sig.update({"WsAcc": "*fp32", "WsML": "*fp32", "Out": "*bf16", "Sinks": "*fp32", "KVLens": "*i32"})
 sig.update({n: "constexpr" for n in const})
 k = triton.compile(ASTSource(mfn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
