@@ -5,11 +5,12 @@
 #
 # Usage (repo root, GPU machine): [BACKENDS="triton fa3 flashinfer"] bash benchmarks/backends_gpu_check.sh
 # Wheels in .whl/ are installed with --no-deps into /tmp/site: fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl
-# (plus einops if the image lacks it) for fa3; for flashinfer, flashinfer_python-0.7.4-py3-none-any.whl and the
-# dependencies the image lacks (apache-tvm-ffi, cuda-python, nvidia-cutlass-dsl, ...). A backend whose package
-# does not import is skipped and the table says why. FlashInfer compiles its kernels on first use (nvcc).
-# Time: about a minute and a half per backend (two engines each), more for FlashInfer's first compile;
-# each run is cut at TIMEOUT_<backend> seconds (defaults below) so the whole stays under ~7 minutes.
+# (it imports nothing beyond torch) for fa3; for flashinfer, flashinfer_python-0.7.4-py3-none-any.whl with
+# apache_tvm_ffi (the wheel of the machine's Python) and nvidia_ml_py, which its import needs, and ninja, which
+# its JIT runs (it also needs the CUDA toolkit's nvcc: CUDA_HOME, PATH or /usr/local/cuda). A backend whose
+# package does not import is skipped and the table says why.
+# Time: about a minute and a half per backend (two engines each) plus FlashInfer's first compile (minutes);
+# each run is cut at TIMEOUT_<backend> seconds (defaults below).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/wheels.txt" 2>&1 || { cat "$OUT/wheels.txt"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH  # bin: the ninja wheel's binary (FlashInfer's JIT)
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
 
@@ -29,7 +30,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.tx
 for b in ${BACKENDS:-triton fa3 flashinfer}; do
   case $b in
     fa3) mod=fa3_fwd_interface; limit=${TIMEOUT_fa3:-120} ;;
-    flashinfer) mod=flashinfer; limit=${TIMEOUT_flashinfer:-180} ;;
+    flashinfer) mod=flashinfer; limit=${TIMEOUT_flashinfer:-300} ;;  # its first JIT compile takes minutes
     *) mod=; limit=${TIMEOUT_triton:-120} ;;
   esac
   rm -f "$OUT/import_$b.txt" "$OUT/backends_$b.xml"
