@@ -197,7 +197,7 @@ class FlashInferAttention:
                                    "graph capture (the warm-up should have shown every layer's)")
             self.params.append(params)
             self._plan(step, params)
-        return step.wrappers[params].run(q, (k_cache, v_cache))
+        return step.wrappers[params].run(q.contiguous(), (k_cache, v_cache))
 
 
 def _version() -> str:
