@@ -13,13 +13,16 @@ Bits: a decode step (one token per row) is one ``paged_attention`` call (``Lq = 
 over programs when the batch is small); any other step is one ``paged_attention_varlen`` call over
 its ragged rows, with a grid that a CUDA graph can hold. Both run one kernel that reduces a query
 at absolute position p over keys 0..p in tiles fixed by p alone, so a token gets the same bits
-prefilled, chunked, after a prefix-cache hit or decoded, alone or in any batch.
+prefilled, chunked, after a prefix-cache hit or decoded, alone or in any batch. An engine built
+with ``attention_backend="fa3"`` or ``"flashinfer"`` routes the attention through that backend
+instead (``engine.attention_backends``); the cache write is the same.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +44,11 @@ class StepContext:
     q_start: Tensor | None = None  # [B] int32: first token of each row in the step
     q_lens: Tensor | None = None  # [B] int32: tokens of each row in the step
     tiles: Tensor | None = None  # [2, N] int32: the kernel's programs (kernels.paged_attention.varlen_tiles)
+    # Another attention backend (engine.attention_backends; None: the Triton kernel), its step
+    # inputs by name (device tensors) and what its host-side plan gave for this step:
+    backend: Any = None
+    extra: dict = field(default_factory=dict)
+    plan: Any = None
 
 
 _current: StepContext | None = None
@@ -71,6 +79,8 @@ def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: f
     k_cache.view(-1, hkv, k_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
     v_cache.view(-1, hkv, v_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
     qt = q[0].transpose(0, 1)  # [T, Hq, D]
+    if ctx.backend is not None:  # FA3 / FlashInfer: one call for decode and ragged steps alike
+        return ctx.backend.attend(qt, k_cache, v_cache, ctx, scale, softcap, window, sinks).unsqueeze(0)
     if ctx.tiles is None:  # a decode step: its [T, Hq, 1, Dv] output is already the layout wanted
         out = torch.ops.detcompile.paged_attention(qt.unsqueeze(2), k_cache, v_cache, ctx.block_table, ctx.kv_lens,
                                                    scale, softcap, window, sinks)

@@ -12,8 +12,9 @@ from typing import Iterable, Sequence as Seq
 
 import torch
 
+from . import attention_backends
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, kv_geometry
 from .sampler import SamplingBatch, _to_device, allowed_mask, process_logits, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, Work
@@ -78,16 +79,24 @@ class Engine:
     ``model_or_path``: a transformers model object or a local checkpoint directory (loaded with
     transformers; nothing is downloaded). ``deterministic=False`` runs the same engine with the
     stock kernels (fast, not batch-invariant): the baseline that prices determinism.
+    ``attention_backend``: "triton" (default, detcompile's kernel), "fa3" or "flashinfer" (optional
+    extras, see ``engine.attention_backends``); each is bitwise stable within itself.
+    ``block_size`` (tokens per KV page) defaults to the backend's: 16, or FA3's key tile (128 at
+    head dims 64 and 128).
     """
 
     def __init__(self, model_or_path, *, tokenizer=None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 kv_cache_fraction: float = 0.85, kv_cache_bytes: int | None = None, block_size: int = 16,
+                 kv_cache_fraction: float = 0.85, kv_cache_bytes: int | None = None, block_size: int | None = None,
                  chunked_prefill_size: int = 2048, enable_prefix_caching: bool = True, cuda_graphs: bool = True,
-                 deterministic: bool = True, log=None):
+                 deterministic: bool = True, attention_backend: str = attention_backends.DEFAULT, log=None):
         self.log = log if log is not None else (lambda msg: print(msg, flush=True))
         t0 = time.perf_counter()
+        attention_backends.check_name(attention_backend)
         model, tokenizer = _load(model_or_path, tokenizer, dtype, device)
+        if block_size is None:  # FA3's page is its key tile, which depends on the head dim
+            block_size = attention_backends.default_block_size(
+                attention_backend, kv_geometry(model)[2] if attention_backend == "fa3" else 0)
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
@@ -105,7 +114,8 @@ class Engine:
         self.runner = ModelRunner(
             model, block_size=block_size, max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(chunked_prefill_size, 1), deterministic=deterministic,
-            cuda_graphs=cuda_graphs, kv_cache_fraction=kv_cache_fraction, kv_cache_bytes=kv_cache_bytes, log=self.log)
+            cuda_graphs=cuda_graphs, kv_cache_fraction=kv_cache_fraction, kv_cache_bytes=kv_cache_bytes,
+            attention_backend=attention_backend, log=self.log)
         self.blocks = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, chunked_prefill_size)
         self.requests: dict[str, list[Sequence]] = {}

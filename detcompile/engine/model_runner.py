@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.paged_attention import max_varlen_tiles, varlen_block_m, varlen_tiles
-from . import attention
+from . import attention, attention_backends
 from .scheduler import Work
 
 #: Decode batch sizes captured as CUDA graphs; a step of B one-token rows replays the smallest >= B.
@@ -67,7 +67,8 @@ def kv_geometry(model) -> tuple[int, int, int]:
 class ModelRunner:
     def __init__(self, model, *, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, deterministic: bool, cuda_graphs: bool,
-                 kv_cache_fraction: float, kv_cache_bytes: int | None, log=print):
+                 kv_cache_fraction: float, kv_cache_bytes: int | None, attention_backend: str = "triton",
+                 log=print):
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -83,6 +84,14 @@ class ModelRunner:
         self.group = text.num_attention_heads // self.num_kv_heads  # query heads per KV head
         self.block_m = varlen_block_m(self.head_dim, self.head_dim, self.dtype)  # rows per ragged-launch tile
         self.max_pages = -(-max_model_len // block_size)
+        # Before compiling: a backend that cannot run here fails now, naming why.
+        self.attention_backend = attention_backends.check_name(attention_backend)
+        self.backend = attention_backends.create(
+            attention_backend, device=self.device, dtype=self.dtype, num_heads=text.num_attention_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=block_size,
+            max_model_len=max_model_len, max_pages=self.max_pages)
+        if self.backend is not None:
+            log(f"detcompile engine: attention backend {self.backend.describe()}")
         attention.register()
         _raise_recompile_limits()
         # The model keeps its own attention outside engine steps (its plain forward still works);
@@ -104,8 +113,8 @@ class ModelRunner:
         # zeros, not empty: masked-out slots are never NaN, whatever the kernel does with them
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-        self.graphs: dict[int, tuple] = {}  # decode batch -> (graph, static inputs, logits)
-        self.mixed_graphs: dict[int, tuple] = {}  # step tokens -> (graph, static inputs, logits)
+        self.graphs: dict[int, tuple] = {}  # decode batch -> (graph, static inputs, logits, key)
+        self.mixed_graphs: dict[int, tuple] = {}  # step tokens -> (graph, static inputs, logits, key)
         self.step_kinds = collections.Counter()  # "decode graph" / "mixed graph" / "eager" steps run
         self.graph_seconds = 0.0
         if cuda_graphs and self.device.type == "cuda":
@@ -196,11 +205,19 @@ class ModelRunner:
             out["q_lens"][:n] = torch.tensor(q_lens, dtype=torch.int32)
             out["tiles"] = varlen_tiles(q_lens, self.group, self.block_m, None if graph is None else n_tiles,
                                         None if graph is None else n)
+        if self.backend is not None:
+            out.update(self.backend.extra_inputs(out, ragged))
         return out
 
-    def context(self, inputs: dict) -> attention.StepContext:
-        return attention.StepContext(self.kv_caches, inputs["slots"], inputs["table"], inputs["lens"],
-                                     inputs.get("q_start"), inputs.get("q_lens"), inputs.get("tiles"))
+    def context(self, inputs: dict, plan=None, kv_caches=None) -> attention.StepContext:
+        extra = {name: inputs[name] for name in self.backend.input_names} if self.backend is not None else {}
+        return attention.StepContext(self.kv_caches if kv_caches is None else kv_caches, inputs["slots"],
+                                     inputs["table"], inputs["lens"], inputs.get("q_start"), inputs.get("q_lens"),
+                                     inputs.get("tiles"), backend=self.backend, extra=extra, plan=plan)
+
+    def _plan(self, host: dict, ragged: bool, key=None):
+        """The backend's host-side work for a step laid out in ``host`` (FlashInfer: its plan)."""
+        return None if self.backend is None else self.backend.plan(host, ragged, key)
 
     def run(self, work: list[Work], keep_rows: list[list[int]]) -> Tensor:
         """Logits [sum(len(k) for k in keep_rows), V] (float32) of the wanted rows, in order."""
@@ -216,16 +233,23 @@ class ModelRunner:
                     self.step_kinds["mixed graph"] += 1
                     return self._replay(entry, work, keep_rows, True, wanted)
         self.step_kinds["eager"] += 1
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.layout(work, keep_rows, ragged).items()}
-        with attention.step_context(self.context(inputs)):
+        host = self.layout(work, keep_rows, ragged)
+        plan = self._plan(host, ragged)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        with attention.step_context(self.context(inputs, plan)):
             return self._call(inputs["ids"], inputs["pos"], inputs["keep"])[:wanted].float()
 
     def _replay(self, entry, work: list[Work], keep_rows: list[list[int]], ragged: bool, wanted: int) -> Tensor:
-        graph, inputs, logits = entry
+        graph, inputs, logits, key = entry
         sizes = (inputs["ids"].shape[0], inputs["lens"].shape[0], inputs["keep"].shape[0],
                  inputs["tiles"].shape[1] if ragged else 0)
-        for name, host in self.layout(work, keep_rows, ragged, sizes).items():
-            inputs[name].copy_(host, non_blocking=True)
+        host = self.layout(work, keep_rows, ragged, sizes)
+        for name, value in host.items():
+            inputs[name].copy_(value, non_blocking=True)
+        # FlashInfer: re-plan into the buffers the captured kernel reads. Its plan stages through a
+        # pinned buffer with an async copy; the previous step's copy has run, since every step
+        # ends with its tokens on the host.
+        self._plan(host, ragged, key)
         graph.replay()
         return logits[:wanted].float()
 
@@ -241,35 +265,43 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         dev = self.device
         for tokens in (max(min(self.max_tokens, self.max_model_len), 3), 2):
-            ctx = attention.StepContext(
-                scratch, torch.zeros(tokens, dtype=torch.int64, device=dev),
-                torch.zeros((1, self.max_pages), dtype=torch.int32, device=dev),
-                torch.full((1,), tokens, dtype=torch.int32, device=dev),
-                torch.zeros(1, dtype=torch.int32, device=dev), torch.full((1,), tokens, dtype=torch.int32, device=dev),
-                varlen_tiles([tokens], self.group, self.block_m).to(dev))
-            with attention.step_context(ctx):
-                self._call(torch.zeros(tokens, dtype=torch.int64, device=dev), torch.arange(tokens, device=dev),
-                           torch.arange(tokens - 2, tokens, device=dev))
+            # one row of `tokens` queries over the scratch page (every page index 0)
+            host = dict(ids=torch.zeros(tokens, dtype=torch.int64), pos=torch.arange(tokens),
+                        slots=torch.zeros(tokens, dtype=torch.int64), keep=torch.arange(tokens - 2, tokens),
+                        table=torch.zeros((1, self.max_pages), dtype=torch.int32),
+                        lens=torch.full((1,), tokens, dtype=torch.int32), q_start=torch.zeros(1, dtype=torch.int32),
+                        q_lens=torch.full((1,), tokens, dtype=torch.int32),
+                        tiles=varlen_tiles([tokens], self.group, self.block_m))
+            if self.backend is not None:
+                host.update(self.backend.extra_inputs(host, True))
+            plan = self._plan(host, True)
+            inputs = {k: v.to(dev) for k, v in host.items()}
+            with attention.step_context(self.context(inputs, plan, kv_caches=scratch)):
+                self._call(inputs["ids"], inputs["pos"], inputs["keep"])
             self.warm = True
 
-    def _capture(self, sizes: tuple, ragged: bool, pool) -> tuple:
+    def _capture(self, sizes: tuple, ragged: bool, pool, key) -> tuple:
         """One CUDA graph over static inputs of ``sizes`` (tokens, rows, keep rows, tiles), each
         allocated at its exact size (Dynamo guards on a view's base size, so slices of one big buffer
-        would recompile). Zeros are a valid empty step: no row has keys or queries."""
+        would recompile). Zeros are a valid empty step: no row has keys or queries. ``key`` names
+        the graph to the attention backend (FlashInfer plans a wrapper of fixed buffers per graph)."""
         tokens, rows, keep, tiles = sizes
-        z = lambda *shape, dtype=torch.int32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
-        inputs = dict(ids=z(tokens, dtype=torch.int64), pos=z(tokens, dtype=torch.int64),
-                      slots=z(tokens, dtype=torch.int64), keep=z(keep, dtype=torch.int64),
-                      table=z(rows, self.max_pages), lens=z(rows))
+        z = lambda *shape, dtype=torch.int32: torch.zeros(shape, dtype=dtype)  # noqa: E731
+        host = dict(ids=z(tokens, dtype=torch.int64), pos=z(tokens, dtype=torch.int64),
+                    slots=z(tokens, dtype=torch.int64), keep=z(keep, dtype=torch.int64),
+                    table=z(rows, self.max_pages), lens=z(rows))
         if ragged:
-            inputs.update(q_start=z(rows), q_lens=z(rows), tiles=z(2, tiles))
-        with attention.step_context(self.context(inputs)):
+            host.update(q_start=z(rows), q_lens=z(rows), tiles=z(2, tiles))
+        if self.backend is not None:
+            host.update(self.backend.extra_inputs(host, ragged))
+        inputs = {k: v.to(self.device) for k, v in host.items()}
+        with attention.step_context(self.context(inputs, self._plan(host, ragged, key))):
             self._call(inputs["ids"], inputs["pos"], inputs["keep"])  # warm this size
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._call(inputs["ids"], inputs["pos"], inputs["keep"])
-        return graph, inputs, logits
+        return graph, inputs, logits, key
 
     def capture_graphs(self) -> None:
         """Decode graphs: one per batch bucket (one token per row). Mixed graphs: one per token
@@ -281,11 +313,11 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         try:
             for b in reversed(buckets):
-                self.graphs[b] = self._capture((b, b, b, 0), False, pool)
+                self.graphs[b] = self._capture((b, b, b, 0), False, pool, ("decode", b))
             for t in reversed(mixed):
                 rows = min(t, self.max_num_seqs)
                 sizes = (t, rows + 1, rows, max_varlen_tiles(t, rows + 1, self.group, self.block_m))
-                self.mixed_graphs[t] = self._capture(sizes, True, pool)
+                self.mixed_graphs[t] = self._capture(sizes, True, pool, ("mixed", t))
         except RuntimeError as e:  # e.g. a host sync inside the step (MoE group sizes read on the host)
             self.graphs.clear()
             self.mixed_graphs.clear()

@@ -32,7 +32,12 @@ def add_subcommands(sub) -> None:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, <= 8192)")
     s.add_argument("--kv-cache-fraction", type=float, default=0.85, help="GPU memory fraction for weights + KV cache")
     s.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (overrides the fraction)")
-    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV page (default: the attention backend's, 16; fa3: its key tile, 128)")
+    s.add_argument("--attention-backend", default="triton", choices=["triton", "fa3", "flashinfer"],
+                   help="the engine's attention kernel: triton (default, detcompile's own), fa3 (pip install "
+                        "'detcompile[fa3]', Hopper, bf16) or flashinfer (pip install 'detcompile[flashinfer]'); "
+                        "each is bitwise stable within itself, their bits differ from each other")
     s.add_argument("--chunked-prefill-size", type=int, default=2048)
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--no-cuda-graphs", action="store_true")
@@ -100,7 +105,7 @@ def cmd_serve(args) -> int:
               max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
               chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.no_prefix_caching,
               cuda_graphs=not args.no_cuda_graphs, deterministic=not args.no_deterministic,
-              log=lambda msg: log.info("%s", msg))
+              attention_backend=args.attention_backend, log=lambda msg: log.info("%s", msg))
     if args.kv_cache_gb is not None:
         kw["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
     engine = Engine(model, **kw)

@@ -137,6 +137,8 @@ def fingerprint(engine) -> tuple[str, dict]:
             "chunked_prefill_size": engine.scheduler.max_num_batched_tokens,
             "prefix_caching": engine.blocks.enable_prefix_caching,
             "cuda_graphs": bool(runner.graphs),
+            # another backend is another reduction order: other bits
+            "attention_backend": runner.backend.describe() if runner.backend is not None else "triton",
         },
         "kernel_env": knobs,
     }
