@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence as Seq
+from typing import Sequence as Seq
 
 import torch
 

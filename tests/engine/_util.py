@@ -35,3 +35,9 @@ def fingerprint(out) -> tuple:
 
 def distinct(fps) -> int:
     return len(set(fps))
+
+
+def alone(engine, prompt, params) -> tuple:
+    """The fingerprint of ``prompt`` generated alone, with an empty prefix cache."""
+    engine.flush_cache()
+    return fingerprint(engine.generate(prompt, params, use_tqdm=False)[0])

@@ -18,7 +18,7 @@ import torch
 
 from detcompile.engine import SamplingParams
 
-from ._util import distinct, fingerprint, make_engine, prompts
+from ._util import alone, distinct, fingerprint, make_engine, prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -60,11 +60,6 @@ def engine(backend):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(99)
-
-
-def alone(engine, prompt, params):
-    engine.flush_cache()
-    return fingerprint(engine.generate(prompt, params, use_tqdm=False)[0])
 
 
 def lengths(rng, n, low, high):

@@ -13,7 +13,7 @@ import torch
 
 from detcompile.engine import SamplingParams
 
-from ._util import distinct, fingerprint, make_engine, prompts
+from ._util import alone, distinct, fingerprint, make_engine, prompts
 
 GPU_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
                   head_dim=64, vocab_size=4096, num_hidden_layers=2, max_position_embeddings=1024)
@@ -35,11 +35,6 @@ def engine(request):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(99)
-
-
-def alone(engine, prompt, params):
-    engine.flush_cache()
-    return fingerprint(engine.generate(prompt, params, use_tqdm=False)[0])
 
 
 @pytest.mark.parametrize("mode", sorted(PARAMS))
