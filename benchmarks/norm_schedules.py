@@ -14,7 +14,7 @@ once, as a reference point.
 Timing and bytes as in ``benchmarks.kernels``: ``GraphTimer`` (median over replays of a CUDA graph
 of many calls, inputs rotating over >= 4x L2), ``norm_bytes`` (x read + out written, plus
 rms_norm's weight; layer_norm adds its weight, bias and fp32 mean/rstd), and the fraction of copy
-bandwidth (``measure_copy_bandwidth``, 1 GiB bf16 ``dst.copy_(src)``).
+bandwidth (``measure_copy_bandwidth``: the best of a memcpy, an SM copy kernel and a read of 1 GiB bf16).
 
 Output: a markdown table on stdout and ``DIR/norm_schedules.json``. Needs one CUDA GPU.
 """
