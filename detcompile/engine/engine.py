@@ -219,8 +219,8 @@ class Engine:
         for w, rows, first in plp:
             self._record_prompt_logprobs(w, rows, logits[first:first + len(rows)])
         if sample_work:
-            if sample_rows == list(range(sample_rows[0], sample_rows[0] + len(sample_rows))):
-                rows = logits[sample_rows[0]:sample_rows[0] + len(sample_rows)]  # no index upload
+            if sample_rows[-1] - sample_rows[0] == len(sample_rows) - 1:  # ascending: one slice, no upload
+                rows = logits[sample_rows[0]:sample_rows[-1] + 1]
             else:
                 rows = logits[_to_device(torch.tensor(sample_rows), logits.device)]
             self._sample(sample_work, rows)

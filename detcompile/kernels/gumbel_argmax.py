@@ -151,8 +151,8 @@ def reference_gumbel_argmax(z: Tensor, temperature: Tensor, seed: Tensor, positi
 def gumbel_argmax(z: Tensor, temperature: Tensor, seed: Tensor, position: Tensor,
                   cut: Optional[tuple[Tensor, Tensor]] = None, noise: bool = True, *, _triton: bool = False) -> Tensor:
     """[B, V] fp32 processed logits -> [B] int64 tokens (greedy rows: argmax; sampled rows: Gumbel-max
-    over the tokens ``cut`` allows, all when None). ``noise=False``: every row greedy (no hash computed). The Triton kernel runs
-    on CUDA; ``_triton`` forces it under the interpreter (tests)."""
+    over the tokens ``cut`` allows, all when None). ``noise=False``: every row greedy (no hash
+    computed). The Triton kernel runs on CUDA; ``_triton`` forces it under the interpreter (tests)."""
     use = (z.is_cuda or (_triton and _common.triton_interpret())) and _common.HAS_TRITON
     if not use or z.dtype != torch.float32:
         return reference_gumbel_argmax(z, temperature, seed, position, cut, noise)
@@ -161,8 +161,7 @@ def gumbel_argmax(z: Tensor, temperature: Tensor, seed: Tensor, position: Tensor
         return torch.zeros(0, dtype=torch.int64, device=z.device)
     z = z if z.stride(1) == 1 else z.contiguous()
     # Split a row over programs only while the batch leaves SMs idle (the result is exact anyway).
-    sms = _common.num_sms(z.device) if z.is_cuda else 4
-    parts = max(1, min(MAX_CHUNKS, sms // B, triton.cdiv(V, BLOCK_V)))
+    parts = max(1, min(MAX_CHUNKS, _common.num_sms(z.device) // B, triton.cdiv(V, BLOCK_V)))
     chunk = triton.cdiv(triton.cdiv(V, parts), BLOCK_V) * BLOCK_V
     parts = triton.cdiv(V, chunk)
     best = torch.empty((B, parts), dtype=torch.float64, device=z.device)

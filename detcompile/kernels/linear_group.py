@@ -26,6 +26,8 @@ OP = "linear_group"
 #: Largest M that takes the one-launch kernel (the matmul kernel's weight-streaming range).
 MAX_M = 16
 MAX_WEIGHTS = 3
+#: Rows per tile of the one-launch kernel: the matmul kernel's M <= 16 tile (same MMA instructions).
+BLOCK_M = 16
 
 if _common.HAS_TRITON:
     triton = _common.triton
@@ -82,7 +84,8 @@ def _check(a: Tensor, weights: list[Tensor]) -> None:
 
 
 def _one_launch_config(total_n: int) -> dict:
-    """Weight-streaming tiles (benchmarks/matmul_small_m.py, H200): one program per tile."""
+    """Weight-streaming tiles, one program per tile: chosen by analogy with the single-weight sweep
+    (benchmarks/matmul_small_m.py); measured only end to end (batch-1 decode, H200, 2026-12-03)."""
     return dict(BLOCK_N=32 if total_n < 16384 else 64, num_warps=4, num_stages=8)
 
 
@@ -103,12 +106,12 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
     cfg = _one_launch_config(sum(ns))
     fp32 = a.dtype == torch.float32
     bk = BLOCK_K_FP32 if fp32 else BLOCK_K_16BIT
-    tiles = sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns) * triton.cdiv(M, 16)
+    tiles = sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns) * triton.cdiv(M, BLOCK_M)
     with _common.on_device(a):
         _linear_group_kernel[(tiles,)](
             a, *ws, *cs, M, K, *ns, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
-            BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+            BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return outs
