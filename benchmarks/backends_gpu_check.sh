@@ -5,10 +5,13 @@
 #
 # Usage (repo root, GPU machine): [BACKENDS="triton fa3 flashinfer"] bash benchmarks/backends_gpu_check.sh
 # Wheels in .whl/ are installed with --no-deps into /tmp/site: fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl
-# (it imports nothing beyond torch) for fa3; for flashinfer, flashinfer_python-0.7.4-py3-none-any.whl with
-# apache_tvm_ffi (the wheel of the machine's Python) and nvidia_ml_py, which its import needs, and ninja, which
-# its JIT runs (it also needs the CUDA toolkit's nvcc: CUDA_HOME, PATH or /usr/local/cuda). A backend whose
-# package does not import is skipped and the table says why.
+# (it imports nothing beyond torch) for fa3; for flashinfer, flashinfer_python-0.7.4-py3-none-any.whl (a repack
+# small enough to travel, see docs/attention_backends.md) with apache_tvm_ffi (the wheel of the machine's
+# Python); the image has the rest of what its import needs (nvidia-ml-py, requests, jinja2, ...) and ninja.
+# Prebuilt kernel modules in .whl/aot/ go to flashinfer/data/aot/ (loaded before any JIT); a kernel without one
+# is compiled with the CUDA toolkit's nvcc (CUDA_HOME, PATH or /usr/local/cuda), linked against an empty
+# libcuda stub when the toolkit has none. A backend whose package does not import is skipped and the table
+# says why.
 # Time: about a minute and a half per backend (two engines each) plus FlashInfer's first compile (minutes);
 # each run is cut at TIMEOUT_<backend> seconds (defaults below).
 set -u
@@ -22,7 +25,18 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/wheels.txt" 2>&1 || { cat "$OUT/wheels.txt"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH  # bin: the ninja wheel's binary (FlashInfer's JIT)
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH  # bin: a ninja wheel's binary, if one was carried
+  if [ -d .whl/aot ] && [ -d /tmp/site/flashinfer ]; then
+    mkdir -p /tmp/site/flashinfer/data/aot && cp -r .whl/aot/* /tmp/site/flashinfer/data/aot/
+  fi
+fi
+# FlashInfer: its cache under /tmp (the import creates it), the arch named (else the import starts CUDA to
+# ask), and a libcuda stub for its JIT's link step where the toolkit has none.
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fi} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
+if [ ! -e "$cuda_home/lib64/stubs/libcuda.so" ] && command -v gcc >/dev/null; then
+  mkdir -p /tmp/cuda_stub && echo | gcc -shared -x c - -Wl,-soname,libcuda.so.1 -o /tmp/cuda_stub/libcuda.so \
+    && export FLASHINFER_EXTRA_LDFLAGS="-L/tmp/cuda_stub"
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
 

@@ -1,6 +1,6 @@
 """Decode-shape matmul configs (GPU): which small-M launch config streams the weights fastest.
 
-    python -m benchmarks.matmul_small_m [--ms 2,8,16] [--out DIR]
+    python -m benchmarks.matmul_small_m [--ms 2,8,16] [--block-ks 64,128,256] [--out DIR]
 
 At M <= 16 a matmul is a weight read: the time is bytes / bandwidth. For each Llama-3-8B weight
 (x @ W.t(), W [N, K] as nn.Linear holds it) and each M, every candidate config of the pointer
@@ -10,6 +10,12 @@ dtype's, so the K reduction and the bits do not change) is timed under a CUDA gr
 output must equal the default config's bit for bit; a config that differs is reported and never
 chosen. Prints a table per M and writes ``matmul_small_m.json``: the evidence behind
 ``matmul.select_config`` for M <= 16.
+
+``--block-ks`` also tries other BLOCK_K values (the question: does Triton chain the same k16 MMAs in
+the same order whatever the chunk length, so that BLOCK_K could follow K without moving a bit?). Each
+one is first checked for bits at every M of ``--bits-ms`` (the default config per M, TMA and wgmma
+tiles included, only BLOCK_K changed); its small-M configs are timed only if every M gave the default
+BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``).
 """
 from __future__ import annotations
 
@@ -27,6 +33,26 @@ SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "d
           "lm_head": (128256, 4096)}
 CONFIGS = [dict(BLOCK_N=bn, num_warps=w, num_stages=s, PERSISTENT=p)
            for bn, w, s, p in itertools.product((16, 32, 64, 128), (2, 4), (4, 8, 12), (True, False))]
+BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
+              for bn, s, p in itertools.product((16, 32, 64), (3, 6), (True, False))]
+
+
+def block_k_bits(dev, gen, block_k: int, ms) -> dict:
+    """For each weight shape and M: does BLOCK_K = ``block_k`` give the default BLOCK_K's bits?"""
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    out = {}
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+        for M in ms:
+            x = torch.randn(M, K, device=dev, generator=gen, dtype=torch.bfloat16)
+            ref = mm.triton_matmul(x, w.t())
+            cfg = dict(mm.select_config(M, N, torch.bfloat16, sms), BLOCK_K=block_k)
+            try:
+                out[f"{name} M={M}"] = bool(torch.equal(mm.triton_matmul(x, w.t(), _config=cfg), ref))
+            except Exception as e:  # noqa: BLE001  (a tile Triton cannot build)
+                out[f"{name} M={M}"] = f"error: {str(e).splitlines()[0][:100]}"
+        del w
+    return out
 
 
 def time_graph(fn, copies, reps=5, calls=20) -> float:
@@ -56,12 +82,25 @@ def time_graph(fn, copies, reps=5, calls=20) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="2,8,16")
+    ap.add_argument("--block-ks", default=str(mm.BLOCK_K_16BIT), help="BLOCK_K values to try (bits first)")
+    ap.add_argument("--bits-ms", default="1,2,16,64,256,4096")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    results = []
+    results, block_ks, bk_bits = [], [mm.BLOCK_K_16BIT], {}
+    for bk in (int(v) for v in a.block_ks.split(",")):
+        if bk == mm.BLOCK_K_16BIT:
+            continue
+        bk_bits[bk] = block_k_bits(dev, gen, bk, [int(m) for m in a.bits_ms.split(",")])
+        same = all(v is True for v in bk_bits[bk].values())
+        print(f"BLOCK_K {bk}: the default BLOCK_K's bits at every shape and M: {same}; "
+              + ", ".join(f"{k}: {v}" for k, v in bk_bits[bk].items() if v is not True), flush=True)
+        if same:
+            block_ks.append(bk)
+    grid = [dict(c, BLOCK_K=mm.BLOCK_K_16BIT) for c in CONFIGS]
+    grid += [dict(c, BLOCK_K=bk) for bk in block_ks[1:] for c in BK_CONFIGS]
     for name, (N, K) in SHAPES.items():
         wbytes = N * K * 2
         n_copies = max(1, -(-(256 << 20) // wbytes))
@@ -73,7 +112,7 @@ def main(argv=None):
             t_cublas = time_graph(lambda w: F.linear(x, w), ws)
             t_default = time_graph(lambda w: mm.triton_matmul(x, w.t()), ws)
             rows = []
-            for cfg in CONFIGS:
+            for cfg in grid:
                 c = dict(cfg, BLOCK_M=16, TMA=False)
                 try:
                     out = mm.triton_matmul(x, ws[0].t(), _config=c)
@@ -92,12 +131,13 @@ def main(argv=None):
             results.append(rec)
             print(f"{name:8s} M={M:3d}: cuBLAS {wbytes / t_cublas / 1e9:6.0f} GB/s, default {wbytes / t_default / 1e9:6.0f} "
                   f"GB/s ({t_default * 1e6:6.1f} us), best {best['gbps']:6.0f} GB/s ({best['seconds'] * 1e6:6.1f} us) "
-                  f"BN={best['BLOCK_N']} w={best['num_warps']} st={best['num_stages']} pers={best['PERSISTENT']}; "
+                  f"BN={best['BLOCK_N']} BK={best['BLOCK_K']} w={best['num_warps']} st={best['num_stages']} "
+                  f"pers={best['PERSISTENT']}; "
                   f"configs with other bits: {len(bad)}", flush=True)
         del ws
         torch.cuda.empty_cache()
     with open(os.path.join(a.out, "matmul_small_m.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"block_k_bits": {str(k): v for k, v in bk_bits.items()}, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow  # ~15 s in a fresh interpreter; tests/test_audit.py and tests/models cover the same paths
 def test_check_invariance_example():
     res = _run("check_invariance.py")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "deterministic backend bitwise equal across batch sizes 1, 3, 8, 17: True" in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # ~15 s in a fresh interpreter; tests/test_audit.py and tests/models cover the same paths
 def test_audit_stock_model_example():
     res = _run("audit_stock_model.py")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -100,7 +100,8 @@ def _import_flashinfer():
     except ImportError as e:
         raise BackendNotInstalledError(
             f"detcompile: attention_backend='flashinfer' needs the {PACKAGE} package: {INSTALL} (its kernels are "
-            "compiled on first use, which needs the CUDA toolkit's nvcc)") from e
+            f"compiled on first use, which needs the CUDA toolkit's nvcc); importing it failed with "
+            f"{type(e).__name__}: {e}") from e
     return BatchDecodeWithPagedKVCacheWrapper
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from benchmarks.model_sweep import check_arch, check_model, half_precision_ok, run_one, stock_compile_explains
 
+from .._subset import cpu_subset
 from ._util import ALL_ARCHS
 
 SUBSET = ["gemma", "deepseek_v3", "gpt_bigcode", "phi", "bart", "mpt", "mamba", "qwen3_next"]
@@ -26,7 +27,7 @@ def test_subset_is_new_architectures():
     assert not set(SUBSET) & set(ALL_ARCHS)
 
 
-@pytest.mark.parametrize("arch", SUBSET)
+@pytest.mark.parametrize("arch", cpu_subset(SUBSET, keep=[a for a in SUBSET if a not in ("mamba", "qwen3_next")]))
 def test_sweep_check_passes(arch):
     t0 = time.time()
     res = check_arch(arch)
