@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # The server on the GPU: `detcompile serve` with the Llama-3-8B-shaped random model, then
 # `detcompile check-server` in every mode and a load run; logs under $OUT.
-# Usage (repo root, GPU machine): [MODEL=tiny] [NEW=100] [LOAD_NEW=256] [MODES="single ..."] \
+# Usage (repo root, GPU machine): [MODEL=tiny] [ATTN=fa3] [NEW=100] [LOAD_NEW=256] [MODES="single ..."] \
 #   bash benchmarks/server_gpu_check.sh [TRIALS] [LOAD_REQUESTS]
-# NEW: new tokens per check request; LOAD_NEW: most new tokens of a load request; LOAD=0 skips the load run.
+# ATTN: the attention backend (triton, fa3, flashinfer); NEW: new tokens per check request;
+# LOAD_NEW: most new tokens of a load request; LOAD=0 skips the load run.
 # Wheels for fastapi/uvicorn/pydantic (absent on the GPU image) are installed from .whl/ if present.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TRIALS=${1:-50}; LOAD=${2:-64}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source benchmarks/gpu_wheels_env.sh  # fastapi/uvicorn/pydantic (and the attention backends) from .whl/
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
-python3 -m detcompile serve --model "${MODEL:-llama3-8b-random}" --port 30000 > "$OUT/serve.log" 2>&1 &
+python3 -m detcompile serve --model "${MODEL:-llama3-8b-random}" --attention-backend "${ATTN:-triton}" --port 30000 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve.log" && break; sleep 2; done
 grep -q "listening on" "$OUT/serve.log" || { tail -30 "$OUT/serve.log"; kill $SERVER; exit 1; }

@@ -56,7 +56,8 @@ if _common.HAS_TRITON:
         xp = tl.load(x_ptr + xrow + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + crow + d[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + crow + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        rot = tl.where(first[None, :], -xp, xp)
+        # xp * -1, not -xp: Triton compiles -xp as 0 - xp, which turns -0.0 into +0.0 (eager's neg flips the sign)
+        rot = tl.where(first[None, :], xp * -1.0, xp)
         dt: tl.constexpr = o_ptr.dtype.element_ty
         a = to_dtype(mul_rn(x, c, PTX), dt, PTX).to(tl.float32)
         b = to_dtype(mul_rn(rot, s, PTX), dt, PTX).to(tl.float32)
