@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue #14 on the GPU: the engine's determinism tests (tests/engine/test_backends_gpu.py) once per
-# attention backend, then the reference table of docs/attention_backends.md, one row per backend.
+# attention backend (for fa3/flashinfer also the compile backend's path to the library,
+# tests/kernels/test_attention_dense_backends.py), then the reference table of docs/attention_backends.md,
+# one row per backend.
 # Logs under $OUT: env.txt, backends_tests.log (pytest -rA of every run), backends_<b>.xml, backends_table.md.
 #
 # Usage (repo root, GPU machine): [BACKENDS="triton fa3 flashinfer"] bash benchmarks/backends_gpu_check.sh
@@ -44,6 +46,11 @@ for b in ${BACKENDS:-triton fa3 flashinfer}; do
     --junitxml="$OUT/backends_$b.xml" >> "$OUT/backends_tests.log" 2>&1
   rc=$?
   echo "[$b] pytest exit $rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (timed out)')" | tee -a "$OUT/backends_tests.log"
+  if [ -n "$mod" ]; then  # the compile backend's path to the same library (options={"attention_backend": b})
+    timeout "$limit" python3 -m pytest -p no:cacheprovider -q -rA -m gpu tests/kernels/test_attention_dense_backends.py \
+      -k "$b" >> "$OUT/backends_tests.log" 2>&1
+    echo "[$b] compile-backend attention: pytest exit $?" | tee -a "$OUT/backends_tests.log"
+  fi
 done
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$OUT/backends_tests.log" | cut -c1-200 | tail -40
 python3 benchmarks/backends_table.py "$OUT" ${BACKENDS:-} | tee "$OUT/backends_table.md"

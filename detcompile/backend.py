@@ -52,7 +52,8 @@ class Options:
     cudagraphs: bool = False  #: set by mode="reduce-overhead" (Inductor only)
     disable_passes: tuple[str, ...] = ()  #: pass names to skip, for debugging (never the audit)
     report_sink: Callable[[Report], None] | None = None  #: receives each graph's Report (explain uses it)
-    #: kernel of the SDPA rewrite: only "triton" (detcompile's own) here; "fa3"/"flashinfer" are engine backends
+    #: kernel of the SDPA rewrite: "triton" (detcompile's own), "fa3" or "flashinfer" (CUDA; bf16 for fa3;
+    #: kernels/attention_dense_backends.py says how and what they refuse)
     attention_backend: str = "triton"
 
     @classmethod
@@ -71,13 +72,9 @@ class Options:
             options["disable_passes"] = tuple(options["disable_passes"])
         opts = cls(**options)
         if opts.attention_backend != "triton":
-            if opts.attention_backend in ("fa3", "flashinfer"):
-                raise NotImplementedError(
-                    f"detcompile: options={{'attention_backend': {opts.attention_backend!r}}} is not available in the "
-                    "compile backend: its attention rewrite runs detcompile's Triton kernel only. The serving engine "
-                    f"takes it: detcompile.Engine(model, attention_backend={opts.attention_backend!r})")
-            raise ValueError(f"detcompile: unknown attention_backend {opts.attention_backend!r}; expected 'triton' "
-                             "(the engine also takes 'fa3' and 'flashinfer')")
+            from .kernels.attention_dense_backends import check_installed
+
+            check_installed(opts.attention_backend)  # unknown name: ValueError; missing package: ImportError
         if mode == "reduce-overhead":
             opts.cudagraphs = True
         if opts.inductor:

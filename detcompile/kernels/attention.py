@@ -9,7 +9,8 @@ as *masked* (exactly excluded), which is what Hugging Face means by them.
 
 Where the code is: ``attention_inputs`` (argument checks, mask analysis: segment origins),
 ``attention_triton`` (the GPU kernel and why it is batch-invariant), ``attention_cpu`` (the CPU
-path and why it is batch-invariant); ``paged_attention`` holds the paged-KV-cache ops.
+path and why it is batch-invariant), ``attention_dense_backends`` (``backend="fa3" | "flashinfer"``:
+the same call through those libraries, the compile backend's ``attention_backend`` option); ``paged_attention`` holds the paged-KV-cache ops.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch import Tensor
 from . import _common
 from ._common import HAS_TRITON, UnsupportedError
 from .attention_cpu import cpu_attention
-from .attention_inputs import OP, _default_scale, _expand_kv, _visibility_and_bias
+from .attention_dense_backends import dense_attention
+from .attention_inputs import OP, _default_scale, _expand_kv, _validate, _visibility_and_bias
 from .attention_triton import triton_attention
 
 
@@ -38,24 +40,32 @@ def attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     softcap: float = 0.0,
+    backend: str = "triton",
 ) -> Tensor:
     _common.check_inputs(OP, q, k, v, attn_mask)
     raise UnsupportedError(f"detcompile.{OP}: device {q.device.type!r} is not supported (only cpu and cuda)")
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0):
+def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0, backend="triton"):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @attention.register_kernel("cpu")
-def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0):
+def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0, backend="triton"):
+    if backend != "triton":
+        raise UnsupportedError(f"detcompile.{OP}: attention_backend={backend!r} runs on CUDA GPUs only; the "
+                               "tensors are on the CPU (use attention_backend='triton')")
     return cpu_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
 
 
 @attention.register_kernel("cuda")
-def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0):
+def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, softcap=0.0, backend="triton"):
     _common.check_inputs(OP, q, k, v, attn_mask)
+    if backend != "triton":  # options={"attention_backend": "fa3" | "flashinfer"}
+        q4, k4, v4, m4 = _validate(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+        out = dense_attention(backend, q4, k4, v4, m4, is_causal, scale, softcap)
+        return out[0] if q.dim() == 3 else out
     if not HAS_TRITON:
         raise UnsupportedError(f"detcompile.{OP}: the CUDA path needs Triton")
     return triton_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
@@ -68,7 +78,7 @@ def _(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, so
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap = inputs
+    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap = inputs[:8]  # the 9th: the forward's backend
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.is_causal, ctx.scale, ctx.softcap = is_causal, scale, softcap
 
@@ -121,7 +131,7 @@ def _backward(ctx, grad_out):
     dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     if squeeze:
         dq, dk, dv = dq[0], dk[0], dv[0]
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

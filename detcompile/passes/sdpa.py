@@ -54,6 +54,9 @@ def sdpa_pass(gm: fx.GraphModule, ctx: PassContext) -> None:
             "scale": a.get("scale"),
             "enable_gqa": enable_gqa,
         }
+        backend = getattr(ctx.options, "attention_backend", "triton")
+        if backend != "triton":  # options={"attention_backend": ...}: the op's FA3 / FlashInfer path
+            kwargs["backend"] = backend
         replace_with(gm, node, torch.ops.detcompile.attention.default, args, kwargs, ctx, "sdpa", meta_key="example_value")
 
 
