@@ -110,8 +110,8 @@ def bench_attention(engine, vocab: int, context: int, layers: int, kv_bytes_per_
     for batch in DECODE_BATCHES:
         engine.flush_cache()
         # Enough new tokens that no request ends while the others are still prefilling (one prompt a step).
-        rids = [engine.add_request(random_prompt(context, vocab, 1000 + i), _params(engine.max_model_len - context - 1))
-                for i in range(batch)]
+        new = engine.max_model_len - context - 1
+        rids = [engine.add_request(random_prompt(context, vocab, 1000 + i), _params(new)) for i in range(batch)]
         while engine.scheduler.waiting or any(not s.is_decoding for s in engine.scheduler.running):
             engine.step()
         decoding = sum(s.is_decoding for s in engine.scheduler.running)
@@ -147,8 +147,9 @@ def run_backend(name: str, model, spec, sizes, gbps: float | None, parts: set[st
     rec: dict = {"backend": name, "errors": {}}
     t0 = time.perf_counter()
     try:
-        kw = dict(max_num_seqs=max(sizes.max_num_seqs, *DECODE_BATCHES), chunked_prefill_size=sizes.chunked_prefill_size,
-                  cuda_graphs=True, deterministic=True, attention_backend=name, log=lambda m: None)
+        kw = dict(max_num_seqs=max(sizes.max_num_seqs, *DECODE_BATCHES),
+                  chunked_prefill_size=sizes.chunked_prefill_size, cuda_graphs=True, deterministic=True,
+                  attention_backend=name, log=lambda m: None)
         if sizes.kv_cache_bytes is not None:
             kw["kv_cache_bytes"] = sizes.kv_cache_bytes
         else:

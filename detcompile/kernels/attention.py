@@ -10,7 +10,8 @@ as *masked* (exactly excluded), which is what Hugging Face means by them.
 Where the code is: ``attention_inputs`` (argument checks, mask analysis: segment origins),
 ``attention_triton`` (the GPU kernel and why it is batch-invariant), ``attention_cpu`` (the CPU
 path and why it is batch-invariant), ``attention_dense_backends`` (``backend="fa3" | "flashinfer"``:
-the same call through those libraries, the compile backend's ``attention_backend`` option); ``paged_attention`` holds the paged-KV-cache ops.
+the same call through those libraries, the compile backend's ``attention_backend`` option);
+``paged_attention`` holds the paged-KV-cache ops.
 """
 from __future__ import annotations
 
