@@ -135,7 +135,7 @@ def paged_layout(runs: dict, page: int) -> dict:
     cu = np.zeros(b.shape[0] + 1, np.int64)
     cu[1:] = np.cumsum(runs["n"])
     return {"src_b": g_b[tok_group], "src_pos": g_lo[tok_group] + j, "slot": g_first[tok_group] * page + j,
-            "num_pages": num_pages, "table": table, "kv_lens": kv, "cu_seqlens_q": cu}
+            "num_pages": num_pages, "groups": int(uniq.shape[0]), "table": table, "kv_lens": kv, "cu_seqlens_q": cu}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +185,11 @@ def dense_attention(name: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
         raise UnsupportedError(f"detcompile.{OP}: attention_backend={name!r} takes at most {FA3_MAX_SEQLEN_Q} "
                                f"queries per sequence; got {int(runs['n'].max())}")
     lay = paged_layout(runs, page)
+    if lay["num_pages"] * page > 2 * B * Lk + page * (lay["groups"] + 1):
+        # Each row's own key start (a sliding window, say) would copy the keys once per row.
+        raise UnsupportedError(f"detcompile.{OP}: attention_backend={name!r}: this mask gives {lay['groups']} "
+                               f"different key starts for {B} sequences (a sliding window?), which would copy the "
+                               f"keys {lay['num_pages'] * page // max(1, B * Lk)} times; use attention_backend='triton'")
     dev = q.device
     as_dev = lambda a, dt=torch.int64: torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dt)  # noqa: E731
     src_b, src_pos, slot = as_dev(lay["src_b"]), as_dev(lay["src_pos"]), as_dev(lay["slot"])

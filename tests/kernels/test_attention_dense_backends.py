@@ -89,6 +89,16 @@ def test_masks_the_libraries_cannot_apply_are_refused(case):
         dense.visible_keys((1, 2, 4, 8), 4, m, False)
 
 
+def test_a_sliding_window_mask_is_refused_not_copied_per_row():
+    L, w = 64, 8
+    i = torch.arange(L)
+    vis = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
+    m = torch.zeros(1, 1, L, L).masked_fill(~vis, MIN)
+    q = torch.randn(1, 1, L, 8)
+    with pytest.raises(UnsupportedError, match="sliding window"):
+        run_dense(q, q, q, m)
+
+
 def test_layout_pages_hold_each_groups_keys_and_page_zero_stays_spare():
     runs = {"b": np.array([0, 0, 1]), "lo": np.array([0, 0, 2]), "q0": np.array([0, 5, 2]), "n": np.array([5, 1, 3]),
             "kv": np.array([5, 6, 3])}
