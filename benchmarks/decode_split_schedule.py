@@ -1,7 +1,7 @@
 """When should paged decode split a row's keys over programs? (GPU; issue #13)
 
     python -m benchmarks.decode_split_schedule [--batches 1,2,4,8,16,32,64,128] [--contexts 512,...]
-                                               [--splits 128,256,512] [--out DIR]
+                                               [--splits 128,256,512] [--stages 2,3,4] [--out DIR]
 
 Our decode kernel reduces a row's keys in fixed ``SPLIT``-key splits folded in ascending order;
 whether the splits run in one program (a loop) or in parallel programs plus a merge kernel changes
@@ -17,7 +17,11 @@ the evidence for the rule.
 folds its splits in-program too), so changing it changes the bits of all attention (still invariant:
 it is a constant); a smaller one gives short-context decode at small batch more programs (batch 1 at
 2048 keys: 32 programs on 132 SMs with 512-key splits). For each split size this also times causal
-prefill (batch 1, 2048 and 8192 tokens), the cost side. Writes ``decode_split_schedule.json``.
+prefill (batch 1, 2048 and 8192 tokens), the cost side.
+
+``--stages`` tries the decode tile (64 rows, 64 keys, 4 warps) at other pipeline depths: only how
+far ahead K/V tiles are loaded changes, so each must give the default depth's bits (checked).
+Writes ``decode_split_schedule.json``.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--contexts", default="512,1024,2048,4096,8192")
     ap.add_argument("--splits", default=None, help="split sizes to try (default: the kernel's SPLIT)")
+    ap.add_argument("--stages", default=None, help="decode tile pipeline depths to try (default: the kernel's)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -53,6 +58,8 @@ def main(argv=None) -> dict:
     bw = measure_copy_bandwidth(GraphTimer(), dev, 1 << 30)["gbps"]
     rows, prefill = [], []
     splits = [int(x) for x in args.splits.split(",")] if args.splits else [AT.SPLIT]
+    base = AT.tile_config(D, dt, rows=HQ // HKV)  # the decode tile
+    depths = [int(x) for x in args.stages.split(",")] if args.stages else [base[3]]
     print(f"copy bandwidth {bw:.0f} GB/s, {sms} SMs, kernel SPLIT {AT.SPLIT}")
     print(f"{'split':>5} {'batch':>5} {'ctx':>6} {'programs/SM':>11} {'loop us':>8} {'split us':>8} {'floor us':>8} "
           f"{'best % floor':>12} {'auto':>5} bits")
@@ -65,19 +72,26 @@ def main(argv=None) -> dict:
                 kl = torch.full((B,), n, device=dev, dtype=torch.int32)
                 q = torch.randn(B, HQ, 1, D, device=dev, dtype=dt)
                 outs, times = {}, {}
-                for par in (False, True):
-                    f = lambda p=par: P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=p,  # noqa: E731
-                                                               _split=sk)
-                    outs[par] = f()
-                    times[par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
-                same = torch.equal(outs[False].view(torch.int16), outs[True].view(torch.int16))
+                for depth in depths:
+                    AT._TILE_OVERRIDE = (*base[:3], depth) if depth != base[3] else None
+                    for par in (False, True):
+                        f = lambda p=par: P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=p,  # noqa: E731
+                                                                   _split=sk)
+                        outs[depth, par] = f()
+                        times[depth, par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
+                AT._TILE_OVERRIDE = None
+                ref = outs[base[3] if base[3] in depths else depths[0], False].view(torch.int16)
+                same = all(torch.equal(o.view(torch.int16), ref) for o in outs.values())
+                by_depth = {f"{d}/{'split' if p else 'loop'}": t for (d, p), t in times.items()}
+                times = {par: min(t for (d, p), t in times.items() if p == par) for par in (False, True)}
                 floor = B * n * HKV * D * 2 * 2 / (bw * 1e9) * 1e6
                 programs = B * HKV  # one row block of G = 4 query rows per (batch, kv head)
                 auto = AT._want_parallel_splits(dev, programs, n, sk)
                 best = min(times.values())
                 rows.append({"split_keys": sk, "batch": B, "context": n, "programs_per_sm": programs / sms,
                              "loop_us": times[False], "split_us": times[True], "floor_us": floor, "auto_splits": auto,
-                             "bits_equal": same, "best_fraction_of_floor": floor / best})
+                             "bits_equal": same, "best_fraction_of_floor": floor / best,
+                             "us_by_depth_and_schedule": by_depth})
                 print(f"{sk:>5} {B:>5} {n:>6} {programs / sms:>11.2f} {times[False]:>8.1f} {times[True]:>8.1f} "
                       f"{floor:>8.1f} {floor / best:>12.0%} {'split' if auto else 'loop':>5} "
                       f"{'same' if same else 'DIFFER'}")
