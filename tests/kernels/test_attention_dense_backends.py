@@ -272,3 +272,41 @@ def test_gpu_compiled_llama_rows_do_not_depend_on_the_batch(name):
         with torch.no_grad():
             rows.append(compiled(input_ids=ids.cuda()).logits[batch // 2].float().cpu())
     assert all(torch.equal(rows[0], r) for r in rows[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fa3", "flashinfer"])
+def test_gpu_generate_left_padded_equals_alone(name):
+    """HF generate through the compiled forward (prefill with a causal + left-padding mask, then
+    KV-cache decode steps): a prompt's greedy continuation and its step scores are the same bits
+    alone and left-padded among longer prompts."""
+    _library(name)
+    from detcompile.models import tiny_model
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa",
+                       hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    plain = model.forward
+    model.forward = torch.compile(plain, backend="deterministic", options={"attention_backend": name})
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(1, vocab, (1, 20), generator=g)
+    others = torch.randint(1, vocab, (2, 45), generator=g)
+
+    def run(ids, mask):
+        out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        return out.sequences[:, ids.shape[1]:].cpu(), torch.stack(out.scores, 1).float().cpu()
+
+    try:
+        with torch.no_grad():
+            alone_tokens, alone_scores = run(prompt, torch.ones_like(prompt))
+            batch = torch.zeros(3, 45, dtype=torch.long)
+            mask = torch.zeros_like(batch)
+            batch[:2], mask[:2] = others, 1
+            batch[2, 25:], mask[2, 25:] = prompt[0], 1  # left padding of 25
+            tokens, scores = run(batch, mask)
+    finally:
+        model.forward = plain
+    assert torch.equal(tokens[2], alone_tokens[0])
+    assert torch.equal(scores[2], alone_scores[0])
