@@ -38,8 +38,7 @@ NAMES = ("fa3", "flashinfer")
 #: FA3's max_seqlen_q, one constant for every call (attention_fa3's module doc: a per-call value
 #: could switch its kernel); also the longest run a call may have.
 FA3_MAX_SEQLEN_Q = 1 << 17
-#: FlashInfer's page size here (any size gives the same bits: every query is its own request over
-#: its keys, read in the kernel's fixed key tiles from the request's first key).
+#: FlashInfer's page size here: the engine's default, the one its GPU tests ran with.
 FLASHINFER_PAGE = 16
 
 _BACKENDS: dict = {}
