@@ -310,3 +310,34 @@ def test_gpu_generate_left_padded_equals_alone(name):
         model.forward = plain
     assert torch.equal(tokens[2], alone_tokens[0])
     assert torch.equal(scores[2], alone_scores[0])
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_flashinfer_route_of_the_layout_reads_each_querys_visible_keys(left):
+    """The FlashInfer path plans every query as a request over pages: map each request's pages back
+    through the key gather and check they hold exactly the query's visible keys, in order."""
+    from detcompile.kernels.attention_fa3 import cu_seqlens_q
+    from detcompile.kernels.attention_flashinfer import decode_route_metadata
+
+    lengths, L, page = [9, 5, 1], 9, 4
+    m = hf_mask(lengths, L, left=left)
+    lo, hi = dense.visible_keys((3, 1, L, 8), L, m, False)
+    runs = dense.causal_runs(lo, hi)
+    lay = dense.paged_layout(runs, page)
+    n = torch.from_numpy(runs["n"].astype(np.int32))
+    lens = torch.from_numpy(lay["kv_lens"].astype(np.int32))
+    starts = torch.from_numpy(lay["cu_seqlens_q"][:-1].astype(np.int32))
+    tokens = int(n.sum())
+    assert cu_seqlens_q(n, lens, tokens).tolist() == lay["cu_seqlens_q"].tolist()  # FA3's view agrees
+    indptr, indices, last = decode_route_metadata(torch.from_numpy(lay["table"].astype(np.int32)), lens, starts, n,
+                                                  tokens, page)
+    slot_to_key = {int(s): (int(b), int(p)) for b, p, s in zip(lay["src_b"], lay["src_pos"], lay["slot"])}
+    row_b = np.repeat(runs["b"], runs["n"])
+    row_i = np.repeat(runs["q0"], runs["n"]) + np.arange(tokens) - np.repeat(lay["cu_seqlens_q"][:-1], runs["n"])
+    for t in range(tokens):
+        pages = indices[indptr[t]:indptr[t + 1]].tolist()
+        count = (len(pages) - 1) * page + int(last[t])
+        slots = [p * page + j for p in pages for j in range(page)][:count]
+        keys = [slot_to_key.get(s_) for s_ in slots]
+        b, i = int(row_b[t]), int(row_i[t])
+        assert keys == [(b, pos) for pos in range(lo[b, i], hi[b, i] + 1)], (t, b, i)
