@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import time
 import warnings
 
@@ -167,18 +168,21 @@ class ModelRunner:
         belong to no row (ragged: zeros out of attention) or to rows of no keys (decode), sit at
         position 0 and write the reserved page 0."""
         bs = self.block_size
-        ids, pos, slots, keep, starts = [], [], [], [], []
-        for w, rows in zip(work, keep_rows):
-            first = len(ids)
-            ids += w.seq.token_slice(w.start, w.end)
-            p = np.arange(w.start, w.end)
-            slots.append(np.asarray(w.seq.block_table, dtype=np.int64)[p // bs] * bs + p % bs)
-            pos.append(p)
-            keep += [first + r for r in rows]
-            starts.append(first)
         n = len(work)
+        # Whole-batch numpy over flat lists, not per-row numpy calls: at 256 decode rows the per-row
+        # version took ~1.6 ms of host time a step, during which the GPU waited.
+        lengths = np.fromiter((w.length for w in work), np.int64, n)
+        first = np.cumsum(lengths) - lengths  # each row's first token
+        T = int(lengths.sum())
+        tok_row = np.repeat(np.arange(n), lengths)
+        pos = np.repeat(np.fromiter((w.start for w in work), np.int64, n), lengths) + np.arange(T) - first[tok_row]
+        pages = np.fromiter((len(w.seq.block_table) for w in work), np.int64, n)
+        flat = np.fromiter(itertools.chain.from_iterable(w.seq.block_table for w in work), np.int64, int(pages.sum()))
+        page_row = np.repeat(np.arange(n), pages)
+        page_col = np.arange(flat.shape[0]) - np.repeat(np.cumsum(pages) - pages, pages)
+        keep = [int(first[i]) + r for i, rows in enumerate(keep_rows) for r in rows]
         if graph is None:  # at least two tokens and two logits rows (see the module doc)
-            tokens = max(len(ids), 2)
+            tokens = max(T, 2)
             n_rows = n if ragged else tokens
             n_keep = max(len(keep), 2)
             width = max(-(-w.end // bs) for w in work)
@@ -188,14 +192,16 @@ class ModelRunner:
         out = dict(ids=np.zeros(tokens, np.int64), pos=np.zeros(tokens, np.int64), slots=np.zeros(tokens, np.int64),
                    keep=np.full(n_keep, keep[-1] if keep else 0, np.int64),
                    table=np.zeros((n_rows, width), np.int32), lens=np.zeros(n_rows, np.int32))
-        T = len(ids)
-        out["ids"][:T] = ids
-        out["pos"][:T] = np.concatenate(pos)
-        out["slots"][:T] = np.concatenate(slots)
+        out["table"][page_row, page_col] = flat
+        out["ids"][:T] = np.fromiter(itertools.chain.from_iterable(w.seq.token_slice(w.start, w.end) for w in work),
+                                     np.int64, T)
+        out["pos"][:T] = pos
+        if (pos // bs >= pages[tok_row]).any():
+            raise IndexError("a token's position lies past its sequence's block table")
+        out["slots"][:T] = out["table"][tok_row, pos // bs].astype(np.int64) * bs + pos % bs
         out["keep"][:len(keep)] = keep
-        for row, w in enumerate(work):
-            out["table"][row, :len(w.seq.block_table)] = w.seq.block_table
-            out["lens"][row] = w.end
+        out["lens"][:n] = np.fromiter((w.end for w in work), np.int64, n)
+        starts = first.tolist()
         out = {k: torch.from_numpy(v) for k, v in out.items()}
         if ragged:
             q_lens = [w.length for w in work]
