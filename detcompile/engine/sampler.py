@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -117,11 +118,12 @@ class SamplingBatch:
         # Two host tensors, two copies: the per-row floats and the per-row integers.
         # + 0.0 turns -0.0 into +0.0: a zero penalty is then an exact no-op.
         names = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
-        f32 = _to_device(torch.tensor([[float(getattr(p, n)) + 0.0 for p in params] for n in names],
-                                      dtype=torch.float32).view(len(names), len(params)), device)
-        i64 = _to_device(torch.tensor([[max(p.top_k, 0) for p in params], list(seeds), list(positions),
-                                       [int(p.logprobs_mode == "processed") for p in params]],
-                                      dtype=torch.int64).view(4, len(params)), device)
+        # (numpy builds them from the lists ~2x faster than torch.tensor: host time the GPU waits for)
+        f32 = np.array([[getattr(p, n) for p in params] for n in names], dtype=np.float32).reshape(len(names), -1)
+        f32 = _to_device(torch.from_numpy(f32 + np.float32(0.0)), device)
+        i64 = _to_device(torch.from_numpy(np.array(
+            [[max(p.top_k, 0) for p in params], list(seeds), list(positions),
+             [p.logprobs_mode == "processed" for p in params]], dtype=np.int64).reshape(4, -1)), device)
         sampled = [p for p in params if p.temperature != 0]
         use_pen = any(p.repetition_penalty != 1 or p.frequency_penalty != 0
                       or p.presence_penalty != 0 for p in params)

@@ -256,3 +256,18 @@ def test_cuda_path_has_no_host_sync():
         sample(logits, b)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_batch_parameters_are_the_float32_and_int64_of_the_params():
+    """SamplingBatch.from_params: each row's values, rounded once to float32; a -0.0 penalty becomes
+    +0.0 (so a zero penalty is an exact no-op); top_k -1 means off (0)."""
+    params = [SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, frequency_penalty=-0.0, presence_penalty=0.3,
+                             repetition_penalty=1.1, top_k=-1),
+              SamplingParams(temperature=0.0, top_k=5, logprobs_mode="processed")]
+    b = SamplingBatch.from_params(params, [3, 9], seeds=[11, 2**62])
+    f32 = lambda name: torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32)  # noqa: E731
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"):
+        assert torch.equal(getattr(b, name), f32(name)), name
+    assert b.frequency_penalty.tolist() == [0.0, 0.0] and math.copysign(1, b.frequency_penalty[0].item()) == 1
+    assert b.top_k.tolist() == [0, 5] and b.seed.tolist() == [11, 2**62] and b.position.tolist() == [3, 9]
+    assert b.processed_logprobs.tolist() == [False, True]
