@@ -15,8 +15,9 @@ from detcompile.engine.sequence import Sequence
 from detcompile.kernels.paged_attention import varlen_tiles
 
 
-def per_row_layout(runner, work, keep_rows, ragged, graph=None):
-    """The layout built row by row (how the engine first wrote it)."""
+def per_row_layout(runner, work, keep_rows, ragged, shapes, n_tiles=None):
+    """The layout built row by row (how the engine first wrote it), into arrays of ``shapes``;
+    ``n_tiles``: a CUDA graph's padded tile count."""
     bs = runner.block_size
     ids, pos, slots, keep, starts = [], [], [], [], []
     for w, rows in zip(work, keep_rows):
@@ -28,15 +29,10 @@ def per_row_layout(runner, work, keep_rows, ragged, graph=None):
         keep += [first + r for r in rows]
         starts.append(first)
     n = len(work)
-    if graph is None:
-        tokens, n_rows, n_keep = max(len(ids), 2), (n if ragged else max(len(ids), 2)), max(len(keep), 2)
-        width = max(-(-w.end // bs) for w in work)
-    else:
-        tokens, n_rows, n_keep, n_tiles = graph
-        width = runner.max_pages
-    out = dict(ids=np.zeros(tokens, np.int64), pos=np.zeros(tokens, np.int64), slots=np.zeros(tokens, np.int64),
-               keep=np.full(n_keep, keep[-1] if keep else 0, np.int64),
-               table=np.zeros((n_rows, width), np.int32), lens=np.zeros(n_rows, np.int32))
+    n_rows = shapes["lens"][0]
+    out = {k: np.zeros(shapes[k], np.int32 if k in ("table", "lens") else np.int64)
+           for k in ("ids", "pos", "slots", "keep", "table", "lens")}
+    out["keep"][:] = keep[-1] if keep else 0
     T = len(ids)
     out["ids"][:T], out["pos"][:T], out["slots"][:T] = ids, np.concatenate(pos), np.concatenate(slots)
     out["keep"][:len(keep)] = keep
@@ -44,14 +40,12 @@ def per_row_layout(runner, work, keep_rows, ragged, graph=None):
         out["table"][row, :len(w.seq.block_table)] = w.seq.block_table
         out["lens"][row] = w.end
     out = {k: torch.from_numpy(v) for k, v in out.items()}
-    if ragged:
+    if ragged:  # rows' first tokens and lengths, zero-padded to the rows; the kernel's tile list
         q_lens = [w.length for w in work]
-        out["q_start"] = torch.zeros(n_rows, dtype=torch.int32)
-        out["q_start"][:n] = torch.tensor(starts, dtype=torch.int32)
-        out["q_lens"] = torch.zeros(n_rows, dtype=torch.int32)
-        out["q_lens"][:n] = torch.tensor(q_lens, dtype=torch.int32)
-        out["tiles"] = varlen_tiles(q_lens, runner.group, runner.block_m, None if graph is None else n_tiles,
-                                    None if graph is None else n)
+        padded = lambda xs: torch.tensor(list(xs) + [0] * (n_rows - n), dtype=torch.int32)  # noqa: E731
+        spare = None if n_tiles is None else n
+        out.update(q_start=padded(starts), q_lens=padded(q_lens),
+                   tiles=varlen_tiles(q_lens, runner.group, runner.block_m, n_tiles, spare))
     return out
 
 
@@ -97,7 +91,14 @@ def test_layout_equals_the_per_row_construction(ragged, graph, backend):
             if not ragged:
                 sizes = (sizes[0], sizes[0], sizes[2], 0)
         got = ModelRunner.layout(runner, work, keep_rows, ragged, sizes)
-        want = per_row_layout(runner, work, keep_rows, ragged, sizes)
+        T, n, kept = sum(w.length for w in work), len(work), sum(map(len, keep_rows))
+        if sizes is None:  # unpadded: at least two tokens and two logits rows; pages up to the longest row
+            expect = (max(T, 2), n if ragged else max(T, 2), max(kept, 2), max(-(-w.end // bs) for w in work))
+        else:
+            expect = (*sizes[:3], runner.max_pages)
+        assert (got["ids"].shape[0], got["lens"].shape[0], got["keep"].shape[0], got["table"].shape[1]) == expect
+        want = per_row_layout(runner, work, keep_rows, ragged, {k: tuple(v.shape) for k, v in got.items()},
+                              None if sizes is None else sizes[3])
         if backend is not None:
             want.update(backend.extra_inputs(want, ragged))
         assert got.keys() == want.keys()
