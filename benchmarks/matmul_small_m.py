@@ -15,7 +15,10 @@ chosen. Prints a table per M and writes ``matmul_small_m.json``: the evidence be
 the same order whatever the chunk length, so that BLOCK_K could follow K without moving a bit?). Each
 one is first checked for bits at every M of ``--bits-ms`` (the default config per M, TMA and wgmma
 tiles included, only BLOCK_K changed); its small-M configs are timed only if every M gave the default
-BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``).
+BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``). ``DEEP_CONFIGS`` keep the default BLOCK_K and
+go 16-32 stages deep instead (as many bytes in flight as BLOCK_K 256 at 6 stages; depths past the
+shared memory are cut by ``fit_stages``, the JSON records the depth asked for): each shape's best
+config at the default BLOCK_K is printed beside the overall best.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ CONFIGS = [dict(BLOCK_N=bn, num_warps=w, num_stages=s, PERSISTENT=p)
            for bn, w, s, p in itertools.product((16, 32, 64, 128), (2, 4), (4, 8, 12), (True, False))]
 BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
               for bn, s, p in itertools.product((16, 32, 64), (3, 6), (True, False))]
+# Deep pipelines at the default BLOCK_K: as many bytes in flight as BLOCK_K 256 x 6 stages, by depth
+# instead of chunk length (the depth is free under the rules; BLOCK_K along K is not chosen by M).
+DEEP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
+                for bn, s, p in itertools.product((16, 32, 64), (16, 24, 32), (True, False))]
 
 
 def block_k_bits(dev, gen, block_k: int, ms) -> dict:
@@ -99,7 +106,7 @@ def main(argv=None):
               + ", ".join(f"{k}: {v}" for k, v in bk_bits[bk].items() if v is not True), flush=True)
         if same:
             block_ks.append(bk)
-    grid = [dict(c, BLOCK_K=mm.BLOCK_K_16BIT) for c in CONFIGS]
+    grid = [dict(c, BLOCK_K=mm.BLOCK_K_16BIT) for c in CONFIGS + DEEP_CONFIGS]
     grid += [dict(c, BLOCK_K=bk) for bk in block_ks[1:] for c in BK_CONFIGS]
     for name, (N, K) in SHAPES.items():
         wbytes = N * K * 2
@@ -124,15 +131,17 @@ def main(argv=None):
                 rows.append(dict(cfg, seconds=t, same_bits=same, gbps=wbytes / t / 1e9))
             ok = [r for r in rows if r.get("same_bits")]
             best = min(ok, key=lambda r: r["seconds"])
+            best64 = min((r for r in ok if r["BLOCK_K"] == mm.BLOCK_K_16BIT), key=lambda r: r["seconds"])
             bad = [r for r in rows if r.get("same_bits") is False]
             rec = dict(shape=name, N=N, K=K, M=M, cublas_s=t_cublas, default_s=t_default,
                        default={k: default[k] for k in ("BLOCK_N", "num_warps", "num_stages")},
-                       best=best, differing_bits=len(bad), configs=rows)
+                       best=best, best_default_block_k=best64, differing_bits=len(bad), configs=rows)
             results.append(rec)
             print(f"{name:8s} M={M:3d}: cuBLAS {wbytes / t_cublas / 1e9:6.0f} GB/s, default {wbytes / t_default / 1e9:6.0f} "
                   f"GB/s ({t_default * 1e6:6.1f} us), best {best['gbps']:6.0f} GB/s ({best['seconds'] * 1e6:6.1f} us) "
                   f"BN={best['BLOCK_N']} BK={best['BLOCK_K']} w={best['num_warps']} st={best['num_stages']} "
-                  f"pers={best['PERSISTENT']}; "
+                  f"pers={best['PERSISTENT']}; at BK={mm.BLOCK_K_16BIT} {best64['gbps']:6.0f} GB/s "
+                  f"(BN={best64['BLOCK_N']} st={best64['num_stages']} pers={best64['PERSISTENT']}); "
                   f"configs with other bits: {len(bad)}", flush=True)
         del ws
         torch.cuda.empty_cache()
