@@ -18,7 +18,8 @@ tiles included, only BLOCK_K changed); its small-M configs are timed only if eve
 BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``). ``DEEP_CONFIGS`` keep the default BLOCK_K and
 go 16-32 stages deep instead (as many bytes in flight as BLOCK_K 256 at 6 stages; depths past the
 shared memory are cut by ``fit_stages``, the JSON records the depth asked for): each shape's best
-config at the default BLOCK_K is printed beside the overall best.
+config at the default BLOCK_K is printed beside the overall best. Last, ``linear_group``'s one-launch
+tile (q+k+v, gate+up of one layer) over ``GROUP_CONFIGS``, against separate cuBLAS calls.
 """
 from __future__ import annotations
 
@@ -42,6 +43,50 @@ BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
 # instead of chunk length (the depth is free under the rules; BLOCK_K along K is not chosen by M).
 DEEP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
                 for bn, s, p in itertools.product((16, 32, 64), (16, 24, 32), (True, False))]
+
+
+#: The grouped projections of a Llama-3-8B layer at decode (kernels/linear_group.py: one launch).
+GROUPS = {"q+k+v": ((4096, 4096), (1024, 4096), (1024, 4096)), "gate+up": ((14336, 4096), (14336, 4096))}
+GROUP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s)
+                 for bn, s in itertools.product((16, 32, 64), (4, 8, 12, 16, 24))]
+
+
+def sweep_groups(dev, gen, ms) -> list:
+    """linear_group's one-launch tile at decode: every config must give the default's bits."""
+    from detcompile.kernels import linear_group as lg
+
+    out = []
+    for name, shapes in GROUPS.items():
+        wbytes = sum(n * k * 2 for n, k in shapes)
+        n_copies = max(1, -(-(256 << 20) // wbytes))
+        sets = [[torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+                for _ in range(n_copies)]
+        for M in ms:
+            x = torch.randn(M, shapes[0][1], device=dev, generator=gen, dtype=torch.bfloat16)
+            ref = lg.triton_linear_group(x, sets[0])
+            t_default = time_graph(lambda ws: lg.triton_linear_group(x, ws), sets)
+            t_cublas = time_graph(lambda ws: [F.linear(x, w) for w in ws], sets)
+            rows = []
+            for cfg in GROUP_CONFIGS:
+                try:
+                    got = lg.triton_linear_group(x, sets[0], _config=cfg)
+                    same = all(torch.equal(g, r) for g, r in zip(got, ref))
+                    t = time_graph(lambda ws: lg.triton_linear_group(x, ws, _config=cfg), sets)
+                except Exception as e:  # noqa: BLE001  (shared memory, registers)
+                    rows.append(dict(cfg, error=str(e).splitlines()[0][:120]))
+                    continue
+                rows.append(dict(cfg, seconds=t, same_bits=same, gbps=wbytes / t / 1e9))
+            ok = [r for r in rows if r.get("same_bits")]
+            best = min(ok, key=lambda r: r["seconds"])
+            out.append(dict(group=name, M=M, cublas_s=t_cublas, default_s=t_default, best=best,
+                            differing_bits=sum(r.get("same_bits") is False for r in rows), configs=rows))
+            print(f"{name:8s} M={M:3d}: cuBLAS (separate) {wbytes / t_cublas / 1e9:6.0f} GB/s, default "
+                  f"{wbytes / t_default / 1e9:6.0f} GB/s ({t_default * 1e6:6.1f} us), best {best['gbps']:6.0f} GB/s "
+                  f"({best['seconds'] * 1e6:6.1f} us) BN={best['BLOCK_N']} st={best['num_stages']}; "
+                  f"configs with other bits: {out[-1]['differing_bits']}", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return out
 
 
 def block_k_bits(dev, gen, block_k: int, ms) -> dict:
@@ -145,8 +190,10 @@ def main(argv=None):
                   f"configs with other bits: {len(bad)}", flush=True)
         del ws
         torch.cuda.empty_cache()
+    groups = sweep_groups(dev, gen, [int(m) for m in a.ms.split(",")])
     with open(os.path.join(a.out, "matmul_small_m.json"), "w") as f:
-        json.dump({"block_k_bits": {str(k): v for k, v in bk_bits.items()}, "results": results}, f, indent=1)
+        json.dump({"block_k_bits": {str(k): v for k, v in bk_bits.items()}, "results": results, "groups": groups},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def _one_launch_config(total_n: int) -> dict:
     return dict(BLOCK_N=32 if total_n < 16384 else 64, num_warps=4, num_stages=8)
 
 
-def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool | None = None) -> list[Tensor]:
-    """CUDA (or the interpreter): one launch for M <= MAX_M and contiguous weights, else a matmul each."""
+def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool | None = None,
+                        _config: dict | None = None) -> list[Tensor]:
+    """CUDA (or the interpreter): one launch for M <= MAX_M and contiguous weights, else a matmul each.
+    ``_config`` overrides the one-launch tile's BLOCK_N / num_warps / num_stages (benchmarks only)."""
     _check(a, weights)
     M, K = a.shape
     one = (M <= MAX_M and K > 0 and all(w.is_contiguous() for w in weights)
@@ -103,7 +105,7 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
     ws = list(weights) + [weights[-1]] * (MAX_WEIGHTS - len(weights))
     cs = outs + [outs[-1]] * (MAX_WEIGHTS - len(outs))
     ns = [w.shape[0] for w in weights] + [0] * (MAX_WEIGHTS - len(weights))
-    cfg = _one_launch_config(sum(ns))
+    cfg = dict(_one_launch_config(sum(ns)), **(_config or {}))
     fp32 = a.dtype == torch.float32
     bk = BLOCK_K_FP32 if fp32 else BLOCK_K_16BIT
     tiles = sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns) * triton.cdiv(M, BLOCK_M)

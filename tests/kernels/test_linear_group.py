@@ -37,6 +37,19 @@ def test_interpreter_two_weights_and_strided_input(gen):
         assert torch.equal(o, triton_matmul(a, w.t()))
 
 
+@needs_triton
+def test_interpreter_config_override_changes_only_the_tiling(gen):
+    """benchmarks/matmul_small_m.py sweeps the one-launch tile through ``_config``: each BLOCK_N gives
+    the default's outputs (the interpreter runs the same per-chunk dots whatever the tiling)."""
+    K, ns = 100, (48, 16, 20)
+    a = torch.randn(2, K, generator=gen).to(torch.float16)
+    ws = weights(gen, K, ns, torch.float16)
+    ref = triton_linear_group(a, ws, _one_launch=True)
+    for bn in (16, 64):
+        got = triton_linear_group(a, ws, _one_launch=True, _config=dict(BLOCK_N=bn, num_stages=2))
+        assert all(torch.equal(g, r) for g, r in zip(got, ref)), bn
+
+
 def test_cpu_op_equals_matmul(gen):
     a = torch.randn(5, 33, generator=gen)
     ws = weights(gen, 33, (7, 9, 11), torch.float32)
