@@ -34,12 +34,9 @@ from torch import Tensor
 from ._common import UnsupportedError
 from .attention_inputs import OP, _default_scale, _visible
 
-NAMES = ("fa3", "flashinfer")
 #: FA3's max_seqlen_q, one constant for every call (attention_fa3's module doc: a per-call value
 #: could switch its kernel); also the longest run a call may have.
 FA3_MAX_SEQLEN_Q = 1 << 17
-#: FlashInfer's page size here: the engine's default, the one its GPU tests ran with.
-FLASHINFER_PAGE = 16
 
 _BACKENDS: dict = {}
 
@@ -81,10 +78,9 @@ def visible_keys(q_shape, k_len: int, attn_mask: Tensor | None, is_causal: bool)
         raise UnsupportedError(f"detcompile.{OP}: the fa3/flashinfer attention backends cannot add a float mask's "
                                "bias (e.g. ALiBi) to the scores; only 0 / -inf masks (use attention_backend='triton')")
     vis = vis[:, 0].expand(B, Lq, k_len)
-    count = vis.sum(-1)
     first = vis.to(torch.uint8).argmax(-1)
     last = k_len - 1 - vis.flip(-1).to(torch.uint8).argmax(-1)
-    lo, hi, count = first.cpu().numpy().astype(np.int64), last.cpu().numpy().astype(np.int64), count.cpu().numpy()
+    lo, hi, count = torch.stack([first, last, vis.sum(-1)]).cpu().numpy().astype(np.int64)  # one transfer
     seen = count > 0
     if (count[seen] != hi[seen] - lo[seen] + 1).any():
         raise UnsupportedError(f"detcompile.{OP}: the fa3/flashinfer attention backends need each query's visible "
@@ -143,22 +139,16 @@ def paged_layout(runs: dict, page: int) -> dict:
 
 
 def _backend(name: str, q: Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
-    """(backend object, page size), one per (backend, device, dtype, heads, head dim) of the process."""
+    """(backend object, page size), one per (backend, device, dtype, heads, head dim) of the process:
+    the engine's backend objects with the engine's page size (FA3: one key tile per page)."""
     key = (name, q.device, q.dtype, num_heads, num_kv_heads, head_dim)
     if key not in _BACKENDS:
-        geometry = dict(device=q.device, dtype=q.dtype, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                        head_dim=head_dim, max_model_len=FA3_MAX_SEQLEN_Q)
-        if name == "fa3":
-            from .attention_fa3 import FA3Attention, default_block_size
+        from ..engine import attention_backends
 
-            page = default_block_size(head_dim)  # one FA3 key tile per page (its TMA paged path)
-            _BACKENDS[key] = FA3Attention(block_size=page, **geometry), page
-        elif name == "flashinfer":
-            from .attention_flashinfer import FlashInferAttention
-
-            _BACKENDS[key] = FlashInferAttention(block_size=FLASHINFER_PAGE, max_pages=1, **geometry), FLASHINFER_PAGE
-        else:
-            raise ValueError(f"detcompile: unknown attention backend {name!r}; expected one of {list(NAMES)}")
+        page = attention_backends.default_block_size(name, head_dim)
+        _BACKENDS[key] = attention_backends.create(
+            name, device=q.device, dtype=q.dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            block_size=page, max_model_len=FA3_MAX_SEQLEN_Q, max_pages=1), page
     return _BACKENDS[key]
 
 
