@@ -15,10 +15,11 @@ chosen. Prints a table per M and writes ``matmul_small_m.json``: the evidence be
 the same order whatever the chunk length, so that BLOCK_K could follow K without moving a bit?). Each
 one is first checked for bits at every M of ``--bits-ms`` (the default config per M, TMA and wgmma
 tiles included, only BLOCK_K changed); its small-M configs are timed only if every M gave the default
-BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``). ``DEEP_CONFIGS`` keep the default BLOCK_K and
-go 16-32 stages deep instead (as many bytes in flight as BLOCK_K 256 at 6 stages; depths past the
-shared memory are cut by ``fit_stages``, the JSON records the depth asked for): each shape's best
-config at the default BLOCK_K is printed beside the overall best. Last, ``linear_group``'s one-launch
+BLOCK_K's bits, over a smaller grid (``BK_CONFIGS``). ``UNROLL_CONFIGS`` keep the default BLOCK_K and
+walk its chunks ``K_UNROLL`` at a time (the same dots in the same order: the bits cannot move; on the
+H200, 2026-12-03, 16-32 stages deep at BLOCK_K 64 did not reach BLOCK_K 256's speed, unrolling is the
+other way to fewer, wider loop iterations): each shape's best config at the default BLOCK_K is printed
+beside the overall best. Every config is checked against ``K_UNROLL=1``'s bits. Last, ``linear_group``'s one-launch
 tile (q+k+v, gate+up of one layer) over ``GROUP_CONFIGS``, against separate cuBLAS calls.
 """
 from __future__ import annotations
@@ -39,16 +40,15 @@ CONFIGS = [dict(BLOCK_N=bn, num_warps=w, num_stages=s, PERSISTENT=p)
            for bn, w, s, p in itertools.product((16, 32, 64, 128), (2, 4), (4, 8, 12), (True, False))]
 BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
               for bn, s, p in itertools.product((16, 32, 64), (3, 6), (True, False))]
-# Deep pipelines at the default BLOCK_K: as many bytes in flight as BLOCK_K 256 x 6 stages, by depth
-# instead of chunk length (the depth is free under the rules; BLOCK_K along K is not chosen by M).
-DEEP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
-                for bn, s, p in itertools.product((16, 32, 64), (16, 24, 32), (True, False))]
-
-
+# The default BLOCK_K's chunks walked K_UNROLL at a time (matmul.k_reduction): the same dots on the
+# same chunks in the same order, so the bits cannot move; fewer loop iterations and wider loads in
+# flight, as BLOCK_K 256 had (the rule-keeping way to its speed). A stage holds K_UNROLL chunks.
+UNROLL_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p, K_UNROLL=u)
+                  for bn, s, p, u in itertools.product((16, 32, 64), (2, 3, 4, 6), (True, False), (2, 4))]
 #: The grouped projections of a Llama-3-8B layer at decode (kernels/linear_group.py: one launch).
 GROUPS = {"q+k+v": ((4096, 4096), (1024, 4096), (1024, 4096)), "gate+up": ((14336, 4096), (14336, 4096))}
-GROUP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s)
-                 for bn, s in itertools.product((16, 32, 64), (4, 8, 12, 16, 24))]
+GROUP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, K_UNROLL=u)
+                 for bn, s, u in itertools.product((32, 64), (2, 3, 4, 6, 8), (1, 2, 4))]
 
 
 def sweep_groups(dev, gen, ms) -> list:
@@ -63,7 +63,7 @@ def sweep_groups(dev, gen, ms) -> list:
                 for _ in range(n_copies)]
         for M in ms:
             x = torch.randn(M, shapes[0][1], device=dev, generator=gen, dtype=torch.bfloat16)
-            ref = lg.triton_linear_group(x, sets[0])
+            ref = lg.triton_linear_group(x, sets[0], _config=dict(K_UNROLL=1))  # one chunk per iteration
             t_default = time_graph(lambda ws: lg.triton_linear_group(x, ws), sets)
             t_cublas = time_graph(lambda ws: [F.linear(x, w) for w in ws], sets)
             rows = []
@@ -82,7 +82,8 @@ def sweep_groups(dev, gen, ms) -> list:
                             differing_bits=sum(r.get("same_bits") is False for r in rows), configs=rows))
             print(f"{name:8s} M={M:3d}: cuBLAS (separate) {wbytes / t_cublas / 1e9:6.0f} GB/s, default "
                   f"{wbytes / t_default / 1e9:6.0f} GB/s ({t_default * 1e6:6.1f} us), best {best['gbps']:6.0f} GB/s "
-                  f"({best['seconds'] * 1e6:6.1f} us) BN={best['BLOCK_N']} st={best['num_stages']}; "
+                  f"({best['seconds'] * 1e6:6.1f} us) BN={best['BLOCK_N']} st={best['num_stages']} "
+                  f"unroll={best['K_UNROLL']}; "
                   f"configs with other bits: {out[-1]['differing_bits']}", flush=True)
         del sets
         torch.cuda.empty_cache()
@@ -151,7 +152,7 @@ def main(argv=None):
               + ", ".join(f"{k}: {v}" for k, v in bk_bits[bk].items() if v is not True), flush=True)
         if same:
             block_ks.append(bk)
-    grid = [dict(c, BLOCK_K=mm.BLOCK_K_16BIT) for c in CONFIGS + DEEP_CONFIGS]
+    grid = [dict(c, BLOCK_K=mm.BLOCK_K_16BIT) for c in CONFIGS + UNROLL_CONFIGS]
     grid += [dict(c, BLOCK_K=bk) for bk in block_ks[1:] for c in BK_CONFIGS]
     for name, (N, K) in SHAPES.items():
         wbytes = N * K * 2
@@ -159,7 +160,7 @@ def main(argv=None):
         ws = [torch.randn(N, K, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(n_copies)]
         for M in (int(m) for m in a.ms.split(",")):
             x = torch.randn(M, K, device=dev, generator=gen, dtype=torch.bfloat16)
-            ref = mm.triton_matmul(x, ws[0].t())
+            ref = mm.triton_matmul(x, ws[0].t(), _config=dict(K_UNROLL=1))  # one chunk per loop iteration
             default = mm.select_config(M, N, torch.bfloat16, torch.cuda.get_device_properties(dev).multi_processor_count)
             t_cublas = time_graph(lambda w: F.linear(x, w), ws)
             t_default = time_graph(lambda w: mm.triton_matmul(x, w.t()), ws)
@@ -185,8 +186,9 @@ def main(argv=None):
             print(f"{name:8s} M={M:3d}: cuBLAS {wbytes / t_cublas / 1e9:6.0f} GB/s, default {wbytes / t_default / 1e9:6.0f} "
                   f"GB/s ({t_default * 1e6:6.1f} us), best {best['gbps']:6.0f} GB/s ({best['seconds'] * 1e6:6.1f} us) "
                   f"BN={best['BLOCK_N']} BK={best['BLOCK_K']} w={best['num_warps']} st={best['num_stages']} "
-                  f"pers={best['PERSISTENT']}; at BK={mm.BLOCK_K_16BIT} {best64['gbps']:6.0f} GB/s "
-                  f"(BN={best64['BLOCK_N']} st={best64['num_stages']} pers={best64['PERSISTENT']}); "
+                  f"pers={best['PERSISTENT']} unroll={best.get('K_UNROLL', 1)}; at BK={mm.BLOCK_K_16BIT} "
+                  f"{best64['gbps']:6.0f} GB/s (BN={best64['BLOCK_N']} st={best64['num_stages']} "
+                  f"pers={best64['PERSISTENT']} unroll={best64.get('K_UNROLL', 1)}); "
                   f"configs with other bits: {len(bad)}", flush=True)
         del ws
         torch.cuda.empty_cache()

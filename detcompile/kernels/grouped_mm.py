@@ -149,7 +149,7 @@ if HAS_TRITON:
         num_k = tl.where(is_group & (row_lo < row_end), tl.cdiv(K, BLOCK_K), 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_xk, s_wk,
-                          IS_FP32, PRECISION, BLOCK_K)
+                          IS_FP32, PRECISION, BLOCK_K, 1)
 
         c_ptrs = c_ptr + om[:, None] * s_cm + on[None, :] * s_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

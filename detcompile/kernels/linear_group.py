@@ -39,7 +39,7 @@ if _common.HAS_TRITON:
         a_ptr, w0, w1, w2, c0, c1, c2,
         M, K, N0, N1, N2, s_am, s_ak,
         IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr,
     ):
         """One program per output tile; tiles of W0 first, then W1, then W2. Weights are
         row-major [Ni, K] (an nn.Linear's), outputs row-major [M, Ni]."""
@@ -67,7 +67,7 @@ if _common.HAS_TRITON:
         b_ptrs = w + offs_k[:, None] + on[None, :] * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, tl.cdiv(K, BLOCK_K), s_ak, 1,
-                          IS_FP32, PRECISION, BLOCK_K)
+                          IS_FP32, PRECISION, BLOCK_K, K_UNROLL)
         tl.store(c + om[:, None] * N + on[None, :], acc.to(c.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
@@ -84,15 +84,20 @@ def _check(a: Tensor, weights: list[Tensor]) -> None:
 
 
 def _one_launch_config(total_n: int) -> dict:
-    """Weight-streaming tiles, one program per tile: chosen by analogy with the single-weight sweep
-    (benchmarks/matmul_small_m.py); measured only end to end (batch-1 decode, H200, 2026-12-03)."""
-    return dict(BLOCK_N=32 if total_n < 16384 else 64, num_warps=4, num_stages=8)
+    """Weight-streaming tiles, one program per tile: the fastest of benchmarks/matmul_small_m.py's
+    group sweep (H200, 2026-12-03, M = 2 and 16; every config gives the same bits): q+k+v 16.6 us
+    at BLOCK_N 32 x 8 stages; gate+up 70.7 -> 58.9 us at 3 stages instead of BLOCK_N 64 x 8
+    (3987 GB/s; separate cuBLAS calls 3863). Unrolling the K loop gained nothing here."""
+    if total_n < 16384:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=8)
+    return dict(BLOCK_N=32, num_warps=4, num_stages=3)
 
 
 def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool | None = None,
                         _config: dict | None = None) -> list[Tensor]:
     """CUDA (or the interpreter): one launch for M <= MAX_M and contiguous weights, else a matmul each.
-    ``_config`` overrides the one-launch tile's BLOCK_N / num_warps / num_stages (benchmarks only)."""
+    ``_config`` overrides the one-launch tile's BLOCK_N / num_warps / num_stages / K_UNROLL (benchmarks
+    only)."""
     _check(a, weights)
     M, K = a.shape
     one = (M <= MAX_M and K > 0 and all(w.is_contiguous() for w in weights)
@@ -113,7 +118,7 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
         _linear_group_kernel[(tiles,)](
             a, *ws, *cs, M, K, *ns, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+            BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, K_UNROLL=cfg.get("K_UNROLL", 1),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return outs

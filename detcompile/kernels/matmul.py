@@ -44,7 +44,8 @@ else:
 OP = "matmul"
 
 # BLOCK_K is fixed per dtype: 64 for 16-bit inputs, 32 for fp32. It is the only launch constant
-# along the reduced dimension. Everything else (BLOCK_M, BLOCK_N, warps, stages, TMA or pointer
+# along the reduced dimension (K_UNROLL, picked by M for decode, only groups whole chunks per loop
+# iteration: the dots and their order stay those of BLOCK_K, see k_reduction). Everything else (BLOCK_M, BLOCK_N, warps, stages, TMA or pointer
 # loads, persistent grid size) is picked from M and N below for speed: it changes which program
 # computes an element and how data moves, never the element's reduction. Each output element is
 # one fp32 accumulator fed by the MMA instructions over K in ascending order (Triton chains the
@@ -81,11 +82,14 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
         # benchmarks/matmul_small_m.py (H200, 2026-12-03; all of them give the same bits): one
         # program per tile (several resident per SM) except at N = 4096, where the persistent grid
         # tied. k/v 1024: 13.2 -> 11.8 us, gate/up 14336: 35.5 -> 33.1 us, lm_head: 273 -> 243 us.
+        # Narrow N (k/v, q/o, down) walk four K chunks per loop iteration (K_UNROLL: the same dots
+        # in the same order, see k_reduction): k/v 11.7 -> 9.6 us, q/o 13.9 -> 12.9 us, down
+        # 40.0 -> 31.6 us (3713 GB/s, cuBLAS 3658); wide N gained nothing.
         small = dict(base, BLOCK_M=16, num_warps=4, num_stages=8, TMA=False, PERSISTENT=False)
         if N <= 2048:
-            return dict(small, BLOCK_N=16, num_stages=12)
+            return dict(small, BLOCK_N=32, num_stages=4, K_UNROLL=4)
         if N < 6144:
-            return dict(small, BLOCK_N=32, PERSISTENT=True)
+            return dict(small, BLOCK_N=32, num_stages=6, PERSISTENT=True, K_UNROLL=4)
         if N < 16384:
             return dict(small, BLOCK_N=64)
         return dict(small, BLOCK_N=32, num_warps=2)
@@ -112,7 +116,8 @@ def smem_estimate(cfg: dict, in_bytes: int, out_bytes: int, has_bias: bool) -> i
     barriers and slack. On the H200 the 6-stage 128x128 bf16 config with a bias needed 237616 and
     245784 bytes (ctrl, xlnet, trocr); this gives 246784."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    operands = cfg["num_stages"] * (bm * bk + bk * bn) * in_bytes
+    # A pipeline stage is one loop iteration: K_UNROLL chunks of each operand.
+    operands = cfg["num_stages"] * cfg.get("K_UNROLL", 1) * (bm * bk + bk * bn) * in_bytes
     epilogue = bm * bn * out_bytes + (bm * bn if has_bias else 0)
     return operands + epilogue + 1024
 
@@ -165,16 +170,37 @@ if HAS_TRITON:
 
     @triton.jit
     def k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
-                    IS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                    IS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                    K_UNROLL: tl.constexpr):
         """``acc`` plus the [BLOCK_M, K] @ [K, BLOCK_N] product of the tiles at ``a_ptrs`` /
         ``b_ptrs`` (K offset 0), over ``num_k`` chunks: the pointer kernels' K loop, shared with
         ``grouped_mm`` so that its rows get matmul's bits.
 
         Whole K, ascending BLOCK_K chunks, one accumulator: the same reduction order for every
         output element whatever M is. Out-of-range K (and masked rows / columns) load as exact 0,
-        so a row zero-padded along K produces the same bits."""
+        so a row zero-padded along K produces the same bits.
+
+        ``K_UNROLL`` > 1 walks the whole chunks K_UNROLL at a time (loads without K masks, then
+        the K_UNROLL dots in ascending order), the rest one by one as before: the accumulator sees
+        the same ``tl.dot`` calls on the same chunks in the same order, so the bits cannot change;
+        only the loop's shape does (fewer iterations, wider loads in flight: at decode a weight
+        read)."""
         offs_k = tl.arange(0, BLOCK_K)
-        for kb in range(0, num_k):
+        kb0 = 0
+        if K_UNROLL > 1:
+            groups = tl.minimum(K // BLOCK_K, num_k) // K_UNROLL  # whole chunks only: no K mask
+            for _g in range(0, groups):
+                for u in tl.static_range(K_UNROLL):
+                    a = tl.load(a_ptrs + u * BLOCK_K * s_ak, mask=mask_m[:, None], other=0.0)
+                    b = tl.load(b_ptrs + u * BLOCK_K * s_bk, mask=mask_n[None, :], other=0.0)
+                    if IS_FP32:
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    else:
+                        acc = tl.dot(a, b, acc)
+                a_ptrs += K_UNROLL * BLOCK_K * s_ak
+                b_ptrs += K_UNROLL * BLOCK_K * s_bk
+            kb0 = groups * K_UNROLL
+        for kb in range(kb0, num_k):
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -206,6 +232,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        K_UNROLL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -236,7 +263,7 @@ if HAS_TRITON:
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
-                              IS_FP32, PRECISION, BLOCK_K)
+                              IS_FP32, PRECISION, BLOCK_K, K_UNROLL)
 
             # Epilogue in fp32, then the single rounding to the output dtype.
             acc = acc * alpha
@@ -466,7 +493,7 @@ def triton_matmul(
     cfg = fit_stages(cfg, _common.shared_memory_limit(a.device), es, es, xb is not None)
     b_kmajor = descs[3] if descs is not None else None
     key = (str(a.device), descs is not None, b_kmajor, a.dtype, xb is not None,
-           cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
+           cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg.get("K_UNROLL", 1))
 
     # What both kernels take from the config; the pipeline depth is fitted at launch.
     tile_args = dict(
@@ -498,6 +525,7 @@ def triton_matmul(
             float(alpha), float(beta),
             IS_FP32=a.dtype == torch.float32,
             PRECISION=_common.dot_precision(a.dtype),
+            K_UNROLL=cfg.get("K_UNROLL", 1),
             num_stages=stages,
             **tile_args,
         )

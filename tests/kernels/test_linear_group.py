@@ -45,9 +45,9 @@ def test_interpreter_config_override_changes_only_the_tiling(gen):
     a = torch.randn(2, K, generator=gen).to(torch.float16)
     ws = weights(gen, K, ns, torch.float16)
     ref = triton_linear_group(a, ws, _one_launch=True)
-    for bn in (16, 64):
-        got = triton_linear_group(a, ws, _one_launch=True, _config=dict(BLOCK_N=bn, num_stages=2))
-        assert all(torch.equal(g, r) for g, r in zip(got, ref)), bn
+    for bn, unroll in ((16, 1), (64, 1), (16, 2), (32, 4)):  # K_UNROLL: the same chunks, the same order
+        got = triton_linear_group(a, ws, _one_launch=True, _config=dict(BLOCK_N=bn, num_stages=2, K_UNROLL=unroll))
+        assert all(torch.equal(g, r) for g, r in zip(got, ref)), (bn, unroll)
 
 
 def test_cpu_op_equals_matmul(gen):
@@ -73,7 +73,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from detcompile.kernels import linear_group as LG
 fn = LG._linear_group_kernel
-const = dict(IS_FP32=False, PRECISION="ieee", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+const = dict(IS_FP32=False, PRECISION="ieee", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_UNROLL=4)
 sig = {n: "i32" for n in fn.arg_names}
 sig.update({n: "*bf16" for n in ("a_ptr", "w0", "w1", "w2", "c0", "c1", "c2")})
 sig.update({n: "constexpr" for n in const})

@@ -310,6 +310,20 @@ def test_interp_empty_dims(gen):
     assert torch.equal(triton_matmul(a0, b0, bias, beta=2.0), (2.0 * bias).expand(4, 8))
 
 
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [7, 100, 256, 327, 520])
+def test_interp_k_unroll_runs_the_same_chunks_in_the_same_order(gen, dtype, K):
+    # K_UNROLL walks whole BLOCK_K chunks several per iteration (no K mask), the rest one by one:
+    # the same dots in the same order, so exactly K_UNROLL=1's bits, for K below one group, whole
+    # groups, and groups plus whole and partial leftover chunks. A skipped or repeated chunk fails.
+    a, w = rnd(gen, 3, K, dtype=dtype), rnd(gen, 40, K, dtype=dtype)
+    ref = triton_matmul(a, w.t(), _config=dict(K_UNROLL=1))
+    assert rel_err(ref, reference(a, w.t())) < (1e-5 if dtype == torch.float32 else 2e-3)
+    for unroll in (2, 3, 4):
+        assert torch.equal(triton_matmul(a, w.t(), _config=dict(K_UNROLL=unroll)), ref), unroll
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_block_k_fixed_by_dtype(dtype):
     # The reduction chunk is a per-dtype constant (the batch-invariance contract): whatever tile
@@ -496,6 +510,23 @@ def test_gpu_bad_dtype():
         op(torch.ones(4, 4, device=CUDA, dtype=torch.int32), torch.ones(4, 4, device=CUDA, dtype=torch.int32))
     with pytest.raises(UnsupportedError, match="one device"):
         op(torch.ones(4, 4, device=CUDA), torch.ones(4, 4))
+
+
+@gpu
+@pytest.mark.parametrize("N,K", [(4096, 14336), (1024, 4096), (300, 1000)])
+def test_gpu_k_unroll_keeps_the_bits(gen, N, K):
+    # The decode tiles (M <= 16) with their K chunks walked 1, 2 or 4 per loop iteration: the same
+    # dots in the same order, so the bits of one chunk per iteration and of the M = 64 (wgmma) rows.
+    W = rnd(gen, N, K, dtype=torch.bfloat16, device=CUDA)
+    a = rnd(gen, 64, K, dtype=torch.bfloat16, device=CUDA)
+    wide = op(a, W.t())
+    for M in (1, 2, 16):
+        ref = triton_matmul(a[:M], W.t(), _config=dict(K_UNROLL=1))
+        assert torch.equal(ref, wide[:M]), M
+        for unroll in (2, 4):
+            for stages in (2, 4):
+                got = triton_matmul(a[:M], W.t(), _config=dict(K_UNROLL=unroll, num_stages=stages))
+                assert torch.equal(got, ref), (M, unroll, stages)
 
 
 @gpu
