@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine import (bench_decode1, bench_throughput_wave, build_model, free_memory, llama8b_sizes,
-                               make_workload, markdown_table, measure_copy_bandwidth, model_spec, random_prompt,
-                               sampled_params, sync, tiny_sizes)
+from benchmarks.engine import (bench_decode1, bench_throughput_wave, build_model, close_engine, free_memory,
+                               llama8b_sizes, make_workload, markdown_table, measure_copy_bandwidth, model_spec,
+                               random_prompt, sampled_params, sync, tiny_sizes)
 
 #: Kernel names of the three backends' attention (ours: _attention_kernel and _merge_splits_kernel;
 #: FA3: flash_fwd...; FlashInfer: BatchPrefill.../BatchDecode... kernels) and, on the CPU, the op.
@@ -183,6 +183,7 @@ def run_backend(name: str, model, spec, sizes, gbps: float | None, parts: set[st
                 log(f"[{name}] {step} FAILED:\n{rec['errors'][step]}")
                 _finish_all(engine)
     finally:
+        close_engine(engine)
         del engine
         free_memory(spec.device)
     return rec

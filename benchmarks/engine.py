@@ -29,7 +29,7 @@ Parts (each step is timed; a failing step is recorded with its traceback and the
   process (cold) and of a second deterministic engine on the same model (warm); time to first token
   (``max_new_tokens=1``) for a 128- and a 2048-token prompt.
 
-Engines never coexist: each is freed (``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``)
+Engines never coexist: each is freed (``close()``, ``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``)
 before the next is built. Order: deterministic engine (cold start-up, TTFT, decode1, throughput),
 stock engine (the same), second deterministic engine (warm start-up; its batch-1 greedy tokens must
 equal the first one's), HF ``generate``. ``--budget-s`` (default 420 s for llama8b, counted from the
@@ -487,6 +487,14 @@ def _flush(engine) -> None:
         flush()
 
 
+def close_engine(engine) -> None:
+    """Free the engine's KV cache and CUDA graphs now, whatever still refers to it (a step's
+    traceback, a closure); engines of older commits have no close() and rely on ``del``."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 def timed_generate(engine, device, prompts, params, use_tqdm=False):
     _flush(engine)  # every timed run computes its whole prompt
     sync(device)
@@ -619,6 +627,7 @@ def engine_phase(run: Run, model, spec: ModelSpec, sizes: Sizes, parts: set[str]
                     res.setdefault("throughput", {}).setdefault(mode, {})[str(n)] = r
                     run.log(f"{label}: {n} requests {fmt(r['output_tok_s'])} output tok/s in {fmt(r['seconds'])} s")
     finally:
+        close_engine(engine)
         del engine, built
         free_memory(spec.device)
         if spec.device.type == "cuda":  # what the next engine cannot have (a leak would show here)

@@ -6,7 +6,6 @@ alone), and prints torch.profiler's top ops of a few steps. Notes for the speed 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import time
@@ -80,10 +79,9 @@ def profile_mode(model, dev, deterministic: bool, batch: int, steps: int, out_di
         with open(os.path.join(out_dir, f"profile_{mode}_b{batch}_{key}.txt"), "w") as f:
             f.write(table)
     print(f"{mode} batch {batch}: " + ", ".join(f"{k} {v} ms" for k, v in res.items()), flush=True)
-    del eng
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    # close(), not just `del eng`: `runner` (and `logits`) still held the KV cache and the CUDA graphs
+    # here, so the next engine found half the GPU taken.
+    eng.close()
     return res
 
 

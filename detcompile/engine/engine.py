@@ -83,7 +83,12 @@ class Engine:
     extras, see ``engine.attention_backends``); each is bitwise stable within itself.
     ``block_size`` (tokens per KV page) defaults to the backend's: 16, or FA3's key tile (128 at
     head dims 64 and 128).
+
+    ``close()`` (or ``with Engine(...) as engine:``) frees the KV cache and CUDA graphs at once;
+    dropping the last reference to the engine frees them too.
     """
+
+    closed = False
 
     def __init__(self, model_or_path, *, tokenizer=None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
@@ -126,6 +131,32 @@ class Engine:
                  f"{self.runner.compile_seconds:.1f} s, CUDA graphs {self.runner.graph_seconds:.1f} s), "
                  f"{'deterministic' if deterministic else 'stock kernels (NOT deterministic)'}")
 
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the engine's device memory now (KV cache, CUDA graphs and their pool, the compiled
+        forward; the weights too when the engine loaded the model itself), whoever still holds the
+        engine or its runner. Unfinished requests are dropped. Idempotent; afterwards requests and
+        steps raise RuntimeError. The model is left as it was given (the engine patches nothing on it:
+        each step switches the attention implementation and switches it back)."""
+        if self.closed:
+            return
+        self.closed = True
+        runner, self.runner = self.runner, None
+        self.scheduler = self.blocks = self.model = None
+        self.requests = {}
+        runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("detcompile engine: this Engine was closed (close() freed its KV cache and CUDA "
+                               "graphs); build a new Engine")
+
     # -- requests ------------------------------------------------------------------------------
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -154,6 +185,7 @@ class Engine:
         """Queue a request (validated first: a bad one raises ValueError and changes nothing).
         ``keep_logits`` keeps each step's raw and processed logits rows (HF's output_logits /
         output_scores); they cost a vocabulary-sized row per token."""
+        self._check_open()
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         self._check(ids, params)
@@ -172,6 +204,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request and free its pages (a disconnected client)."""
+        self._check_open()
         for s in self.requests.get(request_id, []):
             if not s.finished:
                 self.scheduler.abort(s)
@@ -179,15 +212,18 @@ class Engine:
         self.stats["aborted"] += 1
 
     def has_unfinished(self) -> bool:
+        self._check_open()
         return self.scheduler.has_work()
 
     def flush_cache(self) -> None:
         """Forget the prefix cache (outputs do not change: cached and computed K/V are the same bits)."""
+        self._check_open()
         self.blocks.flush()
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one forward over the scheduled work; returns the sequences that changed."""
+        self._check_open()
         work = self.scheduler.schedule()
         if not work:
             return []
@@ -337,6 +373,7 @@ class Engine:
         return RequestOutput(rid, list(first.prompt), outs, plp, ptop, first.num_cached_prompt)
 
     def pop_output(self, rid: str) -> RequestOutput:
+        self._check_open()
         out = self._output(rid)
         if out.finished:
             del self.requests[rid]
@@ -345,6 +382,7 @@ class Engine:
     def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None, *,
                  use_tqdm: bool = True, keep_logits: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists); outputs in input order."""
+        self._check_open()
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
         plist = [prompts] if single else list(prompts)
@@ -385,6 +423,7 @@ class Engine:
     def score(self, prompt, completion=None, params: SamplingParams | None = None, *, use_tqdm: bool = False):
         """Per-token logprobs of ``completion`` after ``prompt`` (lists of token ids, or lists of such
         lists): bitwise the logprobs ``generate`` reports for the same tokens with the same params."""
+        self._check_open()
         batched = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple, str))
         prompts = list(prompt) if batched else [prompt]
         completions = list(completion) if batched else [completion]

@@ -17,10 +17,12 @@ _ENGINE_ATTR = "_detcompile_engine"
 
 def engine_for(model, **engine_options) -> Engine:
     """The engine serving ``model``, built on first use and kept on the model (rebuilt when other
-    engine options are asked for)."""
+    engine options are asked for, or once it is closed)."""
     cached = getattr(model, _ENGINE_ATTR, None)
-    if cached is not None and cached[0] == engine_options:
+    if cached is not None and cached[0] == engine_options and not cached[1].closed:
         return cached[1]
+    if cached is not None:  # freed first: the new engine sizes its KV cache by the free memory
+        cached[1].close()
     engine = Engine(model, **engine_options)
     object.__setattr__(model, _ENGINE_ATTR, (dict(engine_options), engine))
     return engine

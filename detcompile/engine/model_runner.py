@@ -130,6 +130,9 @@ class ModelRunner:
     def _plan_cache(self, fraction: float, nbytes: int | None) -> int:
         if nbytes is None:
             if self.device.type == "cuda":
+                # mem_get_info counts the caching allocator's unused blocks as taken: memory a freed
+                # engine left there (``del eng`` without empty_cache) would shrink this budget.
+                torch.cuda.empty_cache()
                 free, total = torch.cuda.mem_get_info(self.device)
                 # what the warm-up peaked at above the weights, kept free for activations
                 activations = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
@@ -144,6 +147,20 @@ class ModelRunner:
         self.log(f"detcompile engine: KV cache {pages} pages x {self.block_size} tokens = {pages * self.block_size} "
                  f"tokens, {pages * self.page_bytes() / 2**30:.2f} GiB on {self.device}")
         return int(pages)
+
+    def close(self) -> None:
+        """Free the KV cache, the CUDA graphs (their static buffers and memory pool), the attention
+        backend's buffers and the compiled forward now, even while something still holds the runner
+        (a caller's ``runner = engine.runner``, a traceback). Idempotent."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing queued still reads or writes what is freed
+        self.graphs.clear()
+        self.mixed_graphs.clear()
+        self.kv_caches = []
+        self.backend = None
+        self.forward = self.model = None  # the compiled wrapper; the model, if the engine loaded it
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # back to the driver: the next engine sizes its cache by mem_get_info
 
     # -- one step ------------------------------------------------------------------------------
     def _call(self, input_ids: Tensor, positions: Tensor, keep: Tensor) -> Tensor:
