@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 import detcompile.kernels  # noqa: F401  (registers torch.ops.detcompile.paged_attention)
+from detcompile.kernels.kv_cache_write import write_kv
 
 IMPLEMENTATION = "detcompile_paged"
 
@@ -75,9 +76,8 @@ def engine_paged_attention(q: Tensor, k: Tensor, v: Tensor, layer: int, scale: f
     if ctx is None:
         raise RuntimeError("detcompile: the engine's attention ran outside an engine step (no StepContext)")
     k_cache, v_cache = ctx.kv_caches[layer]
-    T, hkv = q.shape[2], k.shape[1]
-    k_cache.view(-1, hkv, k_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
-    v_cache.view(-1, hkv, v_cache.shape[-1]).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
+    T = q.shape[2]
+    write_kv(k_cache, v_cache, ctx.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # one launch for both
     qt = q[0].transpose(0, 1)  # [T, Hq, D]
     if ctx.backend is not None:  # FA3 / FlashInfer: one call for decode and ragged steps alike
         return ctx.backend.attend(qt, k_cache, v_cache, ctx, scale, softcap, window, sinks).unsqueeze(0)

@@ -20,6 +20,7 @@ from . import index_add  # noqa: F401
 from . import scatter_add  # noqa: F401
 from . import attention  # noqa: F401
 from . import paged_attention  # noqa: F401
+from . import kv_cache_write  # noqa: F401
 from . import grouped_mm  # noqa: F401
 from . import cpu_pointwise  # noqa: F401
 from . import conv1d  # noqa: F401
