@@ -45,8 +45,9 @@ OP = "matmul"
 
 # BLOCK_K is fixed per dtype: 64 for 16-bit inputs, 32 for fp32. It is the only launch constant
 # along the reduced dimension (K_UNROLL, picked by M for decode, only groups whole chunks per loop
-# iteration: the dots and their order stay those of BLOCK_K, see k_reduction). Everything else (BLOCK_M, BLOCK_N, warps, stages, TMA or pointer
-# loads, persistent grid size) is picked from M and N below for speed: it changes which program
+# iteration: the dots and their order stay those of BLOCK_K, see k_reduction). Everything else
+# (BLOCK_M, BLOCK_N, warps, stages, TMA or pointer loads, persistent grid size) is picked from M
+# and N below for speed: it changes which program
 # computes an element and how data moves, never the element's reduction. Each output element is
 # one fp32 accumulator fed by the MMA instructions over K in ascending order (Triton chains the
 # k16 MMAs of each chunk into the accumulator); benchmarks/matmul_configs.py checked on the H100
@@ -169,6 +170,13 @@ if HAS_TRITON:
         return first_m + (t % in_group) % group_m, (t % in_group) // group_m
 
     @triton.jit
+    def _chunk_dot(a, b, acc, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """``acc`` plus one BLOCK_K chunk's product (fp32 inputs at the dtype's dot precision)."""
+        if IS_FP32:
+            return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def k_reduction(acc, a_ptrs, b_ptrs, mask_m, mask_n, K, num_k, s_ak, s_bk,
                     IS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                     K_UNROLL: tl.constexpr):
@@ -193,10 +201,7 @@ if HAS_TRITON:
                 for u in tl.static_range(K_UNROLL):
                     a = tl.load(a_ptrs + u * BLOCK_K * s_ak, mask=mask_m[:, None], other=0.0)
                     b = tl.load(b_ptrs + u * BLOCK_K * s_bk, mask=mask_n[None, :], other=0.0)
-                    if IS_FP32:
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                    else:
-                        acc = tl.dot(a, b, acc)
+                    acc = _chunk_dot(a, b, acc, IS_FP32, PRECISION)
                 a_ptrs += K_UNROLL * BLOCK_K * s_ak
                 b_ptrs += K_UNROLL * BLOCK_K * s_bk
             kb0 = groups * K_UNROLL
@@ -204,10 +209,7 @@ if HAS_TRITON:
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            if IS_FP32:
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _chunk_dot(a, b, acc, IS_FP32, PRECISION)
             a_ptrs += BLOCK_K * s_ak
             b_ptrs += BLOCK_K * s_bk
         return acc
