@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 import torch.fx as fx
 
 import detcompile.kernels  # noqa: F401  (registers torch.ops.detcompile.*)
