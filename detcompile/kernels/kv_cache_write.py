@@ -13,19 +13,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _pdl
 
 OP = "kv_cache_write"
 
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from ._pdl import start as pdl_start
 
     @triton.jit(do_not_specialize=["T"])
     def _kv_cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, T, HKV, D,
                                s_kt, s_kh, s_vt, s_vh, s_kc, s_vc,
-                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """One program per token: its Hkv x D keys and values (last dims unit-stride)."""
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -76,6 +78,7 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
             k, v, k_cache, v_cache, slots, T, hkv, d,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), v_cache.stride(1),
             BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+            PDL=_pdl.enabled(k), **_pdl.launch_options(_pdl.enabled(k)),
         )
 
 

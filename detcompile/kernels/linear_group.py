@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _pdl
 from .matmul import BLOCK_K_16BIT, BLOCK_K_FP32, cpu_matmul, triton_matmul
 
 OP = "linear_group"
@@ -32,6 +32,7 @@ BLOCK_M = 16
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from ._pdl import start as pdl_start
     from .matmul import k_reduction
 
     @triton.jit(do_not_specialize=["M"])
@@ -40,9 +41,11 @@ if _common.HAS_TRITON:
         M, K, N0, N1, N2, s_am, s_ak,
         IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per output tile; tiles of W0 first, then W1, then W2. Weights are
         row-major [Ni, K] (an nn.Linear's), outputs row-major [M, Ni]."""
+        pdl_start(PDL)
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         t0 = tl.cdiv(N0, BLOCK_N) * tiles_m
@@ -114,12 +117,13 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
     fp32 = a.dtype == torch.float32
     bk = BLOCK_K_FP32 if fp32 else BLOCK_K_16BIT
     tiles = sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns) * triton.cdiv(M, BLOCK_M)
+    pdl = _pdl.enabled(a)
     with _common.on_device(a):
         _linear_group_kernel[(tiles,)](
             a, *ws, *cs, M, K, *ns, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, K_UNROLL=cfg.get("K_UNROLL", 1),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl, **_pdl.launch_options(pdl),
         )
     return outs
 

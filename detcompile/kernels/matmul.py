@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _common, _cpu
+from . import _common, _cpu, _pdl
 from ._common import HAS_TRITON, UnsupportedError
 
 if HAS_TRITON:
@@ -30,6 +30,8 @@ if HAS_TRITON:
     import triton.language as tl
 
     from triton.runtime.errors import OutOfResources
+
+    from ._pdl import start as pdl_start
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -235,7 +237,9 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         K_UNROLL: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_start(PDL)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
@@ -528,9 +532,13 @@ def triton_matmul(
             IS_FP32=a.dtype == torch.float32,
             PRECISION=_common.dot_precision(a.dtype),
             K_UNROLL=cfg.get("K_UNROLL", 1),
+            PDL=pdl,
             num_stages=stages,
             **tile_args,
+            **_pdl.launch_options(pdl),
         )
+
+    pdl = _pdl.enabled(a)  # the pointer kernel only (decode's M <= 16)
 
     # Triton launches on the current CUDA device; make that a's device.
     with _common.on_device(a):

@@ -28,12 +28,13 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import _common, _ptx
+from . import _common, _pdl, _ptx
 from ._ptx import NUM_WARPS, TILE
 
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from ._pdl import start as pdl_start
     from ._ptx import add_rn, mul_rn, to_dtype
 
     @triton.jit
@@ -73,9 +74,10 @@ if _common.HAS_TRITON:
         RQ, S1Q, S2Q, qs0, qs1, qs2, oqs0, oqs1, oqs2,
         RK, S1K, S2K, ks0, ks1, ks2, oks0, oks1, oks2,
         cs0, cs1, cs2, D, HALF,
-        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PTX: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
     ):
         """Programs ``[0, Q_BLOCKS)`` rotate q, the rest k (one launch for a layer's q and k)."""
+        pdl_start(PDL)
         pid = tl.program_id(0)
         if pid < Q_BLOCKS:
             _rotary_rows(q_ptr, oq_ptr, c_ptr, s_ptr, pid, RQ, S1Q, S2Q, qs0, qs1, qs2, oqs0, oqs1, oqs2,
@@ -151,6 +153,7 @@ def triton_rotary_embedding(xs: list[Tensor], cos: Tensor, sin: Tensor, contiguo
     # Same shapes, contiguous: the same strides, for every x they broadcast to.
     c, s = cos.contiguous(), sin.contiguous()
     ptx = _ptx.use_ptx(xs[0])
+    pdl = _pdl.enabled(xs[0])
     ctx = torch.cuda.device(xs[0].device) if xs[0].is_cuda else contextlib.nullcontext()
     with ctx:
         for i in range(0, len(xs), 2):
@@ -165,7 +168,8 @@ def triton_rotary_embedding(xs: list[Tensor], cos: Tensor, sin: Tensor, contiguo
             _rotary_kernel[(q_blocks + k_blocks,)](
                 q4, _as4(oq), k4, _as4(ok), c, s, q_blocks,
                 *_rows(q4, _as4(oq)), *_rows(k4, _as4(ok)), *cs, D, D // 2,
-                ROWS=rows, BLOCK_D=block_d, PTX=ptx, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                ROWS=rows, BLOCK_D=block_d, PTX=ptx, PDL=pdl, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                **_pdl.launch_options(pdl),
             )
     return outs
 

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _common, _ptx
+from . import _common, _pdl, _ptx
 from . import cpu_pointwise as _cpu_pointwise
 from ._ptx import NUM_WARPS, TILE
 
@@ -34,12 +34,14 @@ BLOCK_N_MAX = 1024
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
+    from ._pdl import start as pdl_start
     from ._ptx import mul_rn, silu, to_dtype
 
     @triton.jit(do_not_specialize=["R"])  # the token count: no new variant per count (no bit depends on it)
     def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, R, N, gs, us, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PTX: tl.constexpr):
+                         PTX: tl.constexpr, PDL: tl.constexpr):
         """[R, N] rows (row strides gs, us; the output contiguous)."""
+        pdl_start(PDL)
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (r < R)[:, None] & (c < N)[None, :]
@@ -98,8 +100,10 @@ def triton_silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
     ctx = torch.cuda.device(gate.device) if gate.is_cuda else contextlib.nullcontext()
     with ctx:
+        pdl = _pdl.enabled(gate)
         _silu_mul_kernel[grid](g2, u2, out, R, N, g2.stride(0), u2.stride(0), BLOCK_R=block_r, BLOCK_N=block_n,
-                               PTX=_ptx.use_ptx(gate), num_warps=NUM_WARPS, enable_fp_fusion=False)
+                               PTX=_ptx.use_ptx(gate), PDL=pdl, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                               **_pdl.launch_options(pdl))
     return out
 
 

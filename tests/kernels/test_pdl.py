@@ -1,0 +1,62 @@
+"""Programmatic dependent launch (kernels/_pdl.py): opt-in, CUDA on Hopper+ only, never in the
+interpreter; with it on, the kernels give the bits they give without it (GPU)."""
+import pytest
+import torch
+
+from detcompile.kernels import _pdl
+
+
+def test_off_unless_asked_and_never_on_the_cpu(monkeypatch):
+    monkeypatch.delenv(_pdl.ENV, raising=False)
+    assert not _pdl.enabled(torch.empty(1))
+    monkeypatch.setenv(_pdl.ENV, "1")
+    assert not _pdl.enabled(torch.empty(1))  # a CPU tensor (the interpreter's, too)
+    assert _pdl.launch_options(False) == {} and _pdl.launch_options(True) == {"launch_pdl": True}
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen):
+    """The decode kernels launched with PDL, back to back (each reads the one before), eagerly and
+    captured in a CUDA graph: the bits of plain launches."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs Hopper or newer")
+    from detcompile.kernels.kv_cache_write import write_kv
+    from detcompile.kernels.linear_group import triton_linear_group
+    from detcompile.kernels.matmul import triton_matmul
+    from detcompile.kernels.rotary_embedding import triton_rotary_embedding
+    from detcompile.kernels.silu_mul import triton_silu_mul
+
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(2, 4096, generator=gen).to(dev, dt)
+    wq, wk = (torch.randn(n, 4096, generator=gen).to(dev, dt) * 0.02 for n in (4096, 1024))
+    wg, wu = (torch.randn(14336, 4096, generator=gen).to(dev, dt) * 0.02 for _ in range(2))
+    wd = torch.randn(4096, 14336, generator=gen).to(dev, dt) * 0.02
+    cos, sin = (torch.randn(1, 2, 128, generator=gen).to(dev, dt) for _ in range(2))
+    kc, vc = (torch.zeros(8, 16, 8, 128, device=dev, dtype=dt) for _ in range(2))
+    slots = torch.tensor([3, 40], device=dev)
+
+    def chain():
+        q, k = triton_linear_group(x, [wq, wk])
+        q4, k4 = q.view(1, 2, 32, 128).transpose(1, 2), k.view(1, 2, 8, 128).transpose(1, 2)
+        q4, k4 = triton_rotary_embedding([q4, k4], cos, sin)
+        write_kv(kc, vc, slots, k4[0].transpose(0, 1), k4[0].transpose(0, 1))
+        g, u = triton_linear_group(x + q4.transpose(1, 2).reshape(2, 4096), [wg, wu])
+        return q4, triton_matmul(triton_silu_mul(g, u), wd.t()), kc.clone()
+
+    monkeypatch.delenv(_pdl.ENV, raising=False)
+    want = chain()
+    monkeypatch.setenv(_pdl.ENV, "1")
+    assert all(torch.equal(a, b) for a, b in zip(chain(), want))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = chain()
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        kc.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
