@@ -7,7 +7,8 @@ until the previous kernel has finished and its writes are visible), then let the
 (``griddepcontrol.launch_dependents``). Nothing is read or written before the wait, so the data and
 the arithmetic are those of a plain launch: the bits cannot change, only the gaps.
 
-Off by default until measured on the GPU (``python -m benchmarks.engine --parts decode1`` with and
+Used by: rms_norm's rows kernel, matmul's pointer kernel (M <= 16), linear_group, rotary_embedding,
+kv_cache_write, the attention kernel and its split merge, silu_mul. Off by default until measured on the GPU (``python -m benchmarks.engine --parts decode1`` with and
 without the variable). The interpreter never uses it (the instructions are inline PTX).
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _pdl
 from ._common import HAS_TRITON, UnsupportedError, tl, triton
 from .attention_inputs import OP, _LOG2E, _default_scale, _validate, segment_origins
 
@@ -77,6 +77,8 @@ def _tiles(D: int, Dv: int, dtype: torch.dtype, rows: int):
 
 
 if HAS_TRITON:
+    from ._pdl import start as pdl_start
+
     # Compiled kernels may only read constexpr globals.
     _LOG2E_C = tl.constexpr(_LOG2E)
     _INT32_MAX_C = tl.constexpr(_INT32_MAX)
@@ -174,10 +176,12 @@ if HAS_TRITON:
         BLOCK_DV: tl.constexpr,
         DOT_PREC: tl.constexpr,
         SPLIT_KEYS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """Rows of a program: the GROUP query heads sharing KV head ``hk`` times the Lq queries,
         row r = query (r // GROUP), head hk * GROUP + r % GROUP, so one K/V tile load serves the
         whole group. Each row's arithmetic is its own: which rows share a program never matters."""
+        pdl_start(PDL)
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         if VARLEN:
@@ -373,12 +377,14 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_DV: tl.constexpr,
         SPLIT_KEYS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """Fold the split states of each row in ascending split order (the same _fold as the
         one-program path), then normalise: the result has the bits of the one-program path.
         Only the splits that can hold keys of the row are read: the others hold no key (l = 0),
         and folding such a state is an exact no-op, so stopping early changes no bit (and saves
         a chain of dependent loads per split, which dominated short-context decode)."""
+        pdl_start(PDL)
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
@@ -444,6 +450,7 @@ def _launch(
         ws_acc = ws_ml = out  # never touched
         grid = (B * Hkv, row_blocks)
     bt = block_table if paged else out
+    pdl = _pdl.enabled(q4)
     kvl = kv_lens if paged else out
     sbt = block_table.stride(0) if paged else 0
     _attention_kernel[grid](
@@ -469,8 +476,10 @@ def _launch(
         BLOCK_DV=block_dv,
         DOT_PREC=_common.dot_precision(q4.dtype),
         SPLIT_KEYS=split,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **_pdl.launch_options(pdl),
         # No mul+add contraction into FMAs: each op rounds on its own, so the kernel variants
         # (mask kinds, softcap, causal, paged, split merge) give the same bits for the same scores.
         enable_fp_fusion=False,
@@ -485,8 +494,10 @@ def _launch(
             BLOCK_M=bm,
             BLOCK_DV=block_dv,
             SPLIT_KEYS=split,
+            PDL=pdl,
             num_warps=4,
             enable_fp_fusion=False,
+            **_pdl.launch_options(pdl),
         )
 
 

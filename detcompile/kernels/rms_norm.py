@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _common, _cpu
+from . import _common, _cpu, _pdl
 from . import row_kernels as _rk
 from ._common import HAS_TRITON, tl, triton
 
@@ -35,6 +35,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 if HAS_TRITON:
+    from ._pdl import start as pdl_start
     from ._trees import tree_sum
     from .row_kernels import load_segment_f32, row_arrive_and_wait, tile_offsets, tile_sum
 
@@ -95,9 +96,10 @@ if HAS_TRITON:
         HAS_WEIGHT: tl.constexpr,
         ROWS: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
         CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
-        LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr,
+        LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
+        pdl_start(PDL)
         pid = tl.program_id(0)
         if not SPLIT:
             rows, col, offs, mask = tile_offsets(pid, R, T, ROWS, LANES, CHUNKS)
@@ -216,7 +218,7 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, weight_afte
             _rk.launch_rows(
                 _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out),
                 (n, float(eps)), maxnreg=_rk.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
-                HAS_WEIGHT=mode,
+                pdl=_pdl.enabled(x), HAS_WEIGHT=mode,
             )
     return out
 

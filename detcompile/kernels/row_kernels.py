@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import _common
+from . import _common, _pdl
 from ._common import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
@@ -220,7 +220,7 @@ def row_schedule(name: Optional[str], row_loop_warps: Optional[int] = None):
 
 
 def launch_rows(kernel, plan: RowPlan, T: int, device, ws_dtype, ws_width: int, ptrs: tuple,
-                scalars: tuple, maxnreg: Optional[int] = None, **constexprs) -> None:
+                scalars: tuple, maxnreg: Optional[int] = None, pdl: bool = False, **constexprs) -> None:
     """Launch a row kernel with the signature ``(*ptrs, ws, cnt, R-first scalars..., T, G,
     timeout_ns, *rest)``; ``scalars`` is ``(R, ...)`` up to, not including, T.
 
@@ -229,10 +229,11 @@ def launch_rows(kernel, plan: RowPlan, T: int, device, ws_dtype, ws_width: int, 
     ``row``; ``ws`` holds ``ws_width`` statistics per segment, ``cnt`` one arrival counter per row
     (zeroed here, per call; "sync" only). "row_loop" runs T programs of ROW_LOOP_NUM_WARPS warps,
     one per row, and needs neither. ``maxnreg``: register cap of the "sync" kernel (scheduling
-    only), where it does not make ptxas spill.
+    only), where it does not make ptxas spill. ``pdl``: programmatic dependent launch (``_pdl``; the
+    kernel takes a ``PDL`` constexpr).
     """
-    opts = dict(num_warps=plan.num_warps, enable_fp_fusion=False)
-    cx = dict(plan.constexprs(), **constexprs)
+    opts = dict(num_warps=plan.num_warps, enable_fp_fusion=False, **_pdl.launch_options(pdl))
+    cx = dict(plan.constexprs(), **constexprs, **({"PDL": True} if pdl else {}))
     x = ptrs[0]
     if not plan.split:
         kernel[(triton.cdiv(T, plan.rows),)](*ptrs, x, x, *scalars, T, 1, 0, PHASE=0, **cx, **opts)

@@ -591,7 +591,7 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
     bm, bn, nw, ns = AT.tile_config(hd, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt],
                                     64 if varlen else 1)
     const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
-                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen,
+                 PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen, PDL=paged,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=AT.SPLIT,
                  sqd=1, skd=1, svd=1, sod=1, smn=1)
     sig = {n: "i32" for n in fn.arg_names}
@@ -608,15 +608,15 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
         sys.exit(0)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": nw, "num_stages": ns, "enable_fp_fusion": False})
-    assert "ptx" in k.asm
+    assert "ptx" in k.asm and ("griddepcontrol.wait" in k.asm["ptx"]) == paged  # PDL
 mfn = AT._merge_splits_kernel
-const = dict(BLOCK_M=16, BLOCK_DV=128, sod=1, HAS_SINKS=True, PAGED=True, SPLIT_KEYS=512)
+const = dict(BLOCK_M=16, BLOCK_DV=128, sod=1, HAS_SINKS=True, PAGED=True, SPLIT_KEYS=512, PDL=True)
 sig = {n: "i32" for n in mfn.arg_names}
 sig.update({"WsAcc": "*fp32", "WsML": "*fp32", "Out": "*bf16", "Sinks": "*fp32", "KVLens": "*i32"})
 sig.update({n: "constexpr" for n in const})
 k = triton.compile(ASTSource(mfn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "enable_fp_fusion": False})
-assert "ptx" in k.asm
+assert "griddepcontrol.wait" in k.asm["ptx"]
 print("COMPILED")
 """
 

@@ -23,6 +23,8 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
     from detcompile.kernels.kv_cache_write import write_kv
     from detcompile.kernels.linear_group import triton_linear_group
     from detcompile.kernels.matmul import triton_matmul
+    from detcompile.kernels.paged_attention import triton_paged_attention
+    from detcompile.kernels.rms_norm import triton_rms_norm
     from detcompile.kernels.rotary_embedding import triton_rotary_embedding
     from detcompile.kernels.silu_mul import triton_silu_mul
 
@@ -32,16 +34,23 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
     wg, wu = (torch.randn(14336, 4096, generator=gen).to(dev, dt) * 0.02 for _ in range(2))
     wd = torch.randn(4096, 14336, generator=gen).to(dev, dt) * 0.02
     cos, sin = (torch.randn(1, 2, 128, generator=gen).to(dev, dt) for _ in range(2))
-    kc, vc = (torch.zeros(8, 16, 8, 128, device=dev, dtype=dt) for _ in range(2))
-    slots = torch.tensor([3, 40], device=dev)
+    kc, vc = (torch.zeros(64, 16, 8, 128, device=dev, dtype=dt) for _ in range(2))
+    # Two decode rows over the same pages: row 0's new token goes to slot 0, row 1's to slot 1 (row 1
+    # sees both). 64 pages of 16 in the table: 1024 keys, two splits, so the merge kernel runs too.
+    slots = torch.tensor([0, 1], device=dev)
+    table = torch.arange(64, device=dev, dtype=torch.int32).view(1, 64).expand(2, 64).contiguous()
+    lens = torch.tensor([1, 2], device=dev, dtype=torch.int32)
+    wn = torch.randn(4096, generator=gen).to(dev, dt)
 
     def chain():
-        q, k = triton_linear_group(x, [wq, wk])
+        h = triton_rms_norm(x, wn, 1e-5)
+        q, k = triton_linear_group(h, [wq, wk])
         q4, k4 = q.view(1, 2, 32, 128).transpose(1, 2), k.view(1, 2, 8, 128).transpose(1, 2)
         q4, k4 = triton_rotary_embedding([q4, k4], cos, sin)
         write_kv(kc, vc, slots, k4[0].transpose(0, 1), k4[0].transpose(0, 1))
-        g, u = triton_linear_group(x + q4.transpose(1, 2).reshape(2, 4096), [wg, wu])
-        return q4, triton_matmul(triton_silu_mul(g, u), wd.t()), kc.clone()
+        att = triton_paged_attention(q4[0].transpose(0, 1).unsqueeze(2), kc, vc, table, lens, _parallel_splits=True)
+        g, u = triton_linear_group(x + att.reshape(2, 4096), [wg, wu])
+        return att, triton_matmul(triton_silu_mul(g, u), wd.t()), kc.clone()
 
     monkeypatch.delenv(_pdl.ENV, raising=False)
     want = chain()
