@@ -92,18 +92,26 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["T", "timeout_ns"])
     def _rms_norm_rows_kernel(
-        x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, R, eps, T, G, timeout_ns,
-        HAS_WEIGHT: tl.constexpr,
+        x_ptr, w_ptr, out_ptr, b_ptr, sum_ptr, ws_ptr, cnt_ptr, R, eps, T, G, timeout_ns,
+        HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         ROWS: tl.constexpr, LANES: tl.constexpr, LOG2_LANES: tl.constexpr,
         CHUNKS: tl.constexpr, LOG2_CHUNKS: tl.constexpr, GP2: tl.constexpr,
         LOG2_GP2: tl.constexpr, SPLIT: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE."""
+        """See softmax._softmax_rows_kernel for the roles of SPLIT and PHASE. HAS_RESIDUAL (rows of
+        one program only): the row is ``x + b`` rounded to x's dtype, as eager's add gives it, also
+        stored to ``sum_ptr``."""
+        tl.static_assert(not (HAS_RESIDUAL and SPLIT))
         pdl_start(PDL)
         pid = tl.program_id(0)
         if not SPLIT:
             rows, col, offs, mask = tile_offsets(pid, R, T, ROWS, LANES, CHUNKS)
-            u = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                bu = tl.load(b_ptr + offs, mask=mask, other=0.0)
+                u = (u.to(tl.float32) + bu.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+                tl.store(sum_ptr + offs, u, mask=mask)
+            u = u.to(tl.float32)
             ss = tile_sum(u * u, LOG2_LANES, LOG2_CHUNKS)
             r = tl.math.rsqrt(ss / R + eps)
             _write(out_ptr, w_ptr, offs, col, mask, u, r[:, None, None], HAS_WEIGHT)
@@ -216,11 +224,40 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, weight_afte
             )
         else:
             _rk.launch_rows(
-                _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out),
+                _rms_norm_rows_kernel, plan, m, x.device, torch.float32, 1, (xc, w, out, xc, xc),
                 (n, float(eps)), maxnreg=_rk.ROW_SPLIT_MAXNREG if _all_half(x, weight) else None,
-                pdl=_pdl.enabled(x), HAS_WEIGHT=mode,
+                pdl=_pdl.enabled(x), HAS_WEIGHT=mode, HAS_RESIDUAL=False,
             )
     return out
+
+
+def add_fusable(n: int) -> bool:
+    """Whether rows of ``n`` elements run in one program each (every common hidden size, n <= 8192):
+    only there does the rows kernel take the residual add (``add_rms_norm_weight_after_cast``)."""
+    plan = _rk.row_plan(n)
+    return plan is not None and not plan.split
+
+
+def triton_add_rms_norm_weight_after_cast(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(a + b, weight * rms_norm((a + b).float()).to(dtype)) in one launch (rows of one program)."""
+    _check_add(a, b, weight)
+    n = a.shape[-1]
+    if not (_common.triton_launchable(a) and add_fusable(n)):
+        raise _common.UnsupportedError(f"detcompile.add_rms_norm_weight_after_cast: rows of {n} on {a.device} "
+                                       "do not run in one Triton program")
+    ac, bc = _aligned(a), _aligned(b)
+    total = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    m = a.numel() // n if n > 0 else 0
+    if m == 0 or n == 0:
+        return total, out
+    with _common.on_device(a):
+        _rk.launch_rows(
+            _rms_norm_rows_kernel, _rk.row_plan(n), m, a.device, torch.float32, 1,
+            (ac, _aligned(weight.reshape(-1)), out, bc, total), (n, float(eps)),
+            pdl=_pdl.enabled(a), HAS_WEIGHT=2, HAS_RESIDUAL=True,
+        )
+    return total, out
 
 
 def cpu_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -297,3 +334,45 @@ def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     _check_after_cast(x, weight)
     return triton_rms_norm(x, weight, eps, weight_after_cast=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The residual add before it, in the same launch: h = a + b; weight * rms_norm(h.float()).to(h.dtype)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_add(a: Tensor, b: Tensor, weight: Tensor) -> None:
+    _check_after_cast(a, weight)
+    if b.shape != a.shape or b.dtype != a.dtype or b.device != a.device:
+        raise ValueError(f"detcompile.add_rms_norm_weight_after_cast: b {tuple(b.shape)} {b.dtype} must match "
+                         f"a {tuple(a.shape)} {a.dtype}")
+
+
+@torch.library.custom_op("detcompile::add_rms_norm_weight_after_cast", mutates_args=())
+def add_rms_norm_weight_after_cast(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``h = a + b`` and ``weight * rms_norm(h.float(), eps).to(h.dtype)`` (a decoder layer's residual
+    add and the next RMSNorm): the bits of eager's add and of ``rms_norm_weight_after_cast``; one
+    kernel on CUDA (rows of one program) instead of two."""
+    _check_add(a, b, weight)
+    raise _common.UnsupportedError(f"detcompile.add_rms_norm_weight_after_cast: device {a.device.type!r} is not supported")
+
+
+@add_rms_norm_weight_after_cast.register_fake
+def _(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return a.new_empty(a.shape), a.new_empty(a.shape)
+
+
+@add_rms_norm_weight_after_cast.register_kernel("cpu")
+def _(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_add(a, b, weight)
+    total = torch.add(a, b)
+    return total, torch.mul(weight, cpu_rms_norm(total.float(), None, eps).to(a.dtype))
+
+
+@add_rms_norm_weight_after_cast.register_kernel("cuda")
+def _(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_add(a, b, weight)
+    if add_fusable(a.shape[-1]):
+        return triton_add_rms_norm_weight_after_cast(a, b, weight, eps)
+    total = torch.add(a, b)  # split rows: the add on its own, then the norm (the same bits)
+    return total, triton_rms_norm(total, weight, eps, weight_after_cast=True)

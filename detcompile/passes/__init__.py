@@ -7,7 +7,7 @@ their coverage from there.
 """
 from . import (
     convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, linear_group, matmul, reductions,
-    rms_norm, rms_norm_weight,
+    rms_norm, rms_norm_weight, add_rms_norm,
     rotary, sdpa, silu_mul, softmax, solve_triangular, sort,
 )
 from .classify import NondeterminismError, audit_pass, classify
@@ -29,6 +29,7 @@ ATEN_SPECS = [
     solve_triangular.SPEC,
     sort.SPEC,
     rms_norm_weight.SPEC,  # the rms_norm op's cast and weight around it: after rms_norm
+    add_rms_norm.SPEC,  # the residual add before that op: after rms_norm_weight
     rotary.SPEC,  # fusions of pointwise ops: nothing above rewrites these patterns' ops
     silu_mul.SPEC,  # before cpu_pointwise, which would take the silu
     cpu_pointwise.SPEC,  # after the norms/softmax patterns, which read rsqrt/exp

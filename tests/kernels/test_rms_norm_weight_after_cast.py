@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from detcompile.kernels.rms_norm import triton_rms_norm
+from detcompile.kernels import _common
+from detcompile.kernels.rms_norm import add_fusable, triton_add_rms_norm_weight_after_cast, triton_rms_norm
 
 from ._util import SMALL_PATHS, needs_triton, same_bits
 from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 OP = torch.ops.detcompile.rms_norm_weight_after_cast
+ADD_OP = torch.ops.detcompile.add_rms_norm_weight_after_cast
 EPS = 1e-6
 
 
@@ -56,3 +58,55 @@ def test_gpu_equals_unfused_and_batch_invariant(hidden, dtype, gen):
     out = OP(x, w, EPS)
     assert same_bits(out, unfused(x, w))
     assert same_bits(OP(x[7:8], w, EPS)[0], out[7])
+
+
+# ----------------------------------------------------------------------------------------------
+# add_rms_norm_weight_after_cast: the residual add in the same launch
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_cpu_equals_add_then_norm(dtype, gen):
+    (a, w), (b, _) = inputs(5, 300, dtype, gen), inputs(5, 300, dtype, gen)
+    total, out = ADD_OP(a, b, w, EPS)
+    assert same_bits(total, torch.add(a, b)) and same_bits(out, OP(torch.add(a, b), w, EPS))
+
+
+def test_add_bad_inputs(gen):
+    (a, w), (b, _) = inputs(2, 16, torch.bfloat16, gen), inputs(2, 16, torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="must match"):
+        ADD_OP(a, b[:1], w, EPS)
+    with pytest.raises(ValueError, match="must match"):
+        ADD_OP(a, b.half(), w, EPS)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", [5, 16, 17, 32, 33, 64, 300])
+def test_add_triton_equals_add_then_norm(small_rows, path, gen):
+    """Rows of one program: the sum's bits are eager add's and the norm's those of the unfused
+    kernel on that sum; split rows (longer than a segment here) are refused, the pass never fuses them."""
+    (a, w), (b, _) = inputs(3, path, torch.float16, gen), inputs(3, path, torch.float16, gen)
+    if not add_fusable(path):
+        with pytest.raises(_common.UnsupportedError, match="one Triton program"):
+            triton_add_rms_norm_weight_after_cast(a, b, w, EPS)
+        return
+    total, out = triton_add_rms_norm_weight_after_cast(a, b, w, EPS)
+    want = torch.add(a, b)
+    assert same_bits(total, want)
+    assert same_bits(out, triton_rms_norm(want, w, EPS, weight_after_cast=True))
+
+
+def test_add_fusable_is_every_common_hidden_size():
+    assert all(add_fusable(n) for n in (768, 2048, 4096, 5120, 8192))
+    assert not add_fusable(16384)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 5120, 12288])  # 12288: split rows, the op's add-then-norm fallback
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_add_equals_add_then_norm_and_batch_invariant(hidden, dtype, gen):
+    (a, w), (b, _) = inputs(33, hidden, dtype, gen, device="cuda"), inputs(33, hidden, dtype, gen, device="cuda")
+    total, out = ADD_OP(a, b, w, EPS)
+    assert same_bits(total, torch.add(a, b)) and same_bits(out, OP(torch.add(a, b), w, EPS))
+    one_total, one_out = ADD_OP(a[7:8], b[7:8], w, EPS)
+    assert same_bits(one_total[0], total[7]) and same_bits(one_out[0], out[7])
