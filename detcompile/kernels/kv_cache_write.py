@@ -65,13 +65,23 @@ def _triton_ok(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
-    """Write ``k``/``v`` [T, Hkv, D] (any token and head strides) into the caches at ``slots`` [T]."""
+    """Write ``k``/``v`` [T, Hkv, D] (any token and head strides) into the caches at ``slots`` [T]:
+    the kernel on CUDA, the two ``index_copy_`` elsewhere (CPU engines, also under the interpreter)."""
     _check(k_cache, v_cache, slots, k, v)
+    if k.is_cuda and _triton_ok(k_cache, v_cache, k, v):
+        triton_kv_cache_write(k_cache, v_cache, slots, k, v)
+    else:
+        eager_kv_cache_write(k_cache, v_cache, slots, k, v)
+
+
+def triton_kv_cache_write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """The kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    _check(k_cache, v_cache, slots, k, v)
+    if not _triton_ok(k_cache, v_cache, k, v):
+        raise _common.UnsupportedError(f"detcompile.{OP}: the kernel needs Triton here, contiguous caches and "
+                                       "unit-stride head dims")
     T, hkv, d = k.shape
     if T == 0:
-        return
-    if not _triton_ok(k_cache, v_cache, k, v):
-        eager_kv_cache_write(k_cache, v_cache, slots, k, v)
         return
     with _common.on_device(k):
         _kv_cache_write_kernel[(T,)](

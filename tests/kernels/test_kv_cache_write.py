@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from detcompile.kernels.kv_cache_write import eager_kv_cache_write, write_kv
+from detcompile.kernels.kv_cache_write import eager_kv_cache_write, triton_kv_cache_write, write_kv
 
 from ._util import LAUNCH_DEV, needs_triton
 
@@ -25,7 +25,7 @@ def test_kernel_equals_index_copy(gen, dtype, hkv, d):
     slots = torch.randperm(pages * page, generator=gen)[:T].to(LAUNCH_DEV)
     kc, vc = caches(pages, page, hkv, d, dtype, LAUNCH_DEV)
     kc_ref, vc_ref = caches(pages, page, hkv, d, dtype, LAUNCH_DEV)
-    write_kv(kc, vc, slots, k, v)
+    triton_kv_cache_write(kc, vc, slots, k, v)
     eager_kv_cache_write(kc_ref, vc_ref, slots, k, v)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     assert kc.view(-1, hkv, d)[slots].equal(k) and vc.view(-1, hkv, d)[slots].equal(v)
