@@ -5,7 +5,7 @@ import torch
 from detcompile.kernels.linear_group import triton_linear_group
 from detcompile.kernels.matmul import triton_matmul
 
-from ._util import needs_triton
+from ._util import compile_for_sm90, needs_triton
 
 OP = torch.ops.detcompile.linear_group
 
@@ -91,17 +91,7 @@ print("COMPILED")
 @needs_triton
 def test_triton_compiles_for_sm90():
     """Compile the kernel for sm_90 without a GPU (in a subprocess: this one runs the interpreter)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode == 0 and r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import torch
 from detcompile.kernels import _common
 from detcompile.kernels.rms_norm import add_fusable, triton_add_rms_norm_weight_after_cast, triton_rms_norm
 
-from ._util import SMALL_PATHS, needs_triton, same_bits
+from ._util import SMALL_PATHS, compile_for_sm90, needs_triton, same_bits
 from ._util import one_launch_row_sync, small_rows  # noqa: F401 (fixtures used by name)
 
 OP = torch.ops.detcompile.rms_norm_weight_after_cast
@@ -139,14 +139,4 @@ print("COMPILED")
 def test_add_rows_kernel_compiles_for_sm90():
     """The residual rows kernel (bf16, with PDL) for sm_90 without a GPU: what the interpreter cannot
     check (bf16 casts, the griddepcontrol instructions). A subprocess: this one runs the interpreter."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode == 0 and r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
