@@ -21,11 +21,15 @@ prefill (batch 1, 2048 and 8192 tokens), the cost side.
 
 ``--stages`` tries the decode tile (64 rows, 64 keys, 4 warps) at other pipeline depths: only how
 far ahead K/V tiles are loaded changes, so each must give the default depth's bits (checked).
-Writes ``decode_split_schedule.json``.
+``--tiles`` tries other row tiles as ROWSxWARPS (16 rows a warp, as the default 64x4: the layout that
+gives prefill's row order; a GQA group of 4 at decode fills 4 of the 64 rows): e.g. 32x2, 16x1, each
+at every depth, bits checked against the default tile.
+Writes ``decode_split_schedule.json`` (after every row: a crash keeps what was measured).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -41,6 +45,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--contexts", default="512,1024,2048,4096,8192")
     ap.add_argument("--splits", default=None, help="split sizes to try (default: the kernel's SPLIT)")
     ap.add_argument("--stages", default=None, help="decode tile pipeline depths to try (default: the kernel's)")
+    ap.add_argument("--tiles", default=None, help="row tiles ROWSxWARPS to try (default: the kernel's, 64x4)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -60,6 +65,9 @@ def main(argv=None) -> dict:
     splits = [int(x) for x in args.splits.split(",")] if args.splits else [AT.SPLIT]
     base = AT.tile_config(D, dt, rows=HQ // HKV)  # the decode tile
     depths = [int(x) for x in args.stages.split(",")] if args.stages else [base[3]]
+    tiles = ([tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles
+             else [(base[0], base[2])])
+    os.makedirs(args.out, exist_ok=True)
     print(f"copy bandwidth {bw:.0f} GB/s, {sms} SMs, kernel SPLIT {AT.SPLIT}")
     print(f"{'split':>5} {'batch':>5} {'ctx':>6} {'programs/SM':>11} {'loop us':>8} {'split us':>8} {'floor us':>8} "
           f"{'best % floor':>12} {'auto':>5} bits")
@@ -72,18 +80,20 @@ def main(argv=None) -> dict:
                 kl = torch.full((B,), n, device=dev, dtype=torch.int32)
                 q = torch.randn(B, HQ, 1, D, device=dev, dtype=dt)
                 outs, times = {}, {}
-                for depth in depths:
-                    AT._TILE_OVERRIDE = (*base[:3], depth) if depth != base[3] else None
+                AT._TILE_OVERRIDE = None
+                ref = P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=False, _split=sk).view(torch.int16)
+                for (bm, warps), depth in itertools.product(tiles, depths):
+                    cfg = (bm, base[1], warps, depth)
+                    AT._TILE_OVERRIDE = cfg if cfg != tuple(base) else None
                     for par in (False, True):
                         f = lambda p=par: P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=p,  # noqa: E731
                                                                    _split=sk)
-                        outs[depth, par] = f()
-                        times[depth, par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
+                        outs[bm, warps, depth, par] = f()
+                        times[bm, warps, depth, par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
                 AT._TILE_OVERRIDE = None
-                ref = outs[base[3] if base[3] in depths else depths[0], False].view(torch.int16)
                 same = all(torch.equal(o.view(torch.int16), ref) for o in outs.values())
-                by_depth = {f"{d}/{'split' if p else 'loop'}": t for (d, p), t in times.items()}
-                times = {par: min(t for (d, p), t in times.items() if p == par) for par in (False, True)}
+                by_depth = {f"{bm}x{w}/{d}/{'split' if p else 'loop'}": t for (bm, w, d, p), t in times.items()}
+                times = {par: min(t for k, t in times.items() if k[3] == par) for par in (False, True)}
                 floor = B * n * HKV * D * 2 * 2 / (bw * 1e9) * 1e6
                 programs = B * HKV  # one row block of G = 4 query rows per (batch, kv head)
                 auto = AT._want_parallel_splits(dev, programs, n, sk)
@@ -94,7 +104,8 @@ def main(argv=None) -> dict:
                              "us_by_depth_and_schedule": by_depth})
                 print(f"{sk:>5} {B:>5} {n:>6} {programs / sms:>11.2f} {times[False]:>8.1f} {times[True]:>8.1f} "
                       f"{floor:>8.1f} {floor / best:>12.0%} {'split' if auto else 'loop':>5} "
-                      f"{'same' if same else 'DIFFER'}")
+                      f"{'same' if same else 'DIFFER'}  best: {min(by_depth, key=by_depth.get)}", flush=True)
+                _write(args.out, dict(partial=True, bandwidth_gbps=bw, sms=sms, rows=rows))
         for L in (2048, 8192):  # the cost side: causal prefill folds its splits in-program
             q = torch.randn(1, HQ, L, D, device=dev, dtype=dt)
             k, v = (torch.randn(1, HKV, L, D, device=dev, dtype=dt) for _ in range(2))
@@ -114,10 +125,13 @@ def main(argv=None) -> dict:
     print("split faster up to programs/SM:", res["split_wins_up_to_programs_per_sm"])
     if not all(r["bits_equal"] for r in rows):
         print("WARNING: the two schedules gave different bits somewhere (see bits_equal)")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_split_schedule.json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+    _write(args.out, res)
     return res
+
+
+def _write(out_dir: str, res: dict) -> None:
+    with open(os.path.join(out_dir, "decode_split_schedule.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":
