@@ -28,9 +28,10 @@ def enabled(t: torch.Tensor) -> bool:
             and not _common.triton_interpret() and _common.cuda_capability(t.device)[0] >= 9)
 
 
-def launch_options(on: bool) -> dict:
-    """Launch keywords: Triton's ``launch_pdl`` only when on (the interpreter takes no such option)."""
-    return {"launch_pdl": True} if on else {}
+def launch_kwargs(on: bool) -> dict:
+    """A launch's keywords: the kernel's ``PDL`` constexpr, and Triton's ``launch_pdl`` only when on (the
+    interpreter takes no such option)."""
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 if _common.HAS_TRITON:
@@ -40,7 +41,7 @@ if _common.HAS_TRITON:
 
     @triton.jit
     def start(PDL: tl.constexpr):
-        """First thing in a kernel launched with ``launch_options``: wait for the previous kernel,
+        """First thing in a kernel launched with ``launch_kwargs``: wait for the previous kernel,
         then let the next one launch. A no-op when PDL is False."""
         if PDL:
             gdc_wait()

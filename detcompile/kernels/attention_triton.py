@@ -476,10 +476,9 @@ def _launch(
         BLOCK_DV=block_dv,
         DOT_PREC=_common.dot_precision(q4.dtype),
         SPLIT_KEYS=split,
-        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
-        **_pdl.launch_options(pdl),
+        **_pdl.launch_kwargs(pdl),
         # No mul+add contraction into FMAs: each op rounds on its own, so the kernel variants
         # (mask kinds, softcap, causal, paged, split merge) give the same bits for the same scores.
         enable_fp_fusion=False,
@@ -494,10 +493,9 @@ def _launch(
             BLOCK_M=bm,
             BLOCK_DV=block_dv,
             SPLIT_KEYS=split,
-            PDL=pdl,
             num_warps=4,
             enable_fp_fusion=False,
-            **_pdl.launch_options(pdl),
+            **_pdl.launch_kwargs(pdl),
         )
 
 

@@ -88,7 +88,7 @@ def triton_kv_cache_write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Te
             k, v, k_cache, v_cache, slots, T, hkv, d,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), v_cache.stride(1),
             BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-            PDL=_pdl.enabled(k), **_pdl.launch_options(_pdl.enabled(k)),
+            **_pdl.launch_kwargs(_pdl.enabled(k)),
         )
 
 

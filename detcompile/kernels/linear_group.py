@@ -123,7 +123,7 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
             a, *ws, *cs, M, K, *ns, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, K_UNROLL=cfg.get("K_UNROLL", 1),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=pdl, **_pdl.launch_options(pdl),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl.launch_kwargs(pdl),
         )
     return outs
 

@@ -532,10 +532,9 @@ def triton_matmul(
             IS_FP32=a.dtype == torch.float32,
             PRECISION=_common.dot_precision(a.dtype),
             K_UNROLL=cfg.get("K_UNROLL", 1),
-            PDL=pdl,
             num_stages=stages,
             **tile_args,
-            **_pdl.launch_options(pdl),
+            **_pdl.launch_kwargs(pdl),
         )
 
     pdl = _pdl.enabled(a)  # the pointer kernel only (decode's M <= 16)

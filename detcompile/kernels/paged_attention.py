@@ -144,8 +144,8 @@ def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_s
         IS_CAUSAL=True, MASK_KIND=0, HAS_ORIGIN=False, HAS_SOFTCAP=softcap > 0, PAGED=True,
         PARALLEL_SPLITS=False, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None, VARLEN=True,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PREC=_common.dot_precision(q.dtype), SPLIT_KEYS=_split or SPLIT, PDL=_pdl.enabled(q),
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False, **_pdl.launch_options(_pdl.enabled(q)),
+        DOT_PREC=_common.dot_precision(q.dtype), SPLIT_KEYS=_split or SPLIT,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False, **_pdl.launch_kwargs(_pdl.enabled(q)),
     )
     return out
 

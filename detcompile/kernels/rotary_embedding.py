@@ -168,8 +168,8 @@ def triton_rotary_embedding(xs: list[Tensor], cos: Tensor, sin: Tensor, contiguo
             _rotary_kernel[(q_blocks + k_blocks,)](
                 q4, _as4(oq), k4, _as4(ok), c, s, q_blocks,
                 *_rows(q4, _as4(oq)), *_rows(k4, _as4(ok)), *cs, D, D // 2,
-                ROWS=rows, BLOCK_D=block_d, PTX=ptx, PDL=pdl, num_warps=NUM_WARPS, enable_fp_fusion=False,
-                **_pdl.launch_options(pdl),
+                ROWS=rows, BLOCK_D=block_d, PTX=ptx, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                **_pdl.launch_kwargs(pdl),
             )
     return outs
 

@@ -232,8 +232,9 @@ def launch_rows(kernel, plan: RowPlan, T: int, device, ws_dtype, ws_width: int, 
     only), where it does not make ptxas spill. ``pdl``: programmatic dependent launch (``_pdl``; the
     kernel takes a ``PDL`` constexpr).
     """
-    opts = dict(num_warps=plan.num_warps, enable_fp_fusion=False, **_pdl.launch_options(pdl))
-    cx = dict(plan.constexprs(), **constexprs, **({"PDL": True} if pdl else {}))
+    # only when on: the other row kernels take no PDL constexpr
+    opts = dict(num_warps=plan.num_warps, enable_fp_fusion=False, **(_pdl.launch_kwargs(True) if pdl else {}))
+    cx = dict(plan.constexprs(), **constexprs)
     x = ptrs[0]
     if not plan.split:
         kernel[(triton.cdiv(T, plan.rows),)](*ptrs, x, x, *scalars, T, 1, 0, PHASE=0, **cx, **opts)

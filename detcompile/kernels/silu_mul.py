@@ -102,8 +102,8 @@ def triton_silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     with ctx:
         pdl = _pdl.enabled(gate)
         _silu_mul_kernel[grid](g2, u2, out, R, N, g2.stride(0), u2.stride(0), BLOCK_R=block_r, BLOCK_N=block_n,
-                               PTX=_ptx.use_ptx(gate), PDL=pdl, num_warps=NUM_WARPS, enable_fp_fusion=False,
-                               **_pdl.launch_options(pdl))
+                               PTX=_ptx.use_ptx(gate), num_warps=NUM_WARPS, enable_fp_fusion=False,
+                               **_pdl.launch_kwargs(pdl))
     return out
 
 

@@ -11,7 +11,8 @@ def test_off_unless_asked_and_never_on_the_cpu(monkeypatch):
     assert not _pdl.enabled(torch.empty(1))
     monkeypatch.setenv(_pdl.ENV, "1")
     assert not _pdl.enabled(torch.empty(1))  # a CPU tensor (the interpreter's, too)
-    assert _pdl.launch_options(False) == {} and _pdl.launch_options(True) == {"launch_pdl": True}
+    assert _pdl.launch_kwargs(False) == {"PDL": False}
+    assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
 
 @pytest.mark.gpu
