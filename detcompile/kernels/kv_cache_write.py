@@ -69,7 +69,7 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
     the kernel on CUDA, the two ``index_copy_`` elsewhere (CPU engines, also under the interpreter)."""
     _check(k_cache, v_cache, slots, k, v)
     if k.is_cuda and _triton_ok(k_cache, v_cache, k, v):
-        triton_kv_cache_write(k_cache, v_cache, slots, k, v)
+        _launch(k_cache, v_cache, slots, k, v)
     else:
         eager_kv_cache_write(k_cache, v_cache, slots, k, v)
 
@@ -80,6 +80,10 @@ def triton_kv_cache_write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Te
     if not _triton_ok(k_cache, v_cache, k, v):
         raise _common.UnsupportedError(f"detcompile.{OP}: the kernel needs Triton here, contiguous caches and "
                                        "unit-stride head dims")
+    _launch(k_cache, v_cache, slots, k, v)
+
+
+def _launch(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
     T, hkv, d = k.shape
     if T == 0:
         return
