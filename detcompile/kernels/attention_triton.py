@@ -275,9 +275,15 @@ if HAS_TRITON:
             if PARALLEL_SPLITS:
                 split_lo = tl.program_id(2)
                 split_hi = split_lo + 1
+                # A row with one split of keys at most is finished by its split-0 program, with the
+                # loop path's code (fold into the fresh state, finalize, store): the merge kernel
+                # skips it. Same bits as the merge (the same _fold from the same state), one
+                # workspace round trip less for every short row.
+                direct = (kv_len <= SPLIT_KEYS) & (split_lo == 0)
             else:
                 split_lo = 0
                 split_hi = (n_tiles + TILES_PER_SPLIT - 1) // TILES_PER_SPLIT
+                direct = kv_len >= 0  # always: the loop path stores every row itself
             for sp in range(split_lo, split_hi):
                 t_lo = sp * TILES_PER_SPLIT
                 t_hi = tl.minimum(t_lo + TILES_PER_SPLIT, n_tiles)
@@ -350,13 +356,17 @@ if HAS_TRITON:
                     # Splits past the row's keys hold nothing and the merge never reads them
                     # (a CUDA graph's grid covers the whole block table, a short row few splits).
                     ws_row = ((b * Hkv + hk) * n_rows + rows.to(tl.int64)) * NUM_SPLITS + sp
-                    st_ok = row_ok & (tl.zeros_like(rows) + sp < (kv_len + SPLIT_KEYS - 1) // SPLIT_KEYS)
+                    n_live = (kv_len + SPLIT_KEYS - 1) // SPLIT_KEYS
+                    live = tl.zeros_like(rows) + n_live  # a vector: the interpreter's scalars are plain ints
+                    st_ok = row_ok & (live > sp) & (live > 1)
                     tl.store(WsML + ws_row * 2, m_i, mask=st_ok)
                     tl.store(WsML + ws_row * 2 + 1, l_i, mask=st_ok)
                     tl.store(WsAcc + ws_row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=st_ok[:, None])
+                    if direct:
+                        M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
                 else:
                     M, L, ACC = _fold(M, L, ACC, m_i, l_i, acc)
-            if not PARALLEL_SPLITS:
+            if direct:
                 if HAS_SINKS:
                     L, ACC = _fold_sink(M, L, ACC, tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32))
                 res = _finalize(L, ACC)
@@ -395,6 +405,9 @@ if HAS_TRITON:
             kv_len = Lk
         n_live = tl.minimum((kv_len + SPLIT_KEYS - 1) // SPLIT_KEYS, NUM_SPLITS)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        # A row of one split at most was finished by its split-0 program (the attention kernel).
+        merges = (tl.zeros_like(rows) + n_live) > 1  # a vector: the interpreter's scalars are plain ints
+        n_live = tl.where(n_live > 1, n_live, 0)
         n_rows = GROUP * Lq
         row_ok = rows < n_rows
         qi = rows // GROUP
@@ -415,7 +428,7 @@ if HAS_TRITON:
         tl.store(
             Out + b * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod,
             res.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
+            mask=(row_ok & merges)[:, None] & (offs_dv[None, :] < Dv),
         )
 
 

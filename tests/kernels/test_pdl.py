@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels/_pdl.py): opt-in, CUDA on Hopper+ only, never in the
+"""Programmatic dependent launch (kernels/_pdl.py): on unless DETCOMPILE_PDL=0, CUDA on Hopper+ only, never in the
 interpreter; with it on, the kernels give the bits they give without it (GPU)."""
 import pytest
 import torch
@@ -6,11 +6,13 @@ import torch
 from detcompile.kernels import _pdl
 
 
-def test_off_unless_asked_and_never_on_the_cpu(monkeypatch):
-    monkeypatch.delenv(_pdl.ENV, raising=False)
-    assert not _pdl.enabled(torch.empty(1))
-    monkeypatch.setenv(_pdl.ENV, "1")
-    assert not _pdl.enabled(torch.empty(1))  # a CPU tensor (the interpreter's, too)
+def test_never_on_the_cpu(monkeypatch):
+    for value in (None, "1", "0"):
+        if value is None:
+            monkeypatch.delenv(_pdl.ENV, raising=False)
+        else:
+            monkeypatch.setenv(_pdl.ENV, value)
+        assert not _pdl.enabled(torch.empty(1))  # a CPU tensor (the interpreter's, too)
     assert _pdl.launch_kwargs(False) == {"PDL": False}
     assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
@@ -53,9 +55,10 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
         g, u = triton_linear_group(x + att.reshape(2, 4096), [wg, wu])
         return att, triton_matmul(triton_silu_mul(g, u), wd.t()), kc.clone()
 
-    monkeypatch.delenv(_pdl.ENV, raising=False)
+    monkeypatch.setenv(_pdl.ENV, "0")
     want = chain()
-    monkeypatch.setenv(_pdl.ENV, "1")
+    monkeypatch.delenv(_pdl.ENV, raising=False)  # the default: on
+    assert _pdl.enabled(x)
     assert all(torch.equal(a, b) for a, b in zip(chain(), want))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
