@@ -52,7 +52,9 @@ def tile_config(head_dim_pad: int, dtype: torch.dtype, rows: int = 1):
     (tests/kernels/test_paged_attention.py checks decode against prefill on the GPU). A 16-row
     one-warp tile for decode (less padding of a 4-row GQA group) ran 2x slower on the H200
     (2026-12-03: 33 vs 14 us at batch 1, 245 vs 117 us at batch 256): one warp cannot keep
-    enough K/V loads in flight."""
+    enough K/V loads in flight. A 32-row two-warp tile (split schedule) was faster at batch 32 x 2048
+    keys (92 vs 110 us) but gave other bits than this one there (2026-12-03,
+    benchmarks/decode_split_schedule.py --tiles): the decode tile stays 64 rows over 4 warps."""
     if head_dim_pad > MAX_HEAD_DIM:
         raise UnsupportedError(f"detcompile.{OP}: head dim > {MAX_HEAD_DIM} is not supported on the Triton path")
     if dtype == torch.float32:
