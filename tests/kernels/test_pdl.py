@@ -5,6 +5,8 @@ import torch
 
 from detcompile.kernels import _pdl
 
+from ._util import compile_for_sm90, needs_triton
+
 
 def test_never_on_the_cpu(monkeypatch):
     for value in (None, "1", "0"):
@@ -17,8 +19,58 @@ def test_never_on_the_cpu(monkeypatch):
     assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
 
+def test_launch_modes_and_prefetch_budget(monkeypatch):
+    monkeypatch.delenv(_pdl.PREFETCH_ENV, raising=False)
+    assert _pdl.launch_kwargs(True)["PDL"] == _pdl.WAIT_FIRST
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 0  # no budget: no prefetch
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, "16")
+    assert _pdl.launch_kwargs(True) == {"PDL": _pdl.TRIGGER_FIRST, "launch_pdl": True}
+    assert _pdl.launch_kwargs(False) == {"PDL": _pdl.OFF}
+    # 16 MB over 4096 rows of 8 KB: 4 KB each; over 1000 rows: the whole row; whole 16-byte units
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 4096
+    assert _pdl.row_prefetch_bytes(True, 8192, 1000, True) == 8192
+    assert _pdl.row_prefetch_bytes(True, 100000, 3000, True) % 16 == 0
+    assert _pdl.row_prefetch_bytes(False, 8192, 4096, True) == 0  # PDL off
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, False) == 0  # rows not 16-byte aligned
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, "lots")
+    with pytest.raises(ValueError, match=_pdl.PREFETCH_ENV):
+        _pdl.prefetch_bytes()
+
+
+_COMPILE_SCRIPT = r"""
+from detcompile.kernels import linear_group as LG, matmul as MM
+
+def ptx(fn, ptrs, extra, pdl, stages):
+    const = dict(extra, PRECISION="ieee", IS_FP32=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_UNROLL=4, PDL=pdl)
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({n: "*bf16" for n in ptrs})
+    sig.update({n: "fp32" for n in ("alpha", "beta") if n in fn.arg_names})
+    sig.update({n: "constexpr" for n in const})
+    return triton.compile(source(fn, sig, const), target=TARGET, options={"num_warps": 4, "num_stages": stages}).asm["ptx"]
+
+for fn, ptrs, extra in ((LG._linear_group_kernel, ("a_ptr", "w0", "w1", "w2", "c0", "c1", "c2"), {}),
+                        (MM._matmul_kernel, ("a_ptr", "b_ptr", "x_ptr", "c_ptr"), dict(HAS_BIAS=False, GROUP_M=8))):
+    p = ptx(fn, ptrs, extra, 2, 3)
+    trigger, prefetch, wait = (p.find(s) for s in ("griddepcontrol.launch_dependents", "cp.async.bulk.prefetch.L2",
+                                                   "griddepcontrol.wait"))
+    assert 0 <= trigger < prefetch < wait, (fn.__name__, trigger, prefetch, wait)
+    p = ptx(fn, ptrs, extra, 1, 3)
+    assert "cp.async.bulk.prefetch" not in p and p.find("griddepcontrol.wait") < p.find("griddepcontrol.launch_dependents")
+    assert "griddepcontrol" not in ptx(fn, ptrs, extra, 0, 3)
+print("COMPILED")
+"""
+
+
+@needs_triton
+def test_triton_prefetch_mode_compiles_for_sm90():
+    """TRIGGER_FIRST: the matmul kernels let the next launch start, prefetch their weight rows, then
+    wait, in that order; WAIT_FIRST prefetches nothing; OFF has no PDL instruction at all."""
+    compile_for_sm90(_COMPILE_SCRIPT)
+
+
 @pytest.mark.gpu
-def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen):
+@pytest.mark.parametrize("prefetch_mb", ["0", "16"])
+def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen, prefetch_mb):
     """The decode kernels launched with PDL, back to back (each reads the one before), eagerly and
     captured in a CUDA graph: the bits of plain launches."""
     if torch.cuda.get_device_capability()[0] < 9:
@@ -58,6 +110,7 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
     monkeypatch.setenv(_pdl.ENV, "0")
     want = chain()
     monkeypatch.delenv(_pdl.ENV, raising=False)  # the default: on
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, prefetch_mb)  # and with weight prefetch before the wait
     assert _pdl.enabled(x)
     assert all(torch.equal(a, b) for a, b in zip(chain(), want))
     s = torch.cuda.Stream()
