@@ -1,6 +1,7 @@
 """Decode-shape matmul configs (GPU): which small-M launch config streams the weights fastest.
 
     python -m benchmarks.matmul_small_m [--ms 2,8,16] [--block-ks 64,128,256] [--out DIR]
+    python -m benchmarks.matmul_small_m --mid [--mid-ms 32,64] [--mid-shapes q/o,down,k/v]
 
 At M <= 16 a matmul is a weight read: the time is bytes / bandwidth. For each Llama-3-8B weight
 (x @ W.t(), W [N, K] as nn.Linear holds it) and each M, every candidate config of the pointer
@@ -45,6 +46,13 @@ BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
 # flight, as BLOCK_K 256 had (the rule-keeping way to its speed). A stage holds K_UNROLL chunks.
 UNROLL_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p, K_UNROLL=u)
                   for bn, s, p, u in itertools.product((16, 32, 64), (2, 3, 4, 6), (True, False), (2, 4))]
+#: ``--mid``: M = 17..64 (batched decode), where select_config takes the TMA kernel (o at M = 64: 0.77x
+#: cuBLAS on the H200, 2026-12-03). The pointer kernel with K_UNROLL and other row tiles, and the TMA
+#: kernel at other N tiles / depths; bits checked against the default config.
+MID_CONFIGS = ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p, K_UNROLL=u, TMA=False)
+                for bm, bn, s, p, u in itertools.product((16, 64), (32, 64), (4, 6), (True, False), (1, 4))]
+               + [dict(BLOCK_M=64, BLOCK_N=bn, num_warps=4, num_stages=s, TMA=True)
+                  for bn, s in itertools.product((32, 64), (4, 6, 8))])
 #: The grouped projections of a Llama-3-8B layer at decode (kernels/linear_group.py: one launch).
 GROUPS = {"q+k+v": ((4096, 4096), (1024, 4096), (1024, 4096)), "gate+up": ((14336, 4096), (14336, 4096))}
 GROUP_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, K_UNROLL=u)
@@ -86,6 +94,48 @@ def sweep_groups(dev, gen, ms) -> list:
                   f"unroll={best['K_UNROLL']}; "
                   f"configs with other bits: {out[-1]['differing_bits']}", flush=True)
         del sets
+        torch.cuda.empty_cache()
+    return out
+
+
+def sweep_mid(dev, gen, ms, shapes) -> list:
+    """``MID_CONFIGS`` per weight shape and M (17..64): time against cuBLAS and the default config;
+    a config whose output differs from the default's in any bit is reported and never best."""
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    out = []
+    for name in shapes:
+        N, K = SHAPES[name]
+        wbytes = N * K * 2
+        n_copies = max(1, -(-(256 << 20) // wbytes))
+        ws = [torch.randn(N, K, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(n_copies)]
+        for M in ms:
+            x = torch.randn(M, K, device=dev, generator=gen, dtype=torch.bfloat16)
+            ref = mm.triton_matmul(x, ws[0].t())
+            default = mm.select_config(M, N, torch.bfloat16, sms)
+            t_cublas = time_graph(lambda w: F.linear(x, w), ws)
+            t_default = time_graph(lambda w: mm.triton_matmul(x, w.t()), ws)
+            rows = []
+            for cfg in MID_CONFIGS:
+                try:
+                    same = torch.equal(mm.triton_matmul(x, ws[0].t(), _config=cfg), ref)
+                    t = time_graph(lambda w: mm.triton_matmul(x, w.t(), _config=cfg), ws)
+                except Exception as e:  # noqa: BLE001  (a config Triton cannot build)
+                    rows.append(dict(cfg, error=str(e).splitlines()[0][:120]))
+                    continue
+                rows.append(dict(cfg, seconds=t, same_bits=same, gbps=wbytes / t / 1e9))
+            ok = [r for r in rows if r.get("same_bits")]
+            best = min(ok, key=lambda r: r["seconds"]) if ok else None
+            bad = sum(r.get("same_bits") is False for r in rows)
+            out.append(dict(shape=name, N=N, K=K, M=M, cublas_s=t_cublas, default_s=t_default,
+                            default={k: default.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_stages", "TMA")},
+                            best=best, differing_bits=bad, configs=rows))
+            desc = ("none gave the default's bits" if best is None else
+                    f"best {best['seconds'] * 1e6:6.1f} us ({t_cublas / best['seconds']:.2f}x cuBLAS) "
+                    f"BM={best['BLOCK_M']} BN={best['BLOCK_N']} st={best['num_stages']} TMA={best['TMA']} "
+                    f"pers={best.get('PERSISTENT')} unroll={best.get('K_UNROLL', 1)}")
+            print(f"mid {name:8s} M={M:3d}: cuBLAS {t_cublas * 1e6:6.1f} us, default {t_default * 1e6:6.1f} us "
+                  f"({t_cublas / t_default:.2f}x), {desc}; configs with other bits: {bad}", flush=True)
+        del ws
         torch.cuda.empty_cache()
     return out
 
@@ -137,11 +187,19 @@ def main(argv=None):
     ap.add_argument("--ms", default="2,8,16")
     ap.add_argument("--block-ks", default=str(mm.BLOCK_K_16BIT), help="BLOCK_K values to try (bits first)")
     ap.add_argument("--bits-ms", default="1,2,16,64,256,4096")
+    ap.add_argument("--mid", action="store_true", help="only the M = 17..64 study (MID_CONFIGS)")
+    ap.add_argument("--mid-ms", default="32,64")
+    ap.add_argument("--mid-shapes", default="q/o,down,k/v", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
+    if a.mid:
+        mid = sweep_mid(dev, gen, [int(m) for m in a.mid_ms.split(",")], a.mid_shapes.split(","))
+        with open(os.path.join(a.out, "matmul_mid_m.json"), "w") as f:
+            json.dump(mid, f, indent=1)
+        return
     results, block_ks, bk_bits = [], [mm.BLOCK_K_16BIT], {}
     for bk in (int(v) for v in a.block_ks.split(",")):
         if bk == mm.BLOCK_K_16BIT:
