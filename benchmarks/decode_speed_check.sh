@@ -5,7 +5,8 @@
 # GPU tests, then batch-1 decode under each (benchmarks/decode_variants.py, tokens checked equal)
 # and the attention kernel alone with and without the page-id preload (decode_split_schedule).
 # (2026-12-03's first version verified the add + RMSNorm kernel and PDL; both are defaults now.)
-# Logs under $OUT: tests.log, variants.log + decode_variants.{json,md,png}, split.log. ~8 min on the H200.
+# and what Triton compiled the decode kernel to (attention_asm: async copies, registers).
+# Logs under $OUT: tests.log, asm.log, split.log, variants.log + decode_variants.{json,md,png}. ~8 min on the H200.
 #
 # Usage (repo root, GPU machine): bash benchmarks/decode_speed_check.sh
 set -u
@@ -24,6 +25,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.tx
   echo "[engine, both switches] exit $?"
 } > "$OUT/tests.log" 2>&1
 grep -E "passed|failed|exit" "$OUT/tests.log"
+timeout 60 python3 -m benchmarks.attention_asm --out "$OUT" > "$OUT/asm.log" 2>&1; echo "attention_asm exit $?"; cat "$OUT/asm.log"
 timeout 200 python3 -m benchmarks.decode_split_schedule --batches 1,8,32 --contexts 384,2048 --page-preload 0,1 \
   --out "$OUT" > "$OUT/split.log" 2>&1
 echo "decode_split_schedule exit $?"; grep -vE "^copy|^split +batch" "$OUT/split.log" | head -12
