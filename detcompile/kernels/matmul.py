@@ -31,6 +31,7 @@ if HAS_TRITON:
 
     from triton.runtime.errors import OutOfResources
 
+    from ._pdl import start as pdl_start
     from ._pdl import start_with_prefetch as pdl_start_with_prefetch
 
     try:
@@ -305,7 +306,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        PDL: tl.constexpr = 0,
     ):
+        pdl_start(PDL)  # nothing is read before (the descriptors are launch parameters)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
@@ -527,6 +530,7 @@ def triton_matmul(
             B_KMAJOR=b_kmajor,
             num_stages=stages,
             **tile_args,
+            **_pdl.launch_kwargs(pdl),
         )
 
     def launch_pointer(stages):
@@ -544,7 +548,7 @@ def triton_matmul(
             PF_BYTES=pf,
         )
 
-    pdl = _pdl.enabled(a)  # the pointer kernel only (decode's M <= 16)
+    pdl = _pdl.enabled(a)
     # Weight-like B (K-contiguous rows): the rows the programs' first tiles read may be prefetched.
     es = b3.element_size()
     rows = min(grid[0], num_tiles) * cfg["BLOCK_N"]

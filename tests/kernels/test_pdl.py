@@ -57,6 +57,18 @@ for fn, ptrs, extra in ((LG._linear_group_kernel, ("a_ptr", "w0", "w1", "w2", "c
     p = ptx(fn, ptrs, extra, 1, 3)
     assert "cp.async.bulk.prefetch" not in p and p.find("griddepcontrol.wait") < p.find("griddepcontrol.launch_dependents")
     assert "griddepcontrol" not in ptx(fn, ptrs, extra, 0, 3)
+# The TMA kernel (M = 17..64 and prefill): the wait comes before the first TMA load.
+fn = MM._matmul_tma_kernel
+for pdl in (0, 1, 2):
+    const = dict(HAS_BIAS=False, B_KMAJOR=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, PDL=pdl)
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({"a_desc": "tensordesc<bf16[64, 64]>", "b_desc": "tensordesc<bf16[32, 64]>",
+                "c_desc": "tensordesc<bf16[64, 32]>", "x_ptr": "*bf16", "alpha": "fp32", "beta": "fp32"})
+    sig.update({n: "constexpr" for n in const})
+    p = triton.compile(source(fn, sig, const), target=TARGET, options={"num_warps": 4, "num_stages": 4}).asm["ptx"]
+    first_tma = p.find("cp.async.bulk.tensor")
+    assert first_tma >= 0
+    assert (0 <= p.find("griddepcontrol.wait") < first_tma) if pdl else "griddepcontrol" not in p, pdl
 print("COMPILED")
 """
 
@@ -64,7 +76,8 @@ print("COMPILED")
 @needs_triton
 def test_triton_prefetch_mode_compiles_for_sm90():
     """TRIGGER_FIRST: the matmul kernels let the next launch start, prefetch their weight rows, then
-    wait, in that order; WAIT_FIRST prefetches nothing; OFF has no PDL instruction at all."""
+    wait, in that order; WAIT_FIRST prefetches nothing; OFF has no PDL instruction at all. The TMA
+    matmul waits before its first TMA load."""
     compile_for_sm90(_COMPILE_SCRIPT)
 
 
@@ -105,7 +118,9 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
         write_kv(kc, vc, slots, k4[0].transpose(0, 1), k4[0].transpose(0, 1))
         att = triton_paged_attention(q4[0].transpose(0, 1).unsqueeze(2), kc, vc, table, lens, _parallel_splits=True)
         g, u = triton_linear_group(x + att.reshape(2, 4096), [wg, wu])
-        return att, triton_matmul(triton_silu_mul(g, u), wd.t()), kc.clone()
+        down = triton_matmul(triton_silu_mul(g, u), wd.t())
+        wide = triton_matmul(down.repeat(16, 1), wq.t())  # M = 32: the TMA kernel
+        return att, down, wide, kc.clone()
 
     monkeypatch.setenv(_pdl.ENV, "0")
     want = chain()
