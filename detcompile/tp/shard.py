@@ -1,0 +1,74 @@
+"""Shard a Hugging Face Llama-style decoder for one rank of a TP group, in place.
+
+Column-parallel (whole output columns per rank, no cross-rank sum): q/k/v by heads, gate/up by
+intermediate columns, lm_head by vocabulary rows (then all-gathered: a copy). Row-parallel (K split,
+the fixed chunk tree of ``row_parallel``): o_proj and down_proj. Embedding, norms and rotary stay
+whole. Every element a rank computes is reduced on that rank in the kernels' own fixed order, except
+the row-parallel sums, whose order is fixed by K: the logits have the same bits at every TP size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+class RowParallelLinear(nn.Module):
+    """This rank's K-slice of an nn.Linear, summed across ranks by ``tp_row_parallel_linear``."""
+
+    def __init__(self, linear: nn.Linear, rank: int, tp: int, group: str):
+        super().__init__()
+        k = linear.in_features // tp
+        self.weight = nn.Parameter(linear.weight.detach()[:, rank * k:(rank + 1) * k].clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.rank, self.tp, self.group = rank, tp, group
+
+    def forward(self, x):
+        return torch.ops.detcompile.tp_row_parallel_linear(x, self.weight, self.bias, self.rank, self.tp, self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """This rank's vocabulary rows of the lm_head; the logits gathered in rank order."""
+
+    def __init__(self, linear: nn.Linear, rank: int, tp: int, group: str):
+        super().__init__()
+        self.part = _column_slice(linear, rank, tp)
+        self.tp, self.group = tp, group
+
+    def forward(self, x):
+        return torch.ops.detcompile.tp_all_gather_last(self.part(x), self.tp, self.group)
+
+
+def _column_slice(linear: nn.Linear, rank: int, tp: int, lo: int | None = None, n: int | None = None) -> nn.Linear:
+    """The output rows [lo, lo + n) of ``linear`` (default: rank's 1/tp share) as a new nn.Linear."""
+    n = linear.out_features // tp if n is None else n
+    lo = rank * n if lo is None else lo
+    out = nn.Linear(linear.in_features, n, bias=linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[lo:lo + n])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[lo:lo + n])
+    return out.requires_grad_(False)
+
+
+def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
+    """Shard ``model`` (a transformers Llama-style causal LM) in place for ``rank`` of ``tp``."""
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    for name, n in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", cfg.intermediate_size),
+                    ("vocabulary", model.lm_head.out_features)):
+        if n % tp:
+            raise ValueError(f"detcompile.tp: {name} ({n}) not divisible by TP size {tp}")
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        attn.q_proj = _column_slice(attn.q_proj, rank, tp)
+        attn.k_proj = _column_slice(attn.k_proj, rank, tp, rank * kv_heads // tp * d, kv_heads // tp * d)
+        attn.v_proj = _column_slice(attn.v_proj, rank, tp, rank * kv_heads // tp * d, kv_heads // tp * d)
+        attn.o_proj = RowParallelLinear(attn.o_proj, rank, tp, group)
+        mlp.gate_proj = _column_slice(mlp.gate_proj, rank, tp)
+        mlp.up_proj = _column_slice(mlp.up_proj, rank, tp)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, tp, group)
+    model.lm_head = VocabParallelHead(model.lm_head, rank, tp, group)
