@@ -81,6 +81,10 @@ class Engine:
     stock kernels (fast, not batch-invariant): the baseline that prices determinism.
     ``attention_backend``: "triton" (default, detcompile's kernel), "fa3" or "flashinfer" (optional
     extras, see ``engine.attention_backends``); each is bitwise stable within itself.
+    ``tensor_parallel_size``: None (default) runs the whole model here. N runs this process's rank of N
+    (one process per rank in an initialized default process group, each engine given the same
+    requests; Llama-style models, CPU-tested so far). The model is sharded in place. Every N, 1
+    included, gives the same bits, which differ from no TP (docs/tensor_parallel.md).
     ``block_size`` (tokens per KV page) defaults to the backend's: 16, or FA3's key tile (128 at
     head dims 64 and 128).
 
@@ -94,18 +98,30 @@ class Engine:
                  device: str | torch.device | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_fraction: float = 0.85, kv_cache_bytes: int | None = None, block_size: int | None = None,
                  chunked_prefill_size: int = 2048, enable_prefix_caching: bool = True, cuda_graphs: bool = True,
-                 deterministic: bool = True, attention_backend: str = attention_backends.DEFAULT, log=None):
+                 deterministic: bool = True, attention_backend: str = attention_backends.DEFAULT,
+                 tensor_parallel_size: int | None = None, log=None):
         self.log = log if log is not None else (lambda msg: print(msg, flush=True))
         t0 = time.perf_counter()
         attention_backends.check_name(attention_backend)
         model, tokenizer = _load(model_or_path, tokenizer, dtype, device)
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size is not None:
+            # One process per rank, each running this engine on the same requests in lockstep (its
+            # scheduler decides alike); the model is sharded in place. Any TP size, 1 included, gives
+            # the same bits (detcompile/tp; docs/tensor_parallel.md); no TP at all keeps today's.
+            if not deterministic:
+                raise ValueError("tensor_parallel_size needs deterministic=True (the TP-invariant reduction)")
+            from ..tp import shard_for_engine
+
+            self.tensor_parallel_rank = shard_for_engine(model, tensor_parallel_size)
         if block_size is None:  # FA3's page is its key tile, which depends on the head dim
             block_size = attention_backends.default_block_size(
                 attention_backend, kv_geometry(model)[2] if attention_backend == "fa3" else 0)
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
-            else int(cfg.vocab_size)
+        head = model.get_output_embeddings()
+        self.vocab_size = int(cfg.vocab_size) if head is None else int(
+            getattr(head, "vocab_size", None) or head.weight.shape[0])  # (a TP head holds a slice of the vocabulary)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 8192
         self.max_model_len = int(max_model_len or min(limit, 8192))
         if max_model_len and max_model_len > limit:

@@ -35,6 +35,7 @@ class VocabParallelHead(nn.Module):
         super().__init__()
         self.part = _column_slice(linear, rank, tp)
         self.tp, self.group = tp, group
+        self.vocab_size = linear.out_features  # the whole vocabulary (the logits' width)
 
     def forward(self, x):
         return torch.ops.detcompile.tp_all_gather_last(self.part(x), self.tp, self.group)
@@ -72,3 +73,32 @@ def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
         mlp.up_proj = _column_slice(mlp.up_proj, rank, tp)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, tp, group)
     model.lm_head = VocabParallelHead(model.lm_head, rank, tp, group)
+    # The rank's own head counts: what the engine's paged KV cache holds per rank (the attention
+    # modules reshape with -1 heads, and their query/KV group ratio is unchanged).
+    cfg.num_attention_heads, cfg.num_key_value_heads = heads // tp, kv_heads // tp
+    cfg.detcompile_tensor_parallel = (rank, tp)
+
+
+def shard_for_engine(model, tp: int) -> int:
+    """Shard ``model`` for this process's rank of a TP = ``tp`` run (the default process group, already
+    initialized with ``tp`` processes: one per rank, e.g. under ``torchrun --nproc-per-node tp``);
+    TP = 1 needs no group. Returns the rank."""
+    import torch.distributed as dist
+
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    if getattr(model.config, "detcompile_tensor_parallel", None) is not None:
+        raise ValueError("detcompile.tp: this model is already sharded")
+    if tp == 1:
+        rank = 0
+    else:
+        if not dist.is_initialized() or dist.get_world_size() != tp:
+            raise ValueError(f"tensor_parallel_size={tp} runs one process per rank: call "
+                             f"torch.distributed.init_process_group with {tp} processes first (e.g. under "
+                             f"torchrun --nproc-per-node {tp}); found "
+                             f"{dist.get_world_size() if dist.is_initialized() else 'no'} process group")
+        rank = dist.get_rank()
+    if not all(hasattr(m, n) for m in [model] for n in ("model", "lm_head")) or not hasattr(model.model, "layers"):
+        raise ValueError(f"detcompile.tp: {type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
+    shard_llama(model, rank, tp)
+    return rank
