@@ -56,6 +56,7 @@ def _column_slice(linear: nn.Linear, rank: int, tp: int, lo: int | None = None, 
 
 def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
     """Shard ``model`` (a transformers Llama-style causal LM) in place for ``rank`` of ``tp``."""
+    _check_llama_style(model)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     for name, n in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", cfg.intermediate_size),
@@ -79,6 +80,22 @@ def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
     cfg.detcompile_tensor_parallel = (rank, tp)
 
 
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _check_llama_style(model) -> None:
+    """Refuse, before anything is changed, a model whose layers are not Llama's (separate q/k/v/o and
+    gate/up/down nn.Linear layers, an nn.Linear lm_head)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    ok = layers is not None and isinstance(getattr(model, "lm_head", None), nn.Linear) and all(
+        all(isinstance(getattr(getattr(layer, part, None), n, None), nn.Linear) for n in names)
+        for layer in layers for part, names in (("self_attn", _ATTN), ("mlp", _MLP)))
+    if not ok:
+        raise ValueError(f"detcompile.tp: {type(model).__name__} is not a Llama-style causal LM (model.layers with "
+                         f"self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj, an nn.Linear lm_head)")
+
+
 def shard_for_engine(model, tp: int) -> int:
     """Shard ``model`` for this process's rank of a TP = ``tp`` run (the default process group, already
     initialized with ``tp`` processes: one per rank, e.g. under ``torchrun --nproc-per-node tp``);
@@ -98,7 +115,5 @@ def shard_for_engine(model, tp: int) -> int:
                              f"torchrun --nproc-per-node {tp}); found "
                              f"{dist.get_world_size() if dist.is_initialized() else 'no'} process group")
         rank = dist.get_rank()
-    if not all(hasattr(m, n) for m in [model] for n in ("model", "lm_head")) or not hasattr(model.model, "layers"):
-        raise ValueError(f"detcompile.tp: {type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
     shard_llama(model, rank, tp)
     return rank
