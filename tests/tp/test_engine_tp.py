@@ -35,6 +35,7 @@ def _worker(rank, tp, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=tp)
     try:
         torch.save(_run(tp), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # nobody tears the group down while another rank still talks in it
     finally:
         dist.destroy_process_group()
 

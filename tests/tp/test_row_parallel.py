@@ -40,6 +40,7 @@ def _worker(rank, port, out_dir):
                 cols = slice(r * K // tp, (r + 1) * K // tp)
                 y = row_parallel_linear(x[:, cols], w[:, cols], b, rank=r, tp=tp, group=group)
                 torch.save(y, os.path.join(out_dir, f"tp{tp}_rank{rank}_{str(dtype)[6:]}.pt"))
+        dist.barrier()  # nobody tears the group down while another rank still talks in it
     finally:
         dist.destroy_process_group()
 

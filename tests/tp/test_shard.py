@@ -40,6 +40,7 @@ def _worker(rank, port, out_dir):
             register_group("pair", pair)
             torch._dynamo.reset()
             torch.save(_logits(rank, 2, "pair"), os.path.join(out_dir, f"tp2_rank{rank}.pt"))
+        dist.barrier()  # nobody tears the group down while another rank still talks in it
     finally:
         dist.destroy_process_group()
 
