@@ -2,13 +2,12 @@
 same requests, gives the tokens and logprobs of tensor_parallel_size=1, bit for bit; bad setups are
 refused with a clear error."""
 import os
-import socket
 import struct
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ._util import run_ranks
 
 CONFIG = dict(num_key_value_heads=4)  # 4 KV heads: up to TP = 4
 ENGINE = dict(max_num_seqs=16, chunked_prefill_size=16, block_size=4, max_model_len=128, kv_cache_bytes=8 << 20,
@@ -16,7 +15,6 @@ ENGINE = dict(max_num_seqs=16, chunked_prefill_size=16, block_size=4, max_model_
 
 
 def _run(tp):
-    import detcompile  # noqa: F401  (registers the ops and the backend in a spawned process)
     from detcompile.engine import Engine, SamplingParams
     from detcompile.models import tiny_model
 
@@ -30,25 +28,13 @@ def _run(tp):
     return [(o.outputs[0].token_ids, [struct.pack("<f", x) for x in o.outputs[0].logprobs]) for o in outs]
 
 
-def _worker(rank, tp, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
-    try:
-        torch.save(_run(tp), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # nobody tears the group down while another rank still talks in it
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, tp, out_dir):
+    torch.save(_run(tp), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_tokens_and_logprobs_same_bits_as_tp1(tmp_path, tp):
-    mp.start_processes(_worker, args=(tp, _free_port(), str(tmp_path)), nprocs=tp, join=True, start_method="spawn")
+    run_ranks(_worker, tp, tp, str(tmp_path))
     want = _run(1)
     assert all(len(toks) == 6 and len(lps) == 6 for toks, lps in want)
     for rank in range(tp):

@@ -2,14 +2,14 @@
 process groups on the CPU; TP = 8's order is the tree test's), and for a row alone as in a batch; its
 pieces (chunk bounds, chunk ownership, the tree) checked directly."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detcompile.tp import MAX_TP, chunk_bounds, owned_chunks, row_parallel_linear, tree_sum
+
+from ._util import run_ranks
 
 M, N, K = 5, 24, 8 * 24  # K: 8 chunks of 24
 
@@ -26,35 +26,21 @@ DTYPES = (torch.bfloat16, torch.float32)
 WORLD = 4  # one spawn: TP = 4 is the world, TP = 2 two groups of two (spawning is the slow part)
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        import detcompile  # noqa: F401  (registers the ops in the spawned process)
-
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-        for tp, group in ((2, pairs[rank // 2]), (WORLD, None)):
-            r = rank % tp
-            for dtype in DTYPES:
-                x, w, b = _data(dtype)
-                cols = slice(r * K // tp, (r + 1) * K // tp)
-                y = row_parallel_linear(x[:, cols], w[:, cols], b, rank=r, tp=tp, group=group)
-                torch.save(y, os.path.join(out_dir, f"tp{tp}_rank{rank}_{str(dtype)[6:]}.pt"))
-        dist.barrier()  # nobody tears the group down while another rank still talks in it
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, out_dir):
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    for tp, group in ((2, pairs[rank // 2]), (WORLD, None)):
+        r = rank % tp
+        for dtype in DTYPES:
+            x, w, b = _data(dtype)
+            cols = slice(r * K // tp, (r + 1) * K // tp)
+            y = row_parallel_linear(x[:, cols], w[:, cols], b, rank=r, tp=tp, group=group)
+            torch.save(y, os.path.join(out_dir, f"tp{tp}_rank{rank}_{str(dtype)[6:]}.pt"))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    run_ranks(_worker, WORLD, str(out))
     return out
 
 

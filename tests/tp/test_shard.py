@@ -1,15 +1,15 @@
 """A tiny Llama sharded with detcompile.tp.shard_llama and compiled with the deterministic backend
-gives the same logits, bit for bit, at TP = 1, 2 and 4 (gloo groups on the CPU), and a prompt alone
-the same rows as in a batch."""
+gives the same logits, bit for bit, at TP = 1, 2 and 4 (4: slow; gloo groups on the CPU), and a
+prompt alone the same rows as in a batch. (The bits are decided by the row-parallel op, which
+test_row_parallel checks at TP = 4 in the default run.)"""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-WORLD = 4
+from ._util import run_ranks
+
 CONFIG = dict(num_key_value_heads=4)  # 4 KV heads: TP = 4 gives each rank one
 
 
@@ -18,7 +18,6 @@ def _ids():
 
 
 def _logits(rank, tp, group):
-    import detcompile  # noqa: F401  (registers the ops and the backend in a spawned process)
     from detcompile.models import tiny_model
     from detcompile.tp import shard_llama
 
@@ -28,37 +27,22 @@ def _logits(rank, tp, group):
         return torch.compile(model, backend="deterministic")(input_ids=_ids()).logits
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        from detcompile.tp import register_group
+def _worker(rank, tp, out_dir):
+    from detcompile.tp import register_group
 
-        pair = dist.new_group([0, 1])  # every rank takes part in creating it; ranks 0 and 1 run TP = 2 in it
-        torch.save(_logits(rank, WORLD, ""), os.path.join(out_dir, f"tp4_rank{rank}.pt"))
-        if rank < 2:  # (one pair is enough: a compile per process is the slow part)
-            register_group("pair", pair)
-            torch._dynamo.reset()
-            torch.save(_logits(rank, 2, "pair"), os.path.join(out_dir, f"tp2_rank{rank}.pt"))
-        dist.barrier()  # nobody tears the group down while another rank still talks in it
-    finally:
-        dist.destroy_process_group()
+    # the world's ranks as a named group: the group-by-name path of the ops
+    register_group("all", dist.new_group(list(range(tp))))
+    torch.save(_logits(rank, tp, "all"), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_logits_same_bits_at_tp_1_2_4(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_logits_same_bits_as_tp_1(tmp_path, tp):
+    run_ranks(_worker, tp, tp, str(tmp_path))
     want = _logits(0, 1, "")
     assert want.shape == (3, 9, 256)
-    for tp in (2, WORLD):
-        for rank in range(tp):
-            got = torch.load(tmp_path / f"tp{tp}_rank{rank}.pt")
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (tp, rank)
+    for rank in range(tp):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), rank
     # a prompt alone: its rows of the batch (TP = 1 here; every TP size has these bits)
     from detcompile.models import tiny_model
     from detcompile.tp import shard_llama
