@@ -530,7 +530,7 @@ def triton_matmul(
             B_KMAJOR=b_kmajor,
             num_stages=stages,
             **tile_args,
-            **_pdl.launch_kwargs(pdl),
+            **pdl_kwargs,
         )
 
     def launch_pointer(stages):
@@ -544,16 +544,17 @@ def triton_matmul(
             K_UNROLL=cfg.get("K_UNROLL", 1),
             num_stages=stages,
             **tile_args,
-            **_pdl.launch_kwargs(pdl),
+            **pdl_kwargs,
             PF_BYTES=pf,
         )
 
     pdl = _pdl.enabled(a)
-    # Weight-like B (K-contiguous rows): the rows the programs' first tiles read may be prefetched.
-    es = b3.element_size()
-    rows = min(grid[0], num_tiles) * cfg["BLOCK_N"]
-    pf = _pdl.row_prefetch_bytes(pdl and b3.stride(1) == 1, K * es, rows,
-                                 b3.data_ptr() % 16 == 0 and b3.stride(2) * es % 16 == 0 and b3.stride(0) * es % 16 == 0)
+    pdl_kwargs = _pdl.launch_kwargs(pdl)
+    # Pointer kernel, weight-like B (K-contiguous rows): the rows the programs' first tiles read may be
+    # prefetched (the TMA kernel prefetches nothing).
+    pf = 0 if descs is not None else _pdl.row_prefetch_bytes(
+        pdl and b3.stride(1) == 1, K * es, min(grid[0], num_tiles) * cfg["BLOCK_N"],
+        b3.data_ptr() % 16 == 0 and b3.stride(2) * es % 16 == 0 and b3.stride(0) * es % 16 == 0)
 
     # Triton launches on the current CUDA device; make that a's device.
     with _common.on_device(a):

@@ -245,6 +245,11 @@ def triton_add_rms_norm_weight_after_cast(a: Tensor, b: Tensor, weight: Tensor, 
     if not (_common.triton_launchable(a) and add_fusable(n)):
         raise _common.UnsupportedError(f"detcompile.add_rms_norm_weight_after_cast: rows of {n} on {a.device} "
                                        "do not run in one Triton program")
+    return _launch_add_rms_norm(a, b, weight, eps)
+
+
+def _launch_add_rms_norm(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    n = a.shape[-1]
     ac, bc = _aligned(a), _aligned(b)
     total = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
@@ -373,6 +378,6 @@ def _(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
 def _(a: Tensor, b: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check_add(a, b, weight)
     if add_fusable(a.shape[-1]):
-        return triton_add_rms_norm_weight_after_cast(a, b, weight, eps)
+        return _launch_add_rms_norm(a, b, weight, eps)
     total = torch.add(a, b)  # split rows: the add on its own, then the norm (the same bits)
     return total, triton_rms_norm(total, weight, eps, weight_after_cast=True)
