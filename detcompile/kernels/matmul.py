@@ -98,12 +98,19 @@ def select_config(M: int, N: int, dtype: torch.dtype, num_sms: int) -> dict:
             return dict(small, BLOCK_N=64)
         return dict(small, BLOCK_N=32, num_warps=2)
     if M <= 64:
-        if N >= 16384:
-            return dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, TMA=True)
-        # Narrower N tiles where 64-wide ones would leave half the SMs idle (N = 4096: 64 tiles of
-        # 64 vs 128 of 32; o and down at M = 64 went from 0.87x/0.94x to 0.90x/0.98x cuBLAS).
-        bn = 32 if -(-N // 64) * 2 <= num_sms else 64
-        return dict(base, BLOCK_M=64, BLOCK_N=bn, num_warps=4, num_stages=8, TMA=True)
+        # Still a weight read (batched decode). benchmarks/matmul_small_m.py --mid (H200, 2026-12-03,
+        # M = 32/64; every config gave the same bits): pointer loads beat the TMA kernel. k/v
+        # (N <= 2048) is fastest with the decode tile (14.6 -> 8.9 us, cuBLAS 8.0). Where 32-wide
+        # tiles fill one wave, four K chunks per iteration: q/o 19.7 -> 13.8 us at M = 32 (cuBLAS
+        # 13.0), down 62.5 -> 35.1 (33.8). Wider N gets 64-wide tiles, or a second wave of 32-wide
+        # ones runs half empty (qkv at M = 64: 0.64x cuBLAS): gate/up 49.1 -> 33.1 us (32.2),
+        # lm_head 282 -> 258 us (267).
+        if N <= 2048:
+            return select_config(16, N, dtype, num_sms)
+        mid = dict(base, BLOCK_M=64, num_warps=4, TMA=False, PERSISTENT=False)
+        if -(-N // 32) <= num_sms:
+            return dict(mid, BLOCK_N=32, num_stages=4, K_UNROLL=4)
+        return dict(mid, BLOCK_N=64, num_stages=6)
     # Compute-bound: the tile whose whole number of waves over the SMs costs least.
     def cost(tile):
         cfg, unit = tile

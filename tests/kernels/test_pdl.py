@@ -119,7 +119,7 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
         att = triton_paged_attention(q4[0].transpose(0, 1).unsqueeze(2), kc, vc, table, lens, _parallel_splits=True)
         g, u = triton_linear_group(x + att.reshape(2, 4096), [wg, wu])
         down = triton_matmul(triton_silu_mul(g, u), wd.t())
-        wide = triton_matmul(down.repeat(16, 1), wq.t())  # M = 32: the TMA kernel
+        wide = triton_matmul(down.repeat(64, 1), wq.t())  # M = 128: the TMA kernel
         return att, down, wide, kc.clone()
 
     monkeypatch.setenv(_pdl.ENV, "0")
