@@ -21,8 +21,6 @@ prefill (batch 1, 2048 and 8192 tokens), the cost side.
 
 ``--stages`` tries the decode tile (64 rows, 64 keys, 4 warps) at other pipeline depths: only how
 far ahead K/V tiles are loaded changes, so each must give the default depth's bits (checked).
-``--page-preload 0,1`` also times each config with the split's page ids loaded once
-(``DETCOMPILE_ATTN_PAGE_PRELOAD``, only addresses change: bits checked like the rest).
 ``--tiles`` tries other row tiles as ROWSxWARPS (16 rows a warp, as the default 64x4: the layout that
 gives prefill's row order; a GQA group of 4 at decode fills 4 of the 64 rows): e.g. 32x2, 16x1, each
 at every depth, bits checked against the default tile.
@@ -48,8 +46,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--splits", default=None, help="split sizes to try (default: the kernel's SPLIT)")
     ap.add_argument("--stages", default=None, help="decode tile pipeline depths to try (default: the kernel's)")
     ap.add_argument("--tiles", default=None, help="row tiles ROWSxWARPS to try (default: the kernel's, 64x4)")
-    ap.add_argument("--page-preload", default="0",
-                    help="0,1: also time the split's page ids loaded once (DETCOMPILE_ATTN_PAGE_PRELOAD), bits checked")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -71,7 +67,6 @@ def main(argv=None) -> dict:
     depths = [int(x) for x in args.stages.split(",")] if args.stages else [base[3]]
     tiles = ([tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles
              else [(base[0], base[2])])
-    preloads = [v.strip() for v in args.page_preload.split(",")]
     os.makedirs(args.out, exist_ok=True)
     print(f"copy bandwidth {bw:.0f} GB/s, {sms} SMs, kernel SPLIT {AT.SPLIT}")
     print(f"{'split':>5} {'batch':>5} {'ctx':>6} {'programs/SM':>11} {'loop us':>8} {'split us':>8} {'floor us':>8} "
@@ -87,20 +82,17 @@ def main(argv=None) -> dict:
                 outs, times = {}, {}
                 AT._TILE_OVERRIDE = None
                 ref = P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=False, _split=sk).view(torch.int16)
-                for (bm, warps), depth, pre in itertools.product(tiles, depths, preloads):
+                for (bm, warps), depth in itertools.product(tiles, depths):
                     cfg = (bm, base[1], warps, depth)
                     AT._TILE_OVERRIDE = cfg if cfg != tuple(base) else None
-                    os.environ[AT.PAGE_PRELOAD_ENV] = pre
                     for par in (False, True):
                         f = lambda p=par: P.triton_paged_attention(q, kc, vc, bt, kl, _parallel_splits=p,  # noqa: E731
                                                                    _split=sk)
-                        outs[bm, warps, depth, pre, par] = f()
-                        times[bm, warps, depth, pre, par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
+                        outs[bm, warps, depth, par] = f()
+                        times[bm, warps, depth, par] = do_bench_cudagraph(f, rep=20) * 1e3  # us
                 AT._TILE_OVERRIDE = None
-                os.environ.pop(AT.PAGE_PRELOAD_ENV, None)
                 same = all(torch.equal(o.view(torch.int16), ref) for o in outs.values())
-                by_depth = {f"{bm}x{w}/{d}{'/preload' if pre != '0' else ''}/{'split' if p else 'loop'}": t
-                            for (bm, w, d, pre, p), t in times.items()}
+                by_depth = {f"{bm}x{w}/{d}/{'split' if p else 'loop'}": t for (bm, w, d, p), t in times.items()}
                 times = {par: min(t for k, t in times.items() if k[-1] == par) for par in (False, True)}
                 floor = B * n * HKV * D * 2 * 2 / (bw * 1e9) * 1e6
                 programs = B * HKV  # one row block of G = 4 query rows per (batch, kv head)

@@ -1,16 +1,17 @@
-"""Decode speed under environment variants (issue #13; experimental switches, GPU).
+"""Decode speed under environment variants (issue #13: switches that may not change bits, GPU).
 
-    python -m benchmarks.decode_variants [--variants "base=;pf16=DETCOMPILE_PDL_PREFETCH_MB=16;..."]
+    python -m benchmarks.decode_variants [--variants "base=;no pdl=DETCOMPILE_PDL=0;..."]
                                          [--batch 1] [--prompt-len 128] [--tokens 256]
                                          [--model llama8b|tiny] [--out DIR]
 
 A variant is ``name=`` followed by ``VAR=value`` settings joined by ``+`` (none: today's defaults).
 For each, one engine is built on the same model (its kernels and CUDA graphs see the settings), the
 batch's prompts are prefilled, and ``--tokens`` greedy decode steps are timed on the host clock (each
-step ends with its tokens on the host). The switches only move data differently (prefetch, page
-ids), so every variant must give the first one's tokens (checked). Default variants: weight prefetch
-into L2 under PDL (``DETCOMPILE_PDL_PREFETCH_MB``, kernels/_pdl.py), the split's page ids loaded once
-(``DETCOMPILE_ATTN_PAGE_PRELOAD``, kernels/attention_triton.py), both, and the base again (noise).
+step ends with its tokens on the host). The switches may only change how kernels are launched or
+move data, so every variant must give the first one's tokens (checked). Default variants: PDL on
+(the default), off (``DETCOMPILE_PDL=0``, kernels/_pdl.py), and the base again (noise).
+H200, 2026-12-03: weight prefetch into L2 before the PDL wait (179.5 -> 165.5 tok/s at batch 1) and
+a split's page ids loaded once (179.7) were measured with it and removed.
 Writes ``decode_variants.json``, ``.md`` and ``.png`` under ``--out``.
 """
 from __future__ import annotations
@@ -26,9 +27,7 @@ from benchmarks.engine import build_model, model_spec, sync
 from benchmarks.kernels.plots import pyplot
 from detcompile.engine import Engine, SamplingParams
 
-DEFAULT_VARIANTS = ("base=;pf4=DETCOMPILE_PDL_PREFETCH_MB=4;pf16=DETCOMPILE_PDL_PREFETCH_MB=16;"
-                    "pf32=DETCOMPILE_PDL_PREFETCH_MB=32;preload=DETCOMPILE_ATTN_PAGE_PRELOAD=1;"
-                    "pf16+preload=DETCOMPILE_PDL_PREFETCH_MB=16+DETCOMPILE_ATTN_PAGE_PRELOAD=1;base again=")
+DEFAULT_VARIANTS = "base=;no pdl=DETCOMPILE_PDL=0;base again="
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:

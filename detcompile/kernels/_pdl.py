@@ -10,7 +10,9 @@ the arithmetic are those of a plain launch: the bits cannot change, only the gap
 Used by: rms_norm's rows kernel, matmul's pointer and TMA kernels, linear_group, rotary_embedding,
 kv_cache_write, the attention kernel and its split merge, silu_mul. H200, 2026-12-03: batch-1 decode of
 an 8B model 178.4 -> 180.8 tok/s, a step's graph replay 5.26 -> 5.18 ms; the engine's GPU tests passed
-either way (the TMA kernel, M = 17..64 and prefill, joined after that run: sm_90 compile-tested only).
+either way. Letting the next launch start before the wait, so the decode matmuls could prefetch their
+weights into L2 meanwhile, was slower (H200, 2026-12-03: batch-1 179.5 -> 165.5 tok/s at 4 MB a launch,
+152.3 at 32 MB) and was removed.
 The interpreter never uses it (the instructions are inline PTX).
 """
 from __future__ import annotations
@@ -22,14 +24,6 @@ import torch
 from . import _common
 
 ENV = "DETCOMPILE_PDL"
-#: Experimental, off unless set (MB, e.g. 16): kernels let the next launch start *before* they wait,
-#: and the decode matmuls prefetch up to this much of their weights into L2 before they wait, so a
-#: weight read can start while the kernels before it (attention, norms, rotary: latency-bound, the
-#: memory mostly idle) still run. Prefetching changes no data and no arithmetic: the bits stay.
-PREFETCH_ENV = "DETCOMPILE_PDL_PREFETCH_MB"
-
-#: ``PDL`` constexpr values: launched plainly / wait, then let the next launch / let the next launch, then wait.
-OFF, WAIT_FIRST, TRIGGER_FIRST = 0, 1, 2
 
 
 def enabled(t: torch.Tensor) -> bool:
@@ -38,29 +32,10 @@ def enabled(t: torch.Tensor) -> bool:
             and not _common.triton_interpret() and _common.cuda_capability(t.device)[0] >= 9)
 
 
-def prefetch_bytes() -> int:
-    """Bytes of weights a decode matmul launch may prefetch into L2 before it waits (0: none)."""
-    try:
-        mb = float(os.environ.get(PREFETCH_ENV, "0") or 0)
-    except ValueError:
-        raise ValueError(f"{PREFETCH_ENV} must be a number of MB, got {os.environ[PREFETCH_ENV]!r}") from None
-    return max(0, int(mb * 2**20))
-
-
 def launch_kwargs(on: bool) -> dict:
-    """A launch's keywords: the kernel's ``PDL`` constexpr (OFF / WAIT_FIRST / TRIGGER_FIRST), and
-    Triton's ``launch_pdl`` only when on (the interpreter takes no such option)."""
-    if not on:
-        return {"PDL": OFF}
-    return {"PDL": TRIGGER_FIRST if prefetch_bytes() > 0 else WAIT_FIRST, "launch_pdl": True}
-
-
-def row_prefetch_bytes(on: bool, row_bytes: int, rows: int, aligned: bool) -> int:
-    """Bytes to prefetch from the start of each of ``rows`` weight rows (``row_bytes`` long, contiguous,
-    16-byte aligned when ``aligned``): the budget spread evenly, in whole 16-byte units (the bulk
-    prefetch's granule), 0 when PDL is off or there is no budget."""
-    budget = prefetch_bytes() if on and aligned and rows > 0 else 0
-    return min(row_bytes, budget // rows) // 16 * 16
+    """A launch's keywords: the kernel's ``PDL`` constexpr, and Triton's ``launch_pdl`` only when on
+    (the interpreter takes no such option)."""
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 if _common.HAS_TRITON:
@@ -70,29 +45,8 @@ if _common.HAS_TRITON:
 
     @triton.jit
     def start(PDL: tl.constexpr):
-        """First thing in a kernel launched with ``launch_kwargs``: wait for the previous kernel and
-        let the next one launch (in the order PDL says). A no-op when PDL is OFF."""
-        if PDL == 2:  # TRIGGER_FIRST
-            gdc_launch_dependents()
-        if PDL != 0:
+        """First thing in a kernel launched with ``launch_kwargs``: wait for the previous kernel, then
+        let the next one launch. A no-op without PDL."""
+        if PDL:
             gdc_wait()
-        if PDL == 1:  # WAIT_FIRST
             gdc_launch_dependents()
-
-    @triton.jit
-    def start_with_prefetch(PDL: tl.constexpr, rows_ptrs, nbytes):
-        """``start`` for a kernel that reads weight rows at ``rows_ptrs`` (each contiguous, 16-byte
-        aligned): with TRIGGER_FIRST and ``nbytes`` > 0, the first ``nbytes`` of each row are
-        prefetched into L2 before the wait. Weights are never written by the kernel before, and L2
-        is where every write lands, so a line fetched early holds what a late read would see; the
-        kernel's loads still come after the wait."""
-        if PDL == 2:
-            gdc_launch_dependents()
-            if nbytes > 0:
-                tl.inline_asm_elementwise(
-                    "{ cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r",
-                    [rows_ptrs, tl.zeros(rows_ptrs.shape, dtype=tl.int32) + nbytes],
-                    dtype=tl.int32, is_pure=False, pack=1)
-            gdc_wait()
-        else:
-            start(PDL)

@@ -19,8 +19,6 @@ contraction is off so that the kernel variants (mask or not, softcap or not) rou
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -38,22 +36,6 @@ MAX_HEAD_DIM = 256
 #: ascending order with ``_fold``. Inside one program (prefill) or across programs plus a merge
 #: kernel (long-KV decode) the fold sequence is the same, so both give the same bits.
 SPLIT = 512
-
-
-#: Experimental, off unless set to 1: paged kernels load each split's page ids once (SPLIT_PAGES)
-#: instead of a page-table read per key tile, so the K/V loads of the tile loops depend on no
-#: other load (Triton's pipeliner treats loads whose addresses come from loads as indirect).
-PAGE_PRELOAD_ENV = "DETCOMPILE_ATTN_PAGE_PRELOAD"
-
-
-def split_pages_preload(paged: bool, page: int, split: int, has_origin: bool) -> int:
-    """SPLIT_PAGES for a launch: the pages of one split when the preload is asked for and a split
-    is a whole, power-of-two number of pages starting at a page boundary (paged rows have no
-    segment origins), else 0 (the page table read per tile)."""
-    if os.environ.get(PAGE_PRELOAD_ENV, "0") in ("", "0") or not paged or has_origin:
-        return 0
-    n = split // page if page > 0 and split % page == 0 else 0
-    return n if n > 0 and n & (n - 1) == 0 else 0
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -160,16 +142,11 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED: tl.constexpr, SPLIT_PAGES: tl.constexpr,
-                 split_pages, split_key0):
-        """int64 cache rows (slots) of keys ``offs_n``: contiguous (n) or through the page table, read
-        per key or, with SPLIT_PAGES, picked from the split's page ids already in registers."""
+    def _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED: tl.constexpr):
+        """int64 cache rows (slots) of keys ``offs_n``: contiguous (n) or through the page table (one
+        read serves the K and the V tile)."""
         if PAGED:
-            if SPLIT_PAGES > 0:
-                local = ((offs_n - split_key0) // PAGE).to(tl.int32)
-                page = tl.gather(split_pages, local, 0).to(tl.int64)
-            else:
-                page = tl.load(BT + bt_row + offs_n // PAGE, mask=col_ok, other=0).to(tl.int64)
+            page = tl.load(BT + bt_row + offs_n // PAGE, mask=col_ok, other=0).to(tl.int64)
             return page * PAGE + offs_n % PAGE
         return offs_n.to(tl.int64)
 
@@ -203,7 +180,6 @@ if HAS_TRITON:
         DOT_PREC: tl.constexpr,
         SPLIT_KEYS: tl.constexpr,
         PDL: tl.constexpr = False,
-        SPLIT_PAGES: tl.constexpr = 0,  # > 0: page ids loaded per split (split_pages_preload)
     ):
         """Rows of a program: the GROUP query heads sharing KV head ``hk`` times the Lq queries,
         row r = query (r // GROUP), head hk * GROUP + r % GROUP, so one K/V tile load serves the
@@ -314,15 +290,6 @@ if HAS_TRITON:
             for sp in range(split_lo, split_hi):
                 t_lo = sp * TILES_PER_SPLIT
                 t_hi = tl.minimum(t_lo + TILES_PER_SPLIT, n_tiles)
-                # Experimental (DETCOMPILE_ATTN_PAGE_PRELOAD): the split's page ids in one load, so
-                # that no K/V address in the tile loops waits on a load of its own (only addresses
-                # change: the same keys, the same arithmetic).
-                split_key0 = sp * SPLIT_KEYS
-                if SPLIT_PAGES > 0:
-                    pidx = sp * SPLIT_PAGES + tl.arange(0, SPLIT_PAGES)
-                    split_pages = tl.load(BT + bt_row + pidx, mask=pidx * PAGE < kv_len, other=0)
-                else:
-                    split_pages = tl.zeros([1], dtype=tl.int32)
                 t_mid = tl.maximum(tl.minimum(n_full, t_hi), t_lo)
                 m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                 l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -331,7 +298,7 @@ if HAS_TRITON:
                 for t in range(t_lo, t_mid):
                     offs_n = o + t * BLOCK_N + offs_nn
                     col_ok = offs_n < kv_len
-                    kv_row = _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED, SPLIT_PAGES, split_pages, split_key0)
+                    kv_row = _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED)
                     k = tl.load(k_base + (kv_row * skn)[None, :] + offs_d[:, None] * skd, mask=offs_d[:, None] < D,
                                 other=0.0)
                     s = _scores(q, k, scale, softcap, HAS_SOFTCAP, DOT_PREC) * _LOG2E_C
@@ -367,7 +334,7 @@ if HAS_TRITON:
                     else:
                         any_vis = 1
                     if any_vis > 0:
-                        kv_row = _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED, SPLIT_PAGES, split_pages, split_key0)
+                        kv_row = _kv_rows(offs_n, col_ok, BT, bt_row, PAGE, PAGED)
                         k = tl.load(
                             k_base + (kv_row * skn)[None, :] + offs_d[:, None] * skd,
                             mask=col_ok[None, :] & (offs_d[:, None] < D),
@@ -525,7 +492,6 @@ def _launch(
         BLOCK_DV=block_dv,
         DOT_PREC=_common.dot_precision(q4.dtype),
         SPLIT_KEYS=split,
-        SPLIT_PAGES=split_pages_preload(paged, page, split, has_origin),
         num_warps=num_warps,
         num_stages=num_stages,
         **_pdl.launch_kwargs(pdl),

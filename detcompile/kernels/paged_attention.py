@@ -23,7 +23,7 @@ from . import _common, _pdl
 from ._common import HAS_TRITON, UnsupportedError
 from .attention_cpu import cpu_paged_attention, cpu_paged_attention_varlen
 from .attention_inputs import PAGED_OP, VARLEN_OP, _default_scale, _validate_paged, _validate_varlen
-from .attention_triton import SPLIT, _launch, _pow2_at_least_16, _tiles, split_pages_preload
+from .attention_triton import SPLIT, _launch, _pow2_at_least_16, _tiles
 
 if HAS_TRITON:
     from .attention_triton import _attention_kernel
@@ -145,7 +145,6 @@ def triton_paged_attention_varlen(q, k_cache, v_cache, block_table, kv_lens, q_s
         PARALLEL_SPLITS=False, HAS_WINDOW=window > 0, HAS_SINKS=sinks is not None, VARLEN=True,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
         DOT_PREC=_common.dot_precision(q.dtype), SPLIT_KEYS=_split or SPLIT,
-        SPLIT_PAGES=split_pages_preload(True, page, _split or SPLIT, False),
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False, **_pdl.launch_kwargs(_pdl.enabled(q)),
     )
     return out

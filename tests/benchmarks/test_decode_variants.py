@@ -18,12 +18,12 @@ def test_parse_variants():
 
 
 def test_rows_tokens_and_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("DETCOMPILE_PDL_PREFETCH_MB", "3")
-    monkeypatch.delenv("DETCOMPILE_ATTN_PAGE_PRELOAD", raising=False)
-    res = decode_variants.main(["--model", "tiny", "--variants", "base=;both=DETCOMPILE_PDL_PREFETCH_MB=8+"
-                                "DETCOMPILE_ATTN_PAGE_PRELOAD=1", "--batch", "2", "--tokens", "3", "--out", str(tmp_path)])
+    monkeypatch.setenv("DETCOMPILE_PDL", "1")
+    monkeypatch.delenv("DETCOMPILE_TEST_UNSET", raising=False)
+    res = decode_variants.main(["--model", "tiny", "--variants", "base=;both=DETCOMPILE_PDL=0+"
+                                "DETCOMPILE_TEST_UNSET=1", "--batch", "2", "--tokens", "3", "--out", str(tmp_path)])
     assert [r["variant"] for r in res["rows"]] == ["base", "both"]
     assert all(r["tok_per_s"] > 0 and r["same_tokens_as_first"] for r in res["rows"])
     assert json.loads((tmp_path / "decode_variants.json").read_text())["rows"] == res["rows"]
-    assert "DETCOMPILE_ATTN_PAGE_PRELOAD=1" in (tmp_path / "decode_variants.md").read_text()
-    assert os.environ["DETCOMPILE_PDL_PREFETCH_MB"] == "3" and "DETCOMPILE_ATTN_PAGE_PRELOAD" not in os.environ
+    assert "DETCOMPILE_TEST_UNSET=1" in (tmp_path / "decode_variants.md").read_text()
+    assert os.environ["DETCOMPILE_PDL"] == "1" and "DETCOMPILE_TEST_UNSET" not in os.environ

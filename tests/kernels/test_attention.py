@@ -593,8 +593,7 @@ for dt, hd, mask_kind, causal, softcap, paged, par, extras, varlen in [
     const = dict(IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_ORIGIN=mask_kind != 0, HAS_SOFTCAP=softcap,
                  PAGED=paged, PARALLEL_SPLITS=par, HAS_WINDOW=extras, HAS_SINKS=extras, VARLEN=varlen, PDL=paged,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=hd, BLOCK_DV=hd, DOT_PREC="ieee", SPLIT_KEYS=AT.SPLIT,
-                 sqd=1, skd=1, svd=1, sod=1, smn=1,
-                 SPLIT_PAGES=AT.SPLIT // 16 if paged and not softcap else 0)  # the page-id preload (tl.gather)
+                 sqd=1, skd=1, svd=1, sod=1, smn=1)
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({n: "*" + dt for n in ("Q", "K", "V", "Out")})
     sig.update({"Mask": "*u8" if mask_kind == 1 else "*" + dt, "Origin": "*i32", "scale": "fp32",

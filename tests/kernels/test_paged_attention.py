@@ -7,11 +7,10 @@ small split size so that a few dozen keys cross tiles, pages and splits."""
 import pytest
 import torch
 
-from detcompile.kernels.attention_triton import (PAGE_PRELOAD_ENV, SPLIT, _want_parallel_splits, split_pages_preload,
-                                                 triton_attention)
+from detcompile.kernels.attention_triton import SPLIT, _want_parallel_splits, triton_attention
 from detcompile.kernels.paged_attention import triton_paged_attention
 
-from ._util import HAS_CUDA, LAUNCH_DEV, needs_triton, rel_err
+from ._util import LAUNCH_DEV, needs_triton, rel_err
 from .test_attention import randn, ref_attention
 
 gpu = pytest.mark.gpu
@@ -72,40 +71,6 @@ def test_triton_decode_from_cache_equals_prefill(gen, page, par):
         assert torch.equal(alone[0], out[b])
     ref = ref_attention(q_dec[:1], k[:1, :, :70], v[:1, :, :70], enable_gqa=True)
     assert rel_err(out[:1], ref) < 1e-5
-
-
-def test_split_pages_preload_only_when_asked_and_whole_pages(monkeypatch):
-    monkeypatch.delenv(PAGE_PRELOAD_ENV, raising=False)
-    assert split_pages_preload(True, 16, 512, False) == 0  # not asked for
-    monkeypatch.setenv(PAGE_PRELOAD_ENV, "1")
-    assert split_pages_preload(True, 16, 512, False) == 32
-    assert split_pages_preload(True, 128, 512, False) == 4
-    assert split_pages_preload(False, 16, 512, False) == 0  # contiguous K/V: no page table
-    assert split_pages_preload(True, 16, 512, True) == 0  # segment origins
-    assert split_pages_preload(True, 48, 512, False) == 0  # not whole pages
-    assert split_pages_preload(True, 1024, 512, False) == 0  # a split inside a page
-    assert split_pages_preload(True, 32, 96 * 32, False) == 0  # 96 pages: not a power of two
-
-
-@needs_triton
-@pytest.mark.parametrize("par", [False, True])
-def test_triton_page_preload_same_bits(gen, monkeypatch, par):
-    """The split's page ids loaded once (DETCOMPILE_ATTN_PAGE_PRELOAD) read the same keys: decode
-    rows with the split schedule or the loop, and chunked rows, give the per-tile page reads' bits."""
-    B, Hq, Hkv, L, D, page = 3, 4, 2, 70, 16, 4
-    q = randn(gen, B, Hq, 5, D, device=LAUNCH_DEV)
-    k, v = randn(gen, B, Hkv, L, D, device=LAUNCH_DEV), randn(gen, B, Hkv, L, D, device=LAUNCH_DEV)
-    k_cache, v_cache, bt = build_cache(k, v, page, gen)
-    kv_lens = torch.tensor([70, 5, 33], dtype=torch.int32, device=LAUNCH_DEV)
-
-    def run():
-        return triton_paged_attention(q, k_cache, v_cache, bt, kv_lens, _parallel_splits=par, **SMALL)
-
-    monkeypatch.delenv(PAGE_PRELOAD_ENV, raising=False)
-    want = run()
-    monkeypatch.setenv(PAGE_PRELOAD_ENV, "1")
-    assert split_pages_preload(True, page, SMALL["_split"], False) == SMALL["_split"] // page
-    assert torch.equal(run(), want)
 
 
 @needs_triton

@@ -19,24 +19,6 @@ def test_never_on_the_cpu(monkeypatch):
     assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
 
-def test_launch_modes_and_prefetch_budget(monkeypatch):
-    monkeypatch.delenv(_pdl.PREFETCH_ENV, raising=False)
-    assert _pdl.launch_kwargs(True)["PDL"] == _pdl.WAIT_FIRST
-    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 0  # no budget: no prefetch
-    monkeypatch.setenv(_pdl.PREFETCH_ENV, "16")
-    assert _pdl.launch_kwargs(True) == {"PDL": _pdl.TRIGGER_FIRST, "launch_pdl": True}
-    assert _pdl.launch_kwargs(False) == {"PDL": _pdl.OFF}
-    # 16 MB over 4096 rows of 8 KB: 4 KB each; over 1000 rows: the whole row; whole 16-byte units
-    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 4096
-    assert _pdl.row_prefetch_bytes(True, 8192, 1000, True) == 8192
-    assert _pdl.row_prefetch_bytes(True, 100000, 3000, True) % 16 == 0
-    assert _pdl.row_prefetch_bytes(False, 8192, 4096, True) == 0  # PDL off
-    assert _pdl.row_prefetch_bytes(True, 8192, 4096, False) == 0  # rows not 16-byte aligned
-    monkeypatch.setenv(_pdl.PREFETCH_ENV, "lots")
-    with pytest.raises(ValueError, match=_pdl.PREFETCH_ENV):
-        _pdl.prefetch_bytes()
-
-
 _COMPILE_SCRIPT = r"""
 from detcompile.kernels import linear_group as LG, matmul as MM
 
@@ -50,16 +32,13 @@ def ptx(fn, ptrs, extra, pdl, stages):
 
 for fn, ptrs, extra in ((LG._linear_group_kernel, ("a_ptr", "w0", "w1", "w2", "c0", "c1", "c2"), {}),
                         (MM._matmul_kernel, ("a_ptr", "b_ptr", "x_ptr", "c_ptr"), dict(HAS_BIAS=False, GROUP_M=8))):
-    p = ptx(fn, ptrs, extra, 2, 3)
-    trigger, prefetch, wait = (p.find(s) for s in ("griddepcontrol.launch_dependents", "cp.async.bulk.prefetch.L2",
-                                                   "griddepcontrol.wait"))
-    assert 0 <= trigger < prefetch < wait, (fn.__name__, trigger, prefetch, wait)
-    p = ptx(fn, ptrs, extra, 1, 3)
-    assert "cp.async.bulk.prefetch" not in p and p.find("griddepcontrol.wait") < p.find("griddepcontrol.launch_dependents")
-    assert "griddepcontrol" not in ptx(fn, ptrs, extra, 0, 3)
-# The TMA kernel (M = 17..64 and prefill): the wait comes before the first TMA load.
+    p = ptx(fn, ptrs, extra, True, 3)
+    wait, trigger, load = (p.find(s) for s in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global"))
+    assert 0 <= wait < trigger and wait < load, (fn.__name__, wait, trigger, load)
+    assert "griddepcontrol" not in ptx(fn, ptrs, extra, False, 3)
+# The TMA kernel (M > 64): the wait comes before the first TMA load.
 fn = MM._matmul_tma_kernel
-for pdl in (0, 1, 2):
+for pdl in (False, True):
     const = dict(HAS_BIAS=False, B_KMAJOR=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, PDL=pdl)
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({"a_desc": "tensordesc<bf16[64, 64]>", "b_desc": "tensordesc<bf16[32, 64]>",
@@ -74,16 +53,15 @@ print("COMPILED")
 
 
 @needs_triton
-def test_triton_prefetch_mode_compiles_for_sm90():
-    """TRIGGER_FIRST: the matmul kernels let the next launch start, prefetch their weight rows, then
-    wait, in that order; WAIT_FIRST prefetches nothing; OFF has no PDL instruction at all. The TMA
-    matmul waits before its first TMA load."""
+def test_triton_pdl_order_compiles_for_sm90():
+    """With PDL the matmul kernels wait for the previous kernel before any load, then let the next one
+    launch; without it they have no PDL instruction at all. The TMA matmul waits before its first TMA
+    load."""
     compile_for_sm90(_COMPILE_SCRIPT)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch_mb", ["0", "16"])
-def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen, prefetch_mb):
+def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen):
     """The decode kernels launched with PDL, back to back (each reads the one before), eagerly and
     captured in a CUDA graph: the bits of plain launches."""
     if torch.cuda.get_device_capability()[0] < 9:
@@ -125,7 +103,6 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
     monkeypatch.setenv(_pdl.ENV, "0")
     want = chain()
     monkeypatch.delenv(_pdl.ENV, raising=False)  # the default: on
-    monkeypatch.setenv(_pdl.PREFETCH_ENV, prefetch_mb)  # and with weight prefetch before the wait
     assert _pdl.enabled(x)
     assert all(torch.equal(a, b) for a, b in zip(chain(), want))
     s = torch.cuda.Stream()
