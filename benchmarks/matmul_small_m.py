@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from detcompile.kernels import matmul as mm
 
-SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
+SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 CONFIGS = [dict(BLOCK_N=bn, num_warps=w, num_stages=s, PERSISTENT=p)
            for bn, w, s, p in itertools.product((16, 32, 64, 128), (2, 4), (4, 8, 12), (True, False))]
