@@ -46,9 +46,9 @@ BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
 # flight, as BLOCK_K 256 had (the rule-keeping way to its speed). A stage holds K_UNROLL chunks.
 UNROLL_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p, K_UNROLL=u)
                   for bn, s, p, u in itertools.product((16, 32, 64), (2, 3, 4, 6), (True, False), (2, 4))]
-#: ``--mid``: M = 17..64 (batched decode), where select_config takes the TMA kernel (o at M = 64: 0.77x
-#: cuBLAS on the H200, 2026-12-03). The pointer kernel with K_UNROLL and other row tiles, and the TMA
-#: kernel at other N tiles / depths; bits checked against the default config.
+#: ``--mid``: M = 17..64 (batched decode; select_config took the TMA kernel there until this sweep:
+#: o at M = 64 0.77x cuBLAS on the H200, 2026-12-03). The pointer kernel with K_UNROLL and other row
+#: tiles, and the TMA kernel at other N tiles / depths; bits checked against the default config.
 MID_CONFIGS = ([dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p, K_UNROLL=u, TMA=False)
                 for bm, bn, s, p, u in itertools.product((16, 64), (32, 64), (4, 6), (True, False), (1, 4))]
                + [dict(BLOCK_M=64, BLOCK_N=bn, num_warps=4, num_stages=s, TMA=True)
