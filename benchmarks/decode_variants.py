@@ -8,10 +8,12 @@ A variant is ``name=`` followed by ``VAR=value`` settings joined by ``+`` (none:
 For each, one engine is built on the same model (its kernels and CUDA graphs see the settings), the
 batch's prompts are prefilled, and ``--tokens`` greedy decode steps are timed on the host clock (each
 step ends with its tokens on the host). The switches may only change how kernels are launched or
-move data, so every variant must give the first one's tokens (checked). Default variants: PDL on
-(the default), off (``DETCOMPILE_PDL=0``, kernels/_pdl.py), and the base again (noise).
-H200, 2026-12-03: weight prefetch into L2 before the PDL wait (179.5 -> 165.5 tok/s at batch 1) and
-a split's page ids loaded once (179.7) were measured with it and removed.
+move data, so every variant must give the first one's tokens (checked). Default variants: the
+decode matmuls prefetching 2-16 MB of weights into L2 before their PDL wait
+(``DETCOMPILE_PDL_PREFETCH_MB``, kernels/_pdl.py), PDL off (``DETCOMPILE_PDL=0``), and the base
+again (noise). H200, 2026-12-03: a first prefetch that also let every kernel trigger the next launch
+before its wait (179.5 -> 165.5 tok/s at batch 1) and a split's page ids loaded once (179.7) were
+measured with it.
 Writes ``decode_variants.json``, ``.md`` and ``.png`` under ``--out``.
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from benchmarks.engine import build_model, model_spec, sync
 from benchmarks.kernels.plots import pyplot
 from detcompile.engine import Engine, SamplingParams
 
-DEFAULT_VARIANTS = "base=;no pdl=DETCOMPILE_PDL=0;base again="
+DEFAULT_VARIANTS = ("base=;pf2=DETCOMPILE_PDL_PREFETCH_MB=2;pf4=DETCOMPILE_PDL_PREFETCH_MB=4;"
+                    "pf8=DETCOMPILE_PDL_PREFETCH_MB=8;pf16=DETCOMPILE_PDL_PREFETCH_MB=16;no pdl=DETCOMPILE_PDL=0;"
+                    "base again=")
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:

@@ -32,7 +32,7 @@ BLOCK_M = 16
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
-    from ._pdl import start as pdl_start
+    from ._pdl import start_with_prefetch
     from .matmul import k_reduction
 
     @triton.jit(do_not_specialize=["M"])
@@ -41,7 +41,7 @@ if _common.HAS_TRITON:
         M, K, N0, N1, N2, s_am, s_ak,
         IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, PF_BYTES,
     ):
         """One program per output tile; tiles of W0 first, then W1, then W2. Weights are
         row-major [Ni, K] (an nn.Linear's), outputs row-major [M, Ni]."""
@@ -64,7 +64,8 @@ if _common.HAS_TRITON:
         mask_n = offs_n < N
         om = offs_m.to(tl.int64)
         on = offs_n.to(tl.int64)
-        pdl_start(PDL)  # before anything is read
+        # Before anything is read: the tile's weight rows may start into L2 (experimental, _pdl).
+        start_with_prefetch(PDL, w + tl.where(mask_n, on, 0) * K, PF_BYTES)
         a_ptrs = a_ptr + om[:, None] * s_am + offs_k[None, :] * s_ak
         # W.t() [K, N]: element (k, n) sits at n * K + k
         b_ptrs = w + offs_k[:, None] + on[None, :] * K
@@ -118,12 +119,14 @@ def triton_linear_group(a: Tensor, weights: list[Tensor], *, _one_launch: bool |
     bk = BLOCK_K_FP32 if fp32 else BLOCK_K_16BIT
     tiles = sum(triton.cdiv(n, cfg["BLOCK_N"]) for n in ns) * triton.cdiv(M, BLOCK_M)
     pdl = _pdl.enabled(a)
+    es = a.element_size()
+    pf = _pdl.row_prefetch_bytes(pdl, K * es, sum(ns), all(w.data_ptr() % 16 == 0 for w in weights) and K * es % 16 == 0)
     with _common.on_device(a):
         _linear_group_kernel[(tiles,)](
             a, *ws, *cs, M, K, *ns, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, K_UNROLL=cfg.get("K_UNROLL", 1),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl.launch_kwargs(pdl),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl.launch_kwargs(pdl), PF_BYTES=pf,
         )
     return outs
 

@@ -32,6 +32,7 @@ if HAS_TRITON:
     from triton.runtime.errors import OutOfResources
 
     from ._pdl import start as pdl_start
+    from ._pdl import start_with_prefetch as pdl_start_with_prefetch
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -245,6 +246,7 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr,
         K_UNROLL: tl.constexpr,
         PDL: tl.constexpr,
+        PF_BYTES,
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -254,7 +256,12 @@ if HAS_TRITON:
         num_tiles = NUM_BATCH * tiles_per_batch
         num_k = tl.cdiv(K, BLOCK_K)
         offs_k = tl.arange(0, BLOCK_K)
-        pdl_start(PDL)  # before anything is read
+        # Before anything is read: the first tile's B rows (a weight's, K-contiguous: the launcher
+        # passes PF_BYTES 0 otherwise) may start into L2 (experimental, _pdl).
+        pf_m, pf_n = _tile_coords(pid % tiles_per_batch, tiles_m, tiles_n, GROUP_M)
+        pf_cols = pf_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pf_cols = tl.where(pf_cols < N, pf_cols, 0).to(tl.int64)
+        pdl_start_with_prefetch(PDL, b_ptr + (pid // tiles_per_batch).to(tl.int64) * s_bb + pf_cols * s_bn, PF_BYTES)
 
         for tile in range(pid, num_tiles, nprog):
             # The batch is just the outermost tile coordinate; inside a batch element, tiles are
@@ -545,10 +552,16 @@ def triton_matmul(
             num_stages=stages,
             **tile_args,
             **pdl_kwargs,
+            PF_BYTES=pf,
         )
 
     pdl = _pdl.enabled(a)
     pdl_kwargs = _pdl.launch_kwargs(pdl)
+    # Pointer kernel, weight-like B (K-contiguous rows): the rows the programs' first tiles read may be
+    # prefetched (the TMA kernel prefetches nothing).
+    pf = 0 if descs is not None else _pdl.row_prefetch_bytes(
+        pdl and b3.stride(1) == 1, K * es, min(grid[0], num_tiles) * cfg["BLOCK_N"],
+        b3.data_ptr() % 16 == 0 and b3.stride(2) * es % 16 == 0 and b3.stride(0) * es % 16 == 0)
 
     # Triton launches on the current CUDA device; make that a's device.
     with _common.on_device(a):

@@ -19,6 +19,22 @@ def test_never_on_the_cpu(monkeypatch):
     assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
 
+def test_prefetch_budget(monkeypatch):
+    monkeypatch.delenv(_pdl.PREFETCH_ENV, raising=False)
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 0  # no budget: no prefetch
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, "16")
+    assert _pdl.launch_kwargs(True) == {"PDL": True, "launch_pdl": True}  # the launch itself does not change
+    # 16 MB over 4096 rows of 8 KB: 4 KB each; over 1000 rows: the whole row; whole 16-byte units
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, True) == 4096
+    assert _pdl.row_prefetch_bytes(True, 8192, 1000, True) == 8192
+    assert _pdl.row_prefetch_bytes(True, 100000, 3000, True) % 16 == 0
+    assert _pdl.row_prefetch_bytes(False, 8192, 4096, True) == 0  # PDL off
+    assert _pdl.row_prefetch_bytes(True, 8192, 4096, False) == 0  # rows not 16-byte aligned
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, "lots")
+    with pytest.raises(ValueError, match=_pdl.PREFETCH_ENV):
+        _pdl.prefetch_bytes()
+
+
 _COMPILE_SCRIPT = r"""
 from detcompile.kernels import linear_group as LG, matmul as MM
 
@@ -33,9 +49,11 @@ def ptx(fn, ptrs, extra, pdl, stages):
 for fn, ptrs, extra in ((LG._linear_group_kernel, ("a_ptr", "w0", "w1", "w2", "c0", "c1", "c2"), {}),
                         (MM._matmul_kernel, ("a_ptr", "b_ptr", "x_ptr", "c_ptr"), dict(HAS_BIAS=False, GROUP_M=8))):
     p = ptx(fn, ptrs, extra, True, 3)
-    wait, trigger, load = (p.find(s) for s in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "ld.global"))
-    assert 0 <= wait < trigger and wait < load, (fn.__name__, wait, trigger, load)
-    assert "griddepcontrol" not in ptx(fn, ptrs, extra, False, 3)
+    prefetch, wait, trigger, load = (p.find(s) for s in ("cp.async.bulk.prefetch.L2", "griddepcontrol.wait",
+                                                         "griddepcontrol.launch_dependents", "ld.global"))
+    assert 0 <= prefetch < wait < trigger and wait < load, (fn.__name__, prefetch, wait, trigger, load)
+    p = ptx(fn, ptrs, extra, False, 3)
+    assert "griddepcontrol" not in p and "cp.async.bulk.prefetch" not in p
 # The TMA kernel (M > 64): the wait comes before the first TMA load.
 fn = MM._matmul_tma_kernel
 for pdl in (False, True):
@@ -54,14 +72,15 @@ print("COMPILED")
 
 @needs_triton
 def test_triton_pdl_order_compiles_for_sm90():
-    """With PDL the matmul kernels wait for the previous kernel before any load, then let the next one
-    launch; without it they have no PDL instruction at all. The TMA matmul waits before its first TMA
-    load."""
+    """With PDL the matmul kernels prefetch their weight rows (when given a budget), wait for the
+    previous kernel before any load, then let the next one launch; without PDL they have no PDL
+    instruction and no prefetch. The TMA matmul waits before its first TMA load."""
     compile_for_sm90(_COMPILE_SCRIPT)
 
 
 @pytest.mark.gpu
-def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen):
+@pytest.mark.parametrize("prefetch_mb", ["0", "16"])
+def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, gen, prefetch_mb):
     """The decode kernels launched with PDL, back to back (each reads the one before), eagerly and
     captured in a CUDA graph: the bits of plain launches."""
     if torch.cuda.get_device_capability()[0] < 9:
@@ -103,6 +122,7 @@ def test_gpu_pdl_kernels_give_the_same_bits_eager_and_in_a_graph(monkeypatch, ge
     monkeypatch.setenv(_pdl.ENV, "0")
     want = chain()
     monkeypatch.delenv(_pdl.ENV, raising=False)  # the default: on
+    monkeypatch.setenv(_pdl.PREFETCH_ENV, prefetch_mb)  # and with weight prefetch before the wait
     assert _pdl.enabled(x)
     assert all(torch.equal(a, b) for a, b in zip(chain(), want))
     s = torch.cuda.Stream()
