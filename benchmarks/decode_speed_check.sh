@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Issue #13 on the GPU: the weight prefetch before the PDL wait, second version (written 2026-12-03,
-# sixth session, not yet run on a GPU): only the decode matmuls prefetch, and every kernel keeps
-# wait-then-trigger (the first version triggered first everywhere and lost 8-15%). Two calls back to
-# back keep each under the device's 10-minute limit.
-#   tests: GPU tests of the kernels (the PDL chain with and without the prefetch) and of the engine
-#          with DETCOMPILE_PDL_PREFETCH_MB=4 (~5 min)
-#   bench: batch-1 decode under prefetch budgets 2-16 MB and PDL off (decode_variants, tokens checked
-#          equal), batch 32 with and without 4 MB, and a per-kernel profile of batch-1 decode with PDL
-#          off (torch.profiler's per-kernel times are only clean without PDL) (~6 min)
+# Issue #13 on the GPU: what was written 2026-12-03 (sixth session) and not yet run on a GPU:
+# - the weight prefetch before the PDL wait, second version (off unless DETCOMPILE_PDL_PREFETCH_MB):
+#   only the decode matmuls prefetch, every kernel keeps wait-then-trigger (the first version
+#   triggered first everywhere and lost 8-15%);
+# - detcompile::linear_swiglu (on by default): gate/up and SwiGLU in one launch at M <= 16.
+# Two calls back to back keep each under the device's 10-minute limit.
+#   tests: GPU tests of the kernels (the PDL chain with and without the prefetch, linear_swiglu against
+#          the unfused ops), the fusion passes on a model, the engine (also with 4 MB of prefetch) (~5 min)
+#   bench: batch-1 decode under prefetch budgets 2-8 MB, with the SwiGLU unfused, PDL off
+#          (decode_variants, tokens checked equal), batch 32 with and without 4 MB, and a per-kernel
+#          profile of batch-1 decode with PDL off (torch.profiler's per-kernel times are only clean
+#          without PDL) (~6 min)
 # Logs under $OUT: tests.log, variants.log + decode_variants.*, b32/, profile/.
 #
 # Usage (repo root, GPU machine): bash benchmarks/decode_speed_check.sh [tests|bench|all]
@@ -19,15 +22,21 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.tx
 if [ "$PART" != bench ]; then
 {
   timeout 240 python3 -m pytest -p no:cacheprovider -q -n 4 -m "gpu and not slow" tests/kernels/test_pdl.py \
-    tests/kernels/test_matmul.py tests/kernels/test_linear_group.py tests/kernels/test_paged_attention.py \
+    tests/kernels/test_matmul.py tests/kernels/test_linear_group.py tests/kernels/test_linear_swiglu.py \
+    tests/kernels/test_silu_mul.py tests/kernels/test_paged_attention.py tests/passes/test_fusion_models.py \
     tests/engine/test_engine_release.py
   echo "[kernels] exit $?"
+  timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
+  echo "[engine] exit $?"
   DETCOMPILE_PDL_PREFETCH_MB=4 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
   echo "[engine, DETCOMPILE_PDL_PREFETCH_MB=4] exit $?"
 } > "$OUT/tests.log" 2>&1
 grep -E "passed|failed|exit" "$OUT/tests.log"
 fi
 if [ "$PART" != tests ]; then
+  mkdir -p "$OUT/swiglu"
+  timeout 120 python3 -m benchmarks.matmul_small_m --swiglu --ms 1,2,16 --out "$OUT/swiglu" > "$OUT/swiglu/log" 2>&1
+  echo "matmul_small_m --swiglu exit $?"; grep "^swiglu" "$OUT/swiglu/log"
   timeout 300 python3 -m benchmarks.decode_variants --out "$OUT" > "$OUT/variants.log" 2>&1
   echo "decode_variants exit $?"; grep -E "tok/s|WARNING" "$OUT/variants.log"
   mkdir -p "$OUT/b32"

@@ -2,6 +2,7 @@
 
     python -m benchmarks.matmul_small_m [--ms 2,8,16] [--block-ks 64,128,256] [--out DIR]
     python -m benchmarks.matmul_small_m --mid [--mid-ms 32,64] [--mid-shapes q/o,down,k/v]
+    python -m benchmarks.matmul_small_m --swiglu [--ms 1,2,16]
 
 At M <= 16 a matmul is a weight read: the time is bytes / bandwidth. For each Llama-3-8B weight
 (x @ W.t(), W [N, K] as nn.Linear holds it) and each M, every candidate config of the pointer
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 
 from detcompile.kernels import matmul as mm
 
-SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
+SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096),
+          "down": (4096, 14336), "lm_head": (128256, 4096)}
 CONFIGS = [dict(BLOCK_N=bn, num_warps=w, num_stages=s, PERSISTENT=p)
            for bn, w, s, p in itertools.product((16, 32, 64, 128), (2, 4), (4, 8, 12), (True, False))]
 BK_CONFIGS = [dict(BLOCK_N=bn, num_warps=4, num_stages=s, PERSISTENT=p)
@@ -95,6 +96,49 @@ def sweep_groups(dev, gen, ms) -> list:
                   f"configs with other bits: {out[-1]['differing_bits']}", flush=True)
         del sets
         torch.cuda.empty_cache()
+    return out
+
+
+def sweep_swiglu(dev, gen, ms) -> list:
+    """``--swiglu``: linear_swiglu's one-launch tile (Llama-3-8B's gate/up and the SwiGLU) over
+    ``GROUP_CONFIGS``, against the two launches it replaces (linear_group, silu_mul) and cuBLAS; every
+    config must give the unfused ops' bits."""
+    from detcompile.kernels import linear_swiglu as ls
+
+    (n, k), _ = GROUPS["gate+up"]
+    wbytes = 2 * n * k * 2
+    sets = [[torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+            for _ in range(max(1, -(-(256 << 20) // wbytes)))]
+    out = []
+    for M in ms:
+        x = torch.randn(M, k, device=dev, generator=gen, dtype=torch.bfloat16)
+
+        def unfused(ws):
+            return torch.ops.detcompile.silu_mul(*torch.ops.detcompile.linear_group(x, ws))
+
+        ref = unfused(sets[0])
+        t_unfused = time_graph(unfused, sets)
+        t_default = time_graph(lambda ws: ls.triton_linear_swiglu(x, *ws), sets)
+        t_cublas = time_graph(lambda ws: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]), sets)
+        rows = []
+        for cfg in GROUP_CONFIGS:
+            try:
+                same = torch.equal(ls.triton_linear_swiglu(x, *sets[0], _config=cfg), ref)
+                t = time_graph(lambda ws: ls.triton_linear_swiglu(x, *ws, _config=cfg), sets)
+            except Exception as e:  # noqa: BLE001  (shared memory, registers)
+                rows.append(dict(cfg, error=str(e).splitlines()[0][:120]))
+                continue
+            rows.append(dict(cfg, seconds=t, same_bits=same, gbps=wbytes / t / 1e9))
+        ok = [r for r in rows if r.get("same_bits")]
+        best = min(ok, key=lambda r: r["seconds"]) if ok else None
+        out.append(dict(M=M, unfused_s=t_unfused, default_s=t_default, cublas_s=t_cublas, best=best,
+                        default_same_bits=torch.equal(ls.triton_linear_swiglu(x, *sets[0]), ref),
+                        differing_bits=sum(r.get("same_bits") is False for r in rows), configs=rows))
+        print(f"swiglu M={M:3d}: unfused {t_unfused * 1e6:6.1f} us, fused default {t_default * 1e6:6.1f} us "
+              f"(bits {'same' if out[-1]['default_same_bits'] else 'OTHER'}), cuBLAS + eager {t_cublas * 1e6:6.1f} us"
+              + (f", best {best['seconds'] * 1e6:6.1f} us BN={best['BLOCK_N']} st={best['num_stages']} "
+                 f"unroll={best['K_UNROLL']}" if best else ", no config with the same bits")
+              + f"; configs with other bits: {out[-1]['differing_bits']}", flush=True)
     return out
 
 
@@ -188,6 +232,7 @@ def main(argv=None):
     ap.add_argument("--block-ks", default=str(mm.BLOCK_K_16BIT), help="BLOCK_K values to try (bits first)")
     ap.add_argument("--bits-ms", default="1,2,16,64,256,4096")
     ap.add_argument("--mid", action="store_true", help="only the M = 17..64 study (MID_CONFIGS)")
+    ap.add_argument("--swiglu", action="store_true", help="only linear_swiglu's tile at --ms (GROUP_CONFIGS)")
     ap.add_argument("--mid-ms", default="32,64")
     ap.add_argument("--mid-shapes", default="q/o,down,k/v", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -195,6 +240,10 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
+    if a.swiglu:
+        with open(os.path.join(a.out, "matmul_swiglu.json"), "w") as f:
+            json.dump(sweep_swiglu(dev, gen, [int(m) for m in a.ms.split(",")]), f, indent=1)
+        return
     if a.mid:
         mid = sweep_mid(dev, gen, [int(m) for m in a.mid_ms.split(",")], a.mid_shapes.split(","))
         with open(os.path.join(a.out, "matmul_mid_m.json"), "w") as f:

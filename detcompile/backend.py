@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import warnings
 from typing import Callable
 
@@ -40,6 +41,7 @@ INDUCTOR_PATCHES = {
 
 _MODES = {None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
 _graph_ids = itertools.count()
+DISABLE_PASSES_ENV = "DETCOMPILE_DISABLE_PASSES"
 
 
 @dataclasses.dataclass
@@ -64,11 +66,16 @@ class Options:
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"detcompile: unknown option(s) {unknown}; valid options: {sorted(known)}")
-        if "disable_passes" in options:
-            bad = set(options["disable_passes"]) - {n for n, _ in ATEN_PASSES + TORCH_PASSES if n != "audit"}
+        # DETCOMPILE_DISABLE_PASSES=a,b adds to options["disable_passes"]: an A/B of a pass without
+        # touching the code that compiles (the engine, benchmarks).
+        from_env = tuple(n.strip() for n in os.environ.get(DISABLE_PASSES_ENV, "").split(",") if n.strip())
+        if "disable_passes" in options or from_env:
+            names = tuple(options.get("disable_passes", ())) + from_env
+            bad = set(names) - {n for n, _ in ATEN_PASSES + TORCH_PASSES if n != "audit"}
             if bad:
-                raise ValueError(f"detcompile: cannot disable unknown pass(es) {sorted(bad)}")
-            options["disable_passes"] = tuple(options["disable_passes"])
+                where = f" (options['disable_passes'] or {DISABLE_PASSES_ENV})" if from_env else ""
+                raise ValueError(f"detcompile: cannot disable unknown pass(es) {sorted(bad)}{where}")
+            options["disable_passes"] = names
         opts = cls(**options)
         if opts.attention_backend != "triton":
             from .kernels.attention_dense_backends import check_installed

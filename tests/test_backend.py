@@ -114,6 +114,18 @@ def test_bad_options_and_modes_are_clear_errors():
         torch.compile(lambda x: x @ x, backend="deterministic", mode="max-autotune")(torch.randn(2, 2))
 
 
+def test_disable_passes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DETCOMPILE_DISABLE_PASSES", " linear_swiglu, rotary ")
+    assert Options.from_user(None, {"disable_passes": ["silu_mul"]}).disable_passes == (
+        "silu_mul", "linear_swiglu", "rotary")
+    assert Options.from_user(None, None).disable_passes == ("linear_swiglu", "rotary")
+    monkeypatch.setenv("DETCOMPILE_DISABLE_PASSES", "linear_swigul")
+    with pytest.raises(ValueError, match="linear_swigul.*DETCOMPILE_DISABLE_PASSES"):
+        Options.from_user(None, None)
+    monkeypatch.setenv("DETCOMPILE_DISABLE_PASSES", "")
+    assert Options.from_user(None, None).disable_passes == ()
+
+
 def test_explain_reports_rewrites_and_leftovers(capsys, gen):
     model = TinyMLP().eval()
     torch._dynamo.reset()

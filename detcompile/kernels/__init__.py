@@ -27,3 +27,4 @@ from . import conv1d  # noqa: F401
 from . import solve_triangular  # noqa: F401
 from . import rotary_embedding  # noqa: F401
 from . import silu_mul  # noqa: F401
+from . import linear_swiglu  # noqa: F401

@@ -8,7 +8,7 @@ until the previous kernel has finished and its writes are visible), then let the
 the arithmetic are those of a plain launch: the bits cannot change, only the gaps.
 
 Used by: rms_norm's rows kernel, matmul's pointer and TMA kernels, linear_group, rotary_embedding,
-kv_cache_write, the attention kernel and its split merge, silu_mul. H200, 2026-12-03: batch-1 decode of
+kv_cache_write, the attention kernel and its split merge, silu_mul, linear_swiglu. H200, 2026-12-03: batch-1 decode of
 an 8B model 178.4 -> 180.8 tok/s, a step's graph replay 5.26 -> 5.18 ms; the engine's GPU tests passed
 either way.
 

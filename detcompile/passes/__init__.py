@@ -6,7 +6,8 @@ declares what it rewrites in a ``PassSpec`` (``SPECS``); the classifier and ``de
 their coverage from there.
 """
 from . import (
-    convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, linear_group, matmul, reductions,
+    convolution, cpu_pointwise, group_norm, grouped_mm, index_add, layer_norm, linear_group, linear_swiglu, matmul,
+    reductions,
     rms_norm, rms_norm_weight, add_rms_norm,
     rotary, sdpa, silu_mul, softmax, solve_triangular, sort,
 )
@@ -32,6 +33,7 @@ ATEN_SPECS = [
     add_rms_norm.SPEC,  # the residual add before that op: after rms_norm_weight
     rotary.SPEC,  # fusions of pointwise ops: nothing above rewrites these patterns' ops
     silu_mul.SPEC,  # before cpu_pointwise, which would take the silu
+    linear_swiglu.SPEC,  # after linear_group and silu_mul: it fuses their nodes
     cpu_pointwise.SPEC,  # after the norms/softmax patterns, which read rsqrt/exp
 ]
 
