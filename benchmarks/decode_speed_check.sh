@@ -3,7 +3,8 @@
 # - the weight prefetch before the PDL wait, second version (off unless DETCOMPILE_PDL_PREFETCH_MB):
 #   only the decode matmuls prefetch, every kernel keeps wait-then-trigger (the first version
 #   triggered first everywhere and lost 8-15%);
-# - detcompile::linear_swiglu (on by default): gate/up and SwiGLU in one launch at M <= 16.
+# - detcompile::linear_swiglu's one-launch kernel (gate/up and SwiGLU at M <= 16; the pass is on, the
+#   kernel off on GPUs unless DETCOMPILE_SWIGLU_ONE_LAUNCH=1 until these tests pass).
 # Two calls back to back keep each under the device's 10-minute limit.
 #   tests: GPU tests of the kernels (the PDL chain with and without the prefetch, linear_swiglu against
 #          the unfused ops), the fusion passes on a model, the engine (also with 4 MB of prefetch) (~5 min)
@@ -26,8 +27,8 @@ if [ "$PART" != bench ]; then
     tests/kernels/test_silu_mul.py tests/kernels/test_paged_attention.py tests/passes/test_fusion_models.py \
     tests/engine/test_engine_release.py
   echo "[kernels] exit $?"
-  timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
-  echo "[engine] exit $?"
+  DETCOMPILE_SWIGLU_ONE_LAUNCH=1 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
+  echo "[engine, DETCOMPILE_SWIGLU_ONE_LAUNCH=1] exit $?"
   DETCOMPILE_PDL_PREFETCH_MB=4 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
   echo "[engine, DETCOMPILE_PDL_PREFETCH_MB=4] exit $?"
 } > "$OUT/tests.log" 2>&1

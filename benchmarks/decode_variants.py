@@ -10,8 +10,8 @@ batch's prompts are prefilled, and ``--tokens`` greedy decode steps are timed on
 step ends with its tokens on the host). The switches may only change how kernels are launched or
 move data, so every variant must give the first one's tokens (checked). Default variants: the
 decode matmuls prefetching 2-8 MB of weights into L2 before their PDL wait
-(``DETCOMPILE_PDL_PREFETCH_MB``, kernels/_pdl.py), gate/up and SwiGLU as two launches again
-(``DETCOMPILE_DISABLE_PASSES=linear_swiglu``), PDL off (``DETCOMPILE_PDL=0``), and the base again
+(``DETCOMPILE_PDL_PREFETCH_MB``, kernels/_pdl.py), gate/up and SwiGLU in one launch
+(``DETCOMPILE_SWIGLU_ONE_LAUNCH=1``, kernels/linear_swiglu.py), PDL off (``DETCOMPILE_PDL=0``), and the base again
 (noise). H200, 2026-12-03: a first prefetch that also let every kernel trigger the next launch
 before its wait (179.5 -> 165.5 tok/s at batch 1) and a split's page ids loaded once (179.7) were
 measured with it.
@@ -31,7 +31,7 @@ from benchmarks.kernels.plots import pyplot
 from detcompile.engine import Engine, SamplingParams
 
 DEFAULT_VARIANTS = ("base=;pf2=DETCOMPILE_PDL_PREFETCH_MB=2;pf4=DETCOMPILE_PDL_PREFETCH_MB=4;"
-                    "pf8=DETCOMPILE_PDL_PREFETCH_MB=8;unfused swiglu=DETCOMPILE_DISABLE_PASSES=linear_swiglu;"
+                    "pf8=DETCOMPILE_PDL_PREFETCH_MB=8;swiglu one launch=DETCOMPILE_SWIGLU_ONE_LAUNCH=1;"
                     "no pdl=DETCOMPILE_PDL=0;base again=")
 
 

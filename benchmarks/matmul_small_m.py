@@ -105,6 +105,7 @@ def sweep_swiglu(dev, gen, ms) -> list:
     config must give the unfused ops' bits."""
     from detcompile.kernels import linear_swiglu as ls
 
+    os.environ[ls.ONE_LAUNCH_ENV] = "1"  # the kernel under test (off by default until its GPU tests pass)
     (n, k), _ = GROUPS["gate+up"]
     wbytes = 2 * n * k * 2
     sets = [[torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(2)]

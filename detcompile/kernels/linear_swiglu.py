@@ -11,8 +11,14 @@ Why: at decode (M <= 16) the SwiGLU is a launch of its own, a few microseconds a
 critical path of a step that is otherwise weight reads; here it is the gate/up kernel's epilogue.
 Larger M (prefill) and every case the fused kernel does not take run the two ops unfused (the same
 bits by definition). CPU: the unfused CPU ops.
+
+On a GPU the one-launch kernel runs only with ``DETCOMPILE_SWIGLU_ONE_LAUNCH=1`` until its GPU tests
+have passed (written 2026-12-03 without a GPU; the interpreter runs it always): a kernel whose bits
+were never compared on the hardware does not get to decide a decode step's bits by default.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -23,6 +29,7 @@ from .matmul import BLOCK_K_16BIT, BLOCK_K_FP32
 from .silu_mul import matches_eager, silu_mul
 
 OP = "linear_swiglu"
+ONE_LAUNCH_ENV = "DETCOMPILE_SWIGLU_ONE_LAUNCH"
 #: Rows per tile: linear_group's (the matmul kernel's M <= 16 tile: the same MMA instructions).
 BLOCK_M = 16
 
@@ -90,12 +97,15 @@ def _tile_config(n: int) -> dict:
 
 def fused(a: Tensor, w_gate: Tensor, w_up: Tensor) -> bool:
     """Whether the one-launch kernel takes these inputs: decode-sized M, contiguous weights, a GPU
-    dtype, and a GPU where silu_mul's kernel is known to give ATen's bits (else the unfused ops)."""
+    dtype, and (on a GPU: asked for, see the module doc) a GPU where silu_mul's kernel is known to
+    give ATen's bits. Otherwise the unfused ops."""
     M, K = a.shape
     if not (0 < M <= MAX_M and K > 0 and w_gate.is_contiguous() and w_up.is_contiguous()
             and a.dtype in _common.GPU_DTYPES and _common.triton_launchable(a)):
         return False
-    return not _ptx.use_ptx(a) or matches_eager(a.device) is True
+    if not _ptx.use_ptx(a):
+        return True  # the interpreter
+    return os.environ.get(ONE_LAUNCH_ENV, "0") == "1" and matches_eager(a.device) is True
 
 
 def triton_linear_swiglu(a: Tensor, w_gate: Tensor, w_up: Tensor, *, _config: dict | None = None) -> Tensor:

@@ -116,13 +116,17 @@ def test_triton_compiles_for_sm90():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 7, 16, 17])
-def test_gpu_llama_mlp_equals_unfused(M, dtype, gen):
+def test_gpu_llama_mlp_equals_unfused(M, dtype, gen, monkeypatch):
     """Llama-3-8B's gate/up at decode sizes (M = 17: the unfused path) and in a CUDA graph."""
+    monkeypatch.setenv(LS.ONE_LAUNCH_ENV, "1")
     K, N = 4096, 14336
     a = torch.randn(M, K, generator=gen).to("cuda", dtype)
     wg, wu = weights(gen, N, K, dtype, "cuda")
     want = unfused(a, wg, wu)
     assert LS.fused(a, wg, wu) == (M <= 16)
+    monkeypatch.delenv(LS.ONE_LAUNCH_ENV)
+    assert not LS.fused(a, wg, wu)  # not yet by default on a GPU
+    monkeypatch.setenv(LS.ONE_LAUNCH_ENV, "1")
     assert torch.equal(OP(a, wg, wu), want)
     # a row's bits do not depend on the other rows
     assert torch.equal(OP(a[:1], wg, wu)[0], want[0])

@@ -34,7 +34,8 @@ def test_models_rewritten_and_bitwise_unchanged(arch, dtype, rotary, silu_mul, s
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seq", [37, 5])  # 3 x 5 tokens: the decode-sized one-launch linear_swiglu kernel
-def test_gpu_model_bitwise_unchanged(dtype, seq):
+def test_gpu_model_bitwise_unchanged(dtype, seq, monkeypatch):
+    monkeypatch.setenv("DETCOMPILE_SWIGLU_ONE_LAUNCH", "1")  # linear_swiglu's kernel (off by default for now)
     # Head dim 128 and an MLP wider than one 1024-column block, as in the real models.
     model = tiny_model("llama", dtype=dtype, device="cuda", hidden_size=512, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=128, intermediate_size=1408)
