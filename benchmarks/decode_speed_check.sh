@@ -11,7 +11,7 @@
 #   bench: batch-1 decode under prefetch budgets 2-8 MB, with the SwiGLU unfused, PDL off
 #          (decode_variants, tokens checked equal), batch 32 with and without 4 MB, and a per-kernel
 #          profile of batch-1 decode with PDL off (torch.profiler's per-kernel times are only clean
-#          without PDL), decode attention's fixed and per-tile cost in variants (~7 min)
+#          without PDL), decode attention's fixed and per-tile cost in variants, matmul vs cuBLAS (~7 min)
 # Logs under $OUT: tests.log, variants.log + decode_variants.*, b32/, profile/.
 #
 # Usage (repo root, GPU machine): bash benchmarks/decode_speed_check.sh [tests|bench|all]
@@ -44,6 +44,8 @@ if [ "$PART" != tests ]; then
   timeout 150 python3 -m benchmarks.decode_variants --batch 32 --prompt-len 1024 --tokens 64 \
     --variants "base=;pf4=DETCOMPILE_PDL_PREFETCH_MB=4;base again=" --out "$OUT/b32" > "$OUT/b32/variants.log" 2>&1
   echo "decode_variants batch 32 exit $?"; grep -E "tok/s|WARNING" "$OUT/b32/variants.log"
+  timeout 120 python3 -m benchmarks.kernels --only matmul --out "$OUT/k" > "$OUT/k.log" 2>&1
+  echo "kernels matmul exit $?"; grep -E "Geomean|PASS|FAIL" "$OUT/k.log"
   mkdir -p "$OUT/latency"
   timeout 150 python3 -m benchmarks.decode_attention_latency --out "$OUT/latency" > "$OUT/latency/log" 2>&1
   echo "decode_attention_latency exit $?"; grep -E "^\| " "$OUT/latency/log"
