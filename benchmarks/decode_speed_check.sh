@@ -29,8 +29,9 @@ if [ "$PART" != bench ]; then
   echo "[kernels] exit $?"
   DETCOMPILE_SWIGLU_ONE_LAUNCH=1 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
   echo "[engine, DETCOMPILE_SWIGLU_ONE_LAUNCH=1] exit $?"
-  DETCOMPILE_PDL_PREFETCH_MB=4 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine/test_engine_gpu.py
-  echo "[engine, DETCOMPILE_PDL_PREFETCH_MB=4] exit $?"
+  DETCOMPILE_PDL_PREFETCH_MB=4 DETCOMPILE_SWIGLU_ONE_LAUNCH=1 timeout 120 python3 -m pytest -p no:cacheprovider -q -m gpu \
+    tests/engine/test_engine_gpu.py
+  echo "[engine, DETCOMPILE_PDL_PREFETCH_MB=4 DETCOMPILE_SWIGLU_ONE_LAUNCH=1] exit $?"
 } > "$OUT/tests.log" 2>&1
 grep -E "passed|failed|exit" "$OUT/tests.log"
 fi

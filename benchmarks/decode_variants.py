@@ -32,6 +32,7 @@ from detcompile.engine import Engine, SamplingParams
 
 DEFAULT_VARIANTS = ("base=;pf2=DETCOMPILE_PDL_PREFETCH_MB=2;pf4=DETCOMPILE_PDL_PREFETCH_MB=4;"
                     "pf8=DETCOMPILE_PDL_PREFETCH_MB=8;swiglu one launch=DETCOMPILE_SWIGLU_ONE_LAUNCH=1;"
+                    "swiglu+pf4=DETCOMPILE_SWIGLU_ONE_LAUNCH=1+DETCOMPILE_PDL_PREFETCH_MB=4;"
                     "no pdl=DETCOMPILE_PDL=0;base again=")
 
 

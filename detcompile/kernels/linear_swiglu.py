@@ -36,7 +36,7 @@ BLOCK_M = 16
 if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
-    from ._pdl import start as pdl_start
+    from ._pdl import start_with_prefetch
     from ._ptx import mul_rn, silu, to_dtype
     from .matmul import k_reduction
 
@@ -45,7 +45,7 @@ if _common.HAS_TRITON:
         a_ptr, wg, wu, c, M, K, N, s_am, s_ak,
         IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_UNROLL: tl.constexpr,
-        PTX: tl.constexpr, PDL: tl.constexpr,
+        PTX: tl.constexpr, PDL: tl.constexpr, PF_BYTES,
     ):
         """One program per [BLOCK_M, BLOCK_N] output tile: the gate tile, then the up tile, then the
         SwiGLU. Weights row-major [N, K], the output row-major [M, N]."""
@@ -60,7 +60,8 @@ if _common.HAS_TRITON:
         mask_n = offs_n < N
         om = offs_m.to(tl.int64)
         on = offs_n.to(tl.int64)
-        pdl_start(PDL)  # before anything is read
+        # Before anything is read: the gate rows, read first, may start into L2 (experimental, _pdl).
+        start_with_prefetch(PDL, wg + tl.where(mask_n, on, 0) * K, PF_BYTES)
         a_ptrs = a_ptr + om[:, None] * s_am + offs_k[None, :] * s_ak
         num_k = tl.cdiv(K, BLOCK_K)
         # W.t() [K, N]: element (k, n) sits at n * K + k (linear_group's addressing)
@@ -120,13 +121,16 @@ def triton_linear_swiglu(a: Tensor, w_gate: Tensor, w_up: Tensor, *, _config: di
     cfg = dict(_tile_config(N), **(_config or {}))
     fp32 = a.dtype == torch.float32
     tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, BLOCK_M)
+    pdl = _pdl.enabled(a)
+    es = a.element_size()
+    pf = _pdl.row_prefetch_bytes(pdl, K * es, N, w_gate.data_ptr() % 16 == 0 and K * es % 16 == 0)
     with _common.on_device(a):
         _linear_swiglu_kernel[(tiles,)](
             a, w_gate, w_up, out, M, K, N, a.stride(0), a.stride(1),
             IS_FP32=fp32, PRECISION=_common.dot_precision(a.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K_FP32 if fp32 else BLOCK_K_16BIT,
             K_UNROLL=cfg["K_UNROLL"], PTX=_ptx.use_ptx(a),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl.launch_kwargs(_pdl.enabled(a)),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl.launch_kwargs(pdl), PF_BYTES=pf,
         )
     return out
 

@@ -97,11 +97,12 @@ from detcompile.kernels import linear_swiglu as LS
 fn = LS._linear_swiglu_kernel
 for pdl in (False, True):
     const = dict(IS_FP32=False, PRECISION="ieee", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, K_UNROLL=1, PTX=True, PDL=pdl)
+    # PF_BYTES stays a runtime argument: the prefetch (experimental, _pdl) is compiled in with PDL
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({n: "*bf16" for n in ("a_ptr", "wg", "wu", "c")})
     sig.update({n: "constexpr" for n in const})
     ptx = triton.compile(source(fn, sig, const), target=TARGET, options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-    assert ("griddepcontrol.wait" in ptx) == pdl
+    assert ("griddepcontrol.wait" in ptx) == pdl == ("cp.async.bulk.prefetch.L2" in ptx)
     assert "div.rn.f32" in ptx and "ex2.approx.ftz.f32" in ptx  # silu_mul's inline silu
 print("COMPILED")
 """
