@@ -223,6 +223,7 @@ def _model_info(server: Server) -> dict:
         "max_queue": server.max_queue,
         "eos_token_ids": sorted(e.eos_token_ids),
         "deterministic": bool(e.deterministic),
+        "tensor_parallel_size": getattr(e, "tensor_parallel_size", None),  # None: no TP
         "default_sampling_seed": SamplingParams().effective_seed,
         "system_fingerprint": server.fingerprint,
         "fingerprint_components": server.fingerprint_parts,

@@ -41,6 +41,10 @@ def add_subcommands(sub) -> None:
     s.add_argument("--chunked-prefill-size", type=int, default=2048)
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--no-cuda-graphs", action="store_true")
+    s.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallelism: N processes, one per rank (gloo on the CPU; NCCL on CUDA, rank r on "
+                        "cuda:r), rank 0 serving HTTP; Llama-style models, deterministic only. Every N, 1 "
+                        "included, gives the same bits, which differ from no --tp (docs/tensor_parallel.md)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
@@ -69,13 +73,16 @@ def _positive(name: str, v, allow_zero: bool = False) -> None:
 
 def cmd_serve(args) -> int:
     import logging
-    import socket
 
     for name in ("max_num_seqs", "max_model_len", "kv_cache_gb", "block_size", "chunked_prefill_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     _positive("--max-queue", args.max_queue, allow_zero=True)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.tp is not None:
+        from .tensor_parallel import check_tp_args
+
+        check_tp_args(args)  # before any rank starts, any weight is loaded or the port is taken
     import importlib.util
 
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
@@ -83,45 +90,86 @@ def cmd_serve(args) -> int:
         raise RuntimeError(f"detcompile serve needs {', '.join(missing)}: pip install 'detcompile[serve]'")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("detcompile.server")
-    api_key = args.api_key or os.environ.get("DETCOMPILE_API_KEY") or None
-    # Bind first: a taken port fails now, not after minutes of compiling.
+    sock = bind(args)
+    if args.tp is not None and args.tp > 1:
+        from .tensor_parallel import launch
+
+        return launch(args, sock)  # the ranks load the model; rank 0 serves on sock
+
+    from .loading import load_model
+
+    model, tok, name = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                                  seed=args.seed)
+    digests = None
+    if args.tp is not None:  # --tp 1: one rank, in this process
+        from .fingerprint import model_digests
+
+        digests = model_digests(model)  # of the whole model: the engine shards it in place
+    engine = build_engine(args, model, tok, tensor_parallel_size=args.tp)
+    return serve_http(args, sock, engine, name, digests)
+
+
+def bind(args):
+    """The HTTP socket, bound first: a taken port fails now, not after minutes of compiling."""
+    import socket
+
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
     except OSError as e:
         raise RuntimeError(f"cannot bind {args.host}:{args.port}: {e}") from None
+    return sock
+
+
+def build_engine(args, model, tok, *, tensor_parallel_size: int | None = None):
+    """The ``Engine`` of ``serve``'s options over a loaded model (this rank's, under --tp)."""
+    import logging
 
     from ..engine import Engine
-    from .app import create_app
-    from .state import Server
-    from .loading import load_model
 
-    model, tok, name = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                                  seed=args.seed)
+    log = logging.getLogger("detcompile.server")
     on_cpu = next(model.parameters()).device.type == "cpu"
     kw = dict(tokenizer=tok, max_num_seqs=args.max_num_seqs or (32 if on_cpu else 256),
               max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size,
               chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.no_prefix_caching,
               cuda_graphs=not args.no_cuda_graphs, deterministic=not args.no_deterministic,
-              attention_backend=args.attention_backend, log=lambda msg: log.info("%s", msg))
+              attention_backend=args.attention_backend, tensor_parallel_size=tensor_parallel_size,
+              log=lambda msg: log.info("%s", msg))
     if args.kv_cache_gb is not None:
         kw["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
-    engine = Engine(model, **kw)
-    server = Server(engine, model_name=args.served_model_name or name, api_key=api_key, max_queue=args.max_queue)
+    if tensor_parallel_size is not None and not on_cpu and kw["cuda_graphs"]:
+        # Capturing the TP collectives inside CUDA graphs is not built (docs/tensor_parallel.md).
+        log.info("--tp: CUDA graphs off (the tensor-parallel collectives are not captured yet)")
+        kw["cuda_graphs"] = False
+    return Engine(model, **kw)
+
+
+def serve_http(args, sock, engine, name: str, digests: dict | None = None) -> int:
+    """Serve ``engine`` over HTTP on ``sock`` until uvicorn stops (Ctrl-C, SIGTERM)."""
+    from .app import create_app
+    from .state import Server
+
+    api_key = args.api_key or os.environ.get("DETCOMPILE_API_KEY") or None
+    server = Server(engine, model_name=args.served_model_name or name, api_key=api_key, max_queue=args.max_queue,
+                    model_digests=digests)
     app = create_app(server)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    tp = f", tensor parallel {engine.tensor_parallel_size}" if engine.tensor_parallel_size is not None else ""
     print(f"detcompile server: model {server.model_name}, "
-          f"{'deterministic' if engine.deterministic else 'STOCK kernels (not deterministic)'}, "
+          f"{'deterministic' if engine.deterministic else 'STOCK kernels (not deterministic)'}{tp}, "
           f"fingerprint {server.fingerprint}, api key {'required' if api_key else 'off'}", flush=True)
     print(f"detcompile server listening on http://{shown}:{port}", flush=True)
 
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if server.loop.alive:  # a forced exit skips the app's shutdown (under --tp: the other ranks wait)
+            server.loop.stop()
     return 0
 
 

@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from ..engine import Engine, RequestOutput, SamplingParams
+from .lockstep import LockstepBroken
 
 log = logging.getLogger("detcompile.server")
 
@@ -60,6 +61,10 @@ class Handle:
 class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # Under tensor parallelism the engine is a lockstep.LeaderEngine: an idle loop keeps the
+        # other ranks posted, and the loop's end tells them to stop. A plain Engine needs neither.
+        self._idle = getattr(engine, "idle", None)
+        self._end = getattr(engine, "end", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, Handle] = {}
         self._stop = threading.Event()
@@ -106,27 +111,39 @@ class EngineLoop:
             import torch
 
             torch.cuda.set_device(dev)  # the current device is per thread; kernels launch on the engine's
-        while not self._stop.is_set():
-            if not eng.has_unfinished():
-                try:
-                    cmd = self._inbox.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                self._do(cmd)
-            while True:
-                try:
-                    cmd = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                self._do(cmd)
-            if eng.has_unfinished():
-                try:
-                    changed = eng.step()
-                except Exception:  # noqa: BLE001  (never let one bad step kill the server)
-                    self._fail_all(traceback.format_exc())
-                    changed = []
-                self._publish(changed)
-            self._take_snapshot()
+        try:
+            while not self._stop.is_set():
+                if not eng.has_unfinished():
+                    try:
+                        cmd = self._inbox.get(timeout=0.05)
+                    except queue.Empty:
+                        if self._idle is not None:
+                            self._idle()
+                        continue
+                    self._do(cmd)
+                while True:
+                    try:
+                        cmd = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._do(cmd)
+                if eng.has_unfinished():
+                    try:
+                        changed = eng.step()
+                    except LockstepBroken:
+                        raise
+                    except Exception:  # noqa: BLE001  (never let one bad step kill the server)
+                        self._fail_all(traceback.format_exc())
+                        changed = []
+                    self._publish(changed)
+                self._take_snapshot()
+        except LockstepBroken:
+            # The ranks are out of step: no engine call can succeed now. Answer every client (500)
+            # and end the thread (/health says so); the LeaderEngine has asked the server to stop.
+            self._fail_all(traceback.format_exc())
+        finally:
+            if self._end is not None:
+                self._end()
 
     def _do(self, cmd) -> None:
         try:

@@ -109,19 +109,32 @@ def device_kind(device: torch.device) -> str:
     return f"{device.type}:{platform.machine()}"
 
 
-def fingerprint(engine) -> tuple[str, dict]:
+def model_digests(model) -> dict:
+    """The weights and config digests of ``model``. Under tensor parallelism they are taken from the
+    whole model, before ``Engine(tensor_parallel_size=...)`` shards it in place, and passed to
+    ``fingerprint``: a rank's shard would cover part of the weights and name its rank."""
+    return {"weights_sha256": weights_digest(model), "config_sha256": config_digest(model)}
+
+
+def fingerprint(engine, digests: dict | None = None) -> tuple[str, dict]:
     """(fingerprint, its components) of an engine. The served model name is not part of it:
-    replicas may call the same weights by different names."""
+    replicas may call the same weights by different names. ``digests``: ``model_digests`` of the
+    unsharded model (required for a tensor-parallel engine, whose model is a shard)."""
     import detcompile
 
+    tp = getattr(engine, "tensor_parallel_size", None)
+    if tp is not None and digests is None:
+        raise ValueError("fingerprint: a tensor-parallel engine holds a shard; pass model_digests(model) of the "
+                         "whole model, taken before the engine was built")
+    digests = digests or model_digests(engine.model)
     runner = engine.runner
     knobs = {k: v for k, v in sorted(os.environ.items())
              if k.startswith("DETCOMPILE_") and "KEY" not in k and "TOKEN" not in k}
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         knobs["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
     parts = {
-        "weights_sha256": weights_digest(engine.model),
-        "config_sha256": config_digest(engine.model),
+        "weights_sha256": digests["weights_sha256"],
+        "config_sha256": digests["config_sha256"],
         "tokenizer_sha256": tokenizer_digest(engine.tokenizer),
         "detcompile": detcompile.__version__,
         "detcompile_source_sha256": source_digest(),
@@ -142,6 +155,10 @@ def fingerprint(engine) -> tuple[str, dict]:
         },
         "kernel_env": knobs,
     }
+    if tp is not None:
+        # The TP-invariant reductions: other bits than no TP, the same bits at every TP size, so the
+        # size is reported (get_model_info) but not hashed: servers at --tp 1, 2, 4 are replicas.
+        parts["tensor_parallel"] = True
     blob = json.dumps(parts, sort_keys=True).encode()
     kind = "det" if engine.deterministic else "stock"
     return f"detc-{kind}-{hashlib.sha256(blob).hexdigest()[:16]}", parts

@@ -72,3 +72,25 @@ def load_model(name_or_path: str, *, device: str = "auto", dtype: str = "auto", 
         except Exception:  # noqa: BLE001  (no tokenizer files: token-id prompts still work)
             tok = None
     return model, tok, os.path.basename(os.path.normpath(name_or_path))
+
+
+def model_skeleton(name_or_path: str, *, device: str = "auto"):
+    """The modules ``load_model`` would build, on the meta device (no weights, no memory, no compile):
+    what ``serve --tp`` checks before it starts any rank."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from ..models import DEMO_ARCH, DEMO_CONFIG, DEMO_CONFIG_GPU, LLAMA3_8B_CONFIG, tiny_config
+
+    if name_or_path == "demo":  # demo_model's config, which depends on the device
+        config = tiny_config(DEMO_ARCH, **(DEMO_CONFIG_GPU if resolve_device(device).type == "cuda" else DEMO_CONFIG))
+    elif name_or_path == "tiny":
+        config = tiny_config("llama")
+    elif name_or_path == "llama3-8b-random":
+        config = LlamaConfig(**LLAMA3_8B_CONFIG)
+    elif os.path.isdir(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path)
+    else:
+        raise ValueError(f"--model {name_or_path!r} is neither a local checkpoint directory nor one of "
+                         f"{', '.join(NAMED)} (nothing is downloaded)")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -61,10 +61,12 @@ class _ClosingStream(StreamingResponse):
 
 
 class Server:
-    """The state behind the app: the engine, its thread, the fingerprint and the counters."""
+    """The state behind the app: the engine, its thread, the fingerprint and the counters.
+    ``model_digests``: ``fingerprint.model_digests`` of the whole model, for a tensor-parallel engine
+    (whose model is a shard)."""
 
     def __init__(self, engine: Engine, *, model_name: str = "detcompile-demo", api_key: str | None = None,
-                 max_queue: int = 1024, max_running: int | None = None):
+                 max_queue: int = 1024, max_running: int | None = None, model_digests: dict | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
@@ -77,7 +79,7 @@ class Server:
         self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
         self.vocab_size = engine.vocab_size
         self.max_model_len = engine.max_model_len
-        self.fingerprint, self.fingerprint_parts = compute_fingerprint(engine)
+        self.fingerprint, self.fingerprint_parts = compute_fingerprint(engine, model_digests)
         self.loop = EngineLoop(engine)
         self.inflight = 0  # sequences accepted and not finished (event-loop thread only)
         self.counters = {"http_requests": 0, "rejected_overload": 0, "rejected_invalid": 0, "client_disconnects": 0,

@@ -7,7 +7,7 @@ rank. Design and argument: docs/tensor_parallel.md.
 """
 from .ops import register_group
 from .row_parallel import MAX_TP, chunk_bounds, owned_chunks, row_parallel_linear, tree_sum
-from .shard import shard_for_engine, shard_llama
+from .shard import check_shardable, shard_for_engine, shard_llama
 
-__all__ = ["MAX_TP", "chunk_bounds", "owned_chunks", "register_group", "row_parallel_linear", "shard_for_engine",
-           "shard_llama", "tree_sum"]
+__all__ = ["MAX_TP", "check_shardable", "chunk_bounds", "owned_chunks", "register_group", "row_parallel_linear",
+           "shard_for_engine", "shard_llama", "tree_sum"]

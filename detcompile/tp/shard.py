@@ -56,13 +56,9 @@ def _column_slice(linear: nn.Linear, rank: int, tp: int, lo: int | None = None, 
 
 def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
     """Shard ``model`` (a transformers Llama-style causal LM) in place for ``rank`` of ``tp``."""
-    _check_llama_style(model)
+    check_shardable(model, tp)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    for name, n in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", cfg.intermediate_size),
-                    ("vocabulary", model.lm_head.out_features)):
-        if n % tp:
-            raise ValueError(f"detcompile.tp: {name} ({n}) not divisible by TP size {tp}")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
@@ -78,6 +74,20 @@ def shard_llama(model, rank: int, tp: int, group: str = "") -> None:
     # modules reshape with -1 heads, and their query/KV group ratio is unchanged).
     cfg.num_attention_heads, cfg.num_key_value_heads = heads // tp, kv_heads // tp
     cfg.detcompile_tensor_parallel = (rank, tp)
+
+
+def check_shardable(model, tp: int) -> None:
+    """Raise ValueError (changing nothing) unless ``shard_llama`` can shard ``model`` at TP = ``tp``:
+    Llama-style layers, and heads, KV heads, intermediate size and vocabulary divisible by ``tp``.
+    Works on a meta-device model too (``detcompile serve --tp`` checks before loading any weights)."""
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    _check_llama_style(model)
+    cfg = model.config
+    for name, n in (("attention heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads),
+                    ("intermediate size", cfg.intermediate_size), ("vocabulary", model.lm_head.out_features)):
+        if n % tp:
+            raise ValueError(f"detcompile.tp: {name} ({n}) not divisible by TP size {tp}")
 
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
