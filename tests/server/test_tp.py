@@ -94,6 +94,7 @@ def _stream_until_aborted(client, url_client_factory):
     return rest[-1]
 
 
+@pytest.mark.slow  # ~45 s (three server processes); the default run covers the lockstep and the engine at TP 2
 def test_tp2_serves_the_bits_of_tp1_and_stops_cleanly():
     procs = {tp: ServerProcess(f"tp{tp}", ["--tp", str(tp)]) for tp in (1, 2)}  # they start side by side
     try:
