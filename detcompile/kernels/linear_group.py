@@ -35,6 +35,15 @@ if _common.HAS_TRITON:
     from ._pdl import start_with_prefetch
     from .matmul import k_reduction
 
+    @triton.jit
+    def weight_tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Tile ``t`` of an [M, N] output (M fastest): its int64 rows and columns and their masks
+        (``t`` counts M tiles first, so neighbouring programs read the same weight columns)."""
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        offs_m = (t % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (t // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m.to(tl.int64), offs_n.to(tl.int64), offs_m < M, offs_n < N
+
     @triton.jit(do_not_specialize=["M"])
     def _linear_group_kernel(
         a_ptr, w0, w1, w2, c0, c1, c2,
@@ -55,15 +64,8 @@ if _common.HAS_TRITON:
             w, c, N, t = w1, c1, N1, pid - t0
         else:
             w, c, N, t = w2, c2, N2, pid - t0 - t1
-        pid_m = t % tiles_m
-        pid_n = t // tiles_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        om, on, mask_m, mask_n = weight_tile(t, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        om = offs_m.to(tl.int64)
-        on = offs_n.to(tl.int64)
         # Before anything is read: the tile's weight rows may start into L2 (experimental, _pdl).
         start_with_prefetch(PDL, w + tl.where(mask_n, on, 0) * K, PF_BYTES)
         a_ptrs = a_ptr + om[:, None] * s_am + offs_k[None, :] * s_ak

@@ -38,6 +38,7 @@ if _common.HAS_TRITON:
     tl = _common.tl
     from ._pdl import start_with_prefetch
     from ._ptx import mul_rn, silu, to_dtype
+    from .linear_group import weight_tile
     from .matmul import k_reduction
 
     @triton.jit(do_not_specialize=["M"])
@@ -49,17 +50,8 @@ if _common.HAS_TRITON:
     ):
         """One program per [BLOCK_M, BLOCK_N] output tile: the gate tile, then the up tile, then the
         SwiGLU. Weights row-major [N, K], the output row-major [M, N]."""
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        pid_m = pid % tiles_m
-        pid_n = pid // tiles_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        om, on, mask_m, mask_n = weight_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        om = offs_m.to(tl.int64)
-        on = offs_n.to(tl.int64)
         # Before anything is read: the gate rows, read first, may start into L2 (experimental, _pdl).
         start_with_prefetch(PDL, wg + tl.where(mask_n, on, 0) * K, PF_BYTES)
         a_ptrs = a_ptr + om[:, None] * s_am + offs_k[None, :] * s_ak
