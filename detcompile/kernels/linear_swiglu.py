@@ -37,7 +37,7 @@ if _common.HAS_TRITON:
     triton = _common.triton
     tl = _common.tl
     from ._pdl import start_with_prefetch
-    from ._ptx import mul_rn, silu, to_dtype
+    from .silu_mul import swiglu
     from .linear_group import weight_tile
     from .matmul import k_reduction
 
@@ -66,8 +66,7 @@ if _common.HAS_TRITON:
         # reads them back: round here the same way.
         g = g.to(dt).to(tl.float32)
         u = u.to(dt).to(tl.float32)
-        s = to_dtype(silu(g, PTX), dt, PTX).to(tl.float32)
-        y = to_dtype(mul_rn(s, u, PTX), dt, PTX)
+        y = swiglu(g, u, dt, PTX)
         tl.store(c + om[:, None] * N + on[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -37,6 +37,13 @@ if _common.HAS_TRITON:
     from ._pdl import start as pdl_start
     from ._ptx import mul_rn, silu, to_dtype
 
+    @triton.jit
+    def swiglu(g, u, dt: tl.constexpr, PTX: tl.constexpr):
+        """``dt(dt(silu(g)) * u)`` for fp32 ``g``, ``u`` holding ``dt`` values: the eager ops' roundings
+        (shared with linear_swiglu's epilogue, so the fused kernel cannot drift from this one)."""
+        s = to_dtype(silu(g, PTX), dt, PTX).to(tl.float32)
+        return to_dtype(mul_rn(s, u, PTX), dt, PTX)
+
     @triton.jit(do_not_specialize=["R"])  # the token count: no new variant per count (no bit depends on it)
     def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, R, N, gs, us, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          PTX: tl.constexpr, PDL: tl.constexpr):
@@ -47,9 +54,7 @@ if _common.HAS_TRITON:
         mask = (r < R)[:, None] & (c < N)[None, :]
         g = tl.load(g_ptr + (r * gs)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + (r * us)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        dt: tl.constexpr = o_ptr.dtype.element_ty
-        s = to_dtype(silu(g, PTX), dt, PTX).to(tl.float32)
-        y = to_dtype(mul_rn(s, u, PTX), dt, PTX)
+        y = swiglu(g, u, o_ptr.dtype.element_ty, PTX)
         tl.store(o_ptr + (r * N)[:, None] + c[None, :], y, mask=mask)
 
 
