@@ -134,9 +134,13 @@ DEMO_CONFIG_GPU = dict(
 )
 
 
+def demo_overrides(device: str | torch.device) -> dict:
+    """The demo model's size for ``device`` (``tiny_config(DEMO_ARCH, **demo_overrides(device))``)."""
+    return DEMO_CONFIG_GPU if torch.device(device).type == "cuda" else DEMO_CONFIG
+
+
 def demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
-    config = DEMO_CONFIG_GPU if torch.device(device).type == "cuda" else DEMO_CONFIG
-    return tiny_model(DEMO_ARCH, dtype=dtype, device=device, seed=seed, **config)
+    return tiny_model(DEMO_ARCH, dtype=dtype, device=device, seed=seed, **demo_overrides(device))
 
 
 def _accepts_dtype() -> bool:

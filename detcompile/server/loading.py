@@ -79,10 +79,10 @@ def model_skeleton(name_or_path: str, *, device: str = "auto"):
     what ``serve --tp`` checks before it starts any rank."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from ..models import DEMO_ARCH, DEMO_CONFIG, DEMO_CONFIG_GPU, LLAMA3_8B_CONFIG, tiny_config
+    from ..models import DEMO_ARCH, LLAMA3_8B_CONFIG, demo_overrides, tiny_config
 
     if name_or_path == "demo":  # demo_model's config, which depends on the device
-        config = tiny_config(DEMO_ARCH, **(DEMO_CONFIG_GPU if resolve_device(device).type == "cuda" else DEMO_CONFIG))
+        config = tiny_config(DEMO_ARCH, **demo_overrides(resolve_device(device)))
     elif name_or_path == "tiny":
         config = tiny_config("llama")
     elif name_or_path == "llama3-8b-random":
